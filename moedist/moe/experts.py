@@ -1,0 +1,179 @@
+"""Batched expert networks and the generic MoE layer.
+
+:class:`LinearExperts` holds ``E`` independent ``Linear(in → out)`` experts as one stacked
+weight ``[E, in, out]`` and evaluates all of them in a single einsum/bmm (no Python loop over
+experts). :class:`MoELayer` combines it with a dense or top-k gate.
+
+Expert parallelism
+------------------
+Experts are addressed by *global* index. A ``LinearExperts`` built with
+``expert_offset=o, num_global_experts=G`` holds the shard of global experts ``o .. o+E-1``
+(``global_expert_ids`` buffer). Initialisation draws all ``G`` experts from the RNG and keeps
+this shard's slice, so with the same seed a run sharded over ``ep_size`` ranks starts from
+exactly the same weights as an unsharded one, and checkpoints can be keyed by global expert
+index. The dispatch layer (``moe/dispatch.py``) routes tokens to the owning rank with
+all-to-all and then calls :meth:`LinearExperts.forward_grouped` on ``[E_local, C, in]``.
+With ``ep_size = 1`` (the default here) every rank holds all experts and
+:meth:`LinearExperts.forward` computes every expert for every token.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moedist.moe.gates import BalanceDirection, DenseGate, MoEAux, TopKGate, expert_load, kl_balance_loss
+
+
+class LinearExperts(nn.Module):
+    """``E`` independent linear experts, stacked.
+
+    Parameters: ``weight [E, in, out]``, ``bias [E, out]`` (stored input-major so the forward is
+    ``x @ W_e``; expert ``e`` equals ``nn.Linear`` with ``weight = self.weight[e].T``).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        expert_offset: int = 0,
+        num_global_experts: int | None = None,
+    ):
+        super().__init__()
+        num_global_experts = num_experts if num_global_experts is None else num_global_experts
+        if not 0 <= expert_offset <= num_global_experts - num_experts:
+            raise ValueError(
+                f"experts {expert_offset}..{expert_offset + num_experts - 1} do not fit in "
+                f"{num_global_experts} global experts"
+            )
+        self.num_experts = num_experts
+        self.num_global_experts = num_global_experts
+        self.expert_offset = expert_offset
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+        # Not persistent: checkpoints store tensors keyed by global index themselves.
+        self.register_buffer(
+            "global_expert_ids", torch.arange(expert_offset, expert_offset + num_experts), persistent=False
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Same init, draw for draw, as ``[nn.Linear(in, out) for _ in range(G)]``.
+
+        nn.Linear draws kaiming_uniform(a=√5) on its ``[out, in]`` weight (= U(±1/√in)) and
+        then its bias U(±1/√in); we replay that per *global* expert and keep our shard, so the
+        values do not depend on how experts are sharded.
+        """
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        lo, hi = self.expert_offset, self.expert_offset + self.num_experts
+        for g in range(self.num_global_experts):  # init-time loop only
+            w = torch.empty(self.out_features, self.in_features, device=self.weight.device)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            b = torch.empty(self.out_features, device=self.weight.device).uniform_(-bound, bound)
+            if lo <= g < hi:
+                self.weight[g - lo].copy_(w.T)
+                if self.bias is not None:
+                    self.bias[g - lo].copy_(b)
+
+    @classmethod
+    def from_linears(cls, linears: list[nn.Linear]) -> "LinearExperts":
+        """Stack existing ``nn.Linear`` modules (same shapes) into one ``LinearExperts``."""
+        first = linears[0]
+        experts = cls(
+            num_experts=len(linears),
+            in_features=first.in_features,
+            out_features=first.out_features,
+            bias=first.bias is not None,
+        )
+        with torch.no_grad():
+            experts.weight.copy_(torch.stack([lin.weight.T for lin in linears]))
+            if experts.bias is not None:
+                experts.bias.copy_(torch.stack([lin.bias for lin in linears]))
+        return experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Every expert on every token: ``x [..., in] -> [..., E, out]``."""
+        y = torch.einsum("...i,eio->...eo", x, self.weight)  # y: (..., E, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def forward_grouped(self, x: Tensor) -> Tensor:
+        """Each expert on its own tokens (after dispatch): ``x [E, C, in] -> [E, C, out]``."""
+        y = torch.bmm(x, self.weight)  # y: (E, C, out)
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(1)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={self.bias is not None}, "
+            f"global_experts={self.expert_offset}..{self.expert_offset + self.num_experts - 1}"
+            f"/{self.num_global_experts}"
+        )
+
+
+class MoELayer(nn.Module):
+    """Gate + linear experts: ``y = Σ_e w_e(gate_input) · Expert_e(x)``.
+
+    Dense softmax gate when ``k is None``, sparse top-k gate otherwise (MAMEX: K=4, k=2).
+    The gate reads ``gate_input`` (defaults to ``x``), because some MoEs route on something
+    other than their expert input. ``balance`` selects the balance loss on the dense gate
+    probabilities averaged over tokens: ``"paper"`` = KL(p̄‖U), ``"code"`` = KL(U‖p̄), None = 0.
+
+    Experts are evaluated densely (all E on all tokens, one einsum); top-k zeros the rest.
+    That is the cheapest form for the small E used here and has no capacity drops.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        k: int | None = None,
+        gate_in_features: int | None = None,
+        noise_std: float = 0.0,
+        balance: BalanceDirection | None = "paper",
+        bias: bool = True,
+    ):
+        super().__init__()
+        if balance not in ("paper", "code", None):
+            raise ValueError(f"balance must be 'paper', 'code' or None, got {balance!r}")
+        gate_in = in_features if gate_in_features is None else gate_in_features
+        self.num_experts = num_experts
+        self.k = k
+        self.balance = balance
+        if k is None:
+            self.gate: DenseGate = DenseGate(in_features=gate_in, num_experts=num_experts, noise_std=noise_std)
+        else:
+            self.gate = TopKGate(in_features=gate_in, num_experts=num_experts, k=k, noise_std=noise_std)
+        self.experts = LinearExperts(
+            num_experts=num_experts, in_features=in_features, out_features=out_features, bias=bias
+        )
+
+    def forward(
+        self, x: Tensor, gate_input: Tensor | None = None, *, mask: Tensor | None = None
+    ) -> tuple[Tensor, MoEAux]:
+        """x: ``[..., in]``; gate_input: ``[..., gate_in]``; mask: optional bool ``[...]`` of the
+        tokens that count for the balance loss and statistics. Returns ``([..., out], aux)``."""
+        g = self.gate(x if gate_input is None else gate_input)  # weights/probs: (..., E)
+        expert_out = self.experts(x)  # (..., E, out)
+        out = torch.einsum("...e,...eo->...o", g.weights.to(expert_out.dtype), expert_out)
+        probs = g.probs.reshape(-1, self.num_experts)  # (T, E)
+        if mask is not None:
+            probs = probs[mask.reshape(-1)]
+        if self.balance is None or probs.shape[0] == 0:
+            balance_loss = out.new_zeros(())
+        else:
+            balance_loss = kl_balance_loss(probs.mean(0), direction=self.balance)
+        load, gate_mean = expert_load(g.weights, probs=g.probs, mask=mask)
+        return out, MoEAux(balance_loss=balance_loss, load=load, gate_mean=gate_mean)

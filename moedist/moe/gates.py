@@ -1,0 +1,151 @@
+"""Gates, balance losses and load statistics for Mixture-of-Experts layers.
+
+A gate maps a token's gate input to combine weights over ``E`` experts:
+
+- :class:`DenseGate`: softmax over all experts (HM4SR's Interactive and Temporal MoEs).
+- :class:`TopKGate`: keep the top-k *logits*, softmax over those k only (renormalised), zero
+  elsewhere (MAMEX's modality adapters, spec 3.2 / G-MX-2).
+
+Both return a :class:`GateOutput` that also carries the *dense* softmax over all experts,
+because balance losses are computed on it even for sparse gates (spec 3.2, A3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BalanceDirection = Literal["paper", "code"]
+
+
+@dataclass
+class GateOutput:
+    """What a gate computed for a batch of tokens (``...`` = any leading token dims).
+
+    weights:  ``[..., E]`` combine weights; rows sum to 1. For top-k gates exactly the kept
+              experts are nonzero.
+    probs:    ``[..., E]`` dense softmax over *all* experts (what balance losses read).
+    logits:   ``[..., E]`` gate logits (with noise added, if any, in training mode).
+    topk_idx: ``[..., k]`` indices of the kept experts (descending logit), None for dense gates.
+    """
+
+    weights: Tensor
+    probs: Tensor
+    logits: Tensor
+    topk_idx: Tensor | None = None
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary outputs of a MoE layer, over *global* expert indices.
+
+    balance_loss: scalar tensor (0 when the layer has no balance loss).
+    load:         ``[E]`` fraction of tokens routed to each expert (nonzero combine weight).
+    gate_mean:    ``[E]`` mean dense gate probability per expert.
+    """
+
+    balance_loss: Tensor
+    load: Tensor
+    gate_mean: Tensor
+
+
+class DenseGate(nn.Module):
+    """Softmax gate: ``weights = probs = softmax(W x + b)`` over all experts.
+
+    Optional Gaussian noise (``noise_std > 0``) is added to the logits in training mode only,
+    so evaluation is deterministic.
+    """
+
+    def __init__(self, *, in_features: int, num_experts: int, noise_std: float = 0.0, bias: bool = True):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.num_experts = num_experts
+        self.noise_std = float(noise_std)
+        self.proj = nn.Linear(in_features, num_experts, bias=bias)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        logits = self.proj(x)  # logits: (..., E)
+        if self.training and self.noise_std > 0:
+            logits = logits + self.noise_std * torch.randn_like(logits)
+        return logits
+
+    def forward(self, x: Tensor) -> GateOutput:
+        logits = self._logits(x)
+        probs = F.softmax(logits, dim=-1)
+        return GateOutput(weights=probs, probs=probs, logits=logits, topk_idx=None)
+
+
+class TopKGate(DenseGate):
+    """Sparse top-k gate: softmax over the k largest logits only, zeros elsewhere.
+
+    ``probs`` is still the dense softmax over all ``E`` logits, for the balance loss.
+    """
+
+    def __init__(
+        self, *, in_features: int, num_experts: int, k: int, noise_std: float = 0.0, bias: bool = True
+    ):
+        super().__init__(in_features=in_features, num_experts=num_experts, noise_std=noise_std, bias=bias)
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        self.k = k
+
+    def forward(self, x: Tensor) -> GateOutput:
+        logits = self._logits(x)  # logits: (..., E)
+        top_logits, topk_idx = logits.topk(self.k, dim=-1)  # (..., k)
+        # Renormalise over the kept experts only (spec A2): softmax of the selected logits.
+        top_w = F.softmax(top_logits, dim=-1)
+        weights = torch.zeros_like(logits).scatter(-1, topk_idx, top_w)  # (..., E)
+        probs = F.softmax(logits, dim=-1)
+        return GateOutput(weights=weights, probs=probs, logits=logits, topk_idx=topk_idx)
+
+
+def kl_balance_loss(mean_probs: Tensor, *, direction: BalanceDirection = "paper", eps: float = 1e-9) -> Tensor:
+    """KL divergence between the mean gate distribution ``p̄`` ``[..., E]`` and uniform ``U``.
+
+    - ``direction="paper"``: ``KL(p̄ ‖ U) = Σ_e p̄_e (log p̄_e − log 1/E)`` — the notation of
+      MAMEX Eq. 4 / Eq. 7.
+    - ``direction="code"``: ``KL(U ‖ p̄) = Σ_e (1/E)(log 1/E − log p̄_e)`` — what the MAMEX
+      authors' ``F.kl_div(p̄.log(), U, reduction='sum')`` computes (spec 3.2, A4). It punishes
+      a nearly dead expert much harder (→ ∞ as p̄_e → 0).
+
+    Both are 0 iff ``p̄`` is uniform. ``p̄`` is clamped to ``eps`` so a dead expert gives a large
+    finite loss instead of inf/NaN. Sums over the last dim (returns ``[...]``, scalar for ``[E]``).
+    """
+    num_experts = mean_probs.shape[-1]
+    log_u = -math.log(num_experts)
+    p = mean_probs.clamp_min(eps)
+    if direction == "paper":
+        return (p * (p.log() - log_u)).sum(-1)
+    if direction == "code":
+        return ((log_u - p.log()) / num_experts).sum(-1)
+    raise ValueError(f"direction must be 'paper' or 'code', got {direction!r}")
+
+
+def expert_load(
+    weights: Tensor, *, probs: Tensor | None = None, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-expert routing statistics over tokens, for logging (no gradient).
+
+    weights: ``[..., E]`` combine weights; an expert is "routed to" where its weight is nonzero.
+    probs:   optional ``[..., E]`` dense gate probabilities for ``gate_mean`` (default: ``weights``).
+    mask:    optional bool ``[...]``: only these tokens count (e.g. drop padded positions).
+
+    Returns ``(load [E], gate_mean [E])``: fraction of tokens routed to each expert, and the
+    mean gate probability per expert. With no tokens both are zeros.
+    """
+    num_experts = weights.shape[-1]
+    with torch.no_grad():
+        w = weights.detach().reshape(-1, num_experts)  # w: (T, E)
+        p = (probs if probs is not None else weights).detach().reshape(-1, num_experts)
+        if mask is not None:
+            keep = mask.reshape(-1)
+            w, p = w[keep], p[keep]
+        n = max(w.shape[0], 1)
+        load = (w != 0).to(torch.float32).sum(0) / n
+        gate_mean = p.to(torch.float32).sum(0) / n
+    return load, gate_mean
