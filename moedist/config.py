@@ -97,6 +97,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -115,7 +120,7 @@ def _from_dict(cls: type[T], data: dict, *, prefix: str = "", base: T | None = N
     unknown = sorted(set(data) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r} (known keys in {prefix or 'the top level'}: {known})")
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r} (known keys in {prefix or 'the top level'}: {known})")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

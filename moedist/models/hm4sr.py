@@ -1,0 +1,617 @@
+"""HM4SR: Hierarchical time-aware Mixture of experts for multi-modal Sequential Recommendation.
+
+Zhang et al., WWW'25 (``shared/reference/papers/HM4SR_WWW2025.md``); this file follows the
+code-level spec ``shared/reference/MODELS_SPEC.md`` Part 1 and gotchas G-HM-*.
+
+Pipeline for a batch of histories ``item_seq [B, L]`` with timestamps ``time_seq [B, L]``
+(``M`` = number of modalities, id first; ``d`` = hidden size):
+
+1. initial item representations: ID embedding, and a Linear projection of each frozen
+   content feature (text, image); + the same position embedding on every modality;
+2. Interactive MoE: experts Linear(M·d → M·d) on the concatenation, one softmax gate per
+   modality reading that modality, output block m scaled by α_m, added as a residual;
+3. Temporal MoE: gate on [interval embedding; absolute cosine time embedding], experts are
+   vectors w_i ∈ R^{M·d} applied element-wise, no residual;
+4. per modality: LayerNorm → Dropout → own post-LN Transformer (causal + padding mask) →
+   hidden state at the last real position H^m;
+5. scores over all N item ids: Σ_m H^m · C_mᵀ, with C_m the *raw* candidate representations
+   (ID embedding / projected feature; no position, no MoE).
+
+Training loss: CE + λ_idcl·IDCL + λ_cp·CP + λ_pcl·PCL (spec 1.5).
+
+Launch: built by the trainer from a YAML config (``moedist train --model hm4sr ...``); it only
+needs ``calculate_loss`` / ``full_sort_predict`` (docs/contracts.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moedist.errors import ConfigError
+from moedist.moe import DenseGate, LinearExperts, expert_load
+
+MODALITIES = ("id", "text", "image")
+
+
+class _ItemFeatures(Protocol):
+    features: dict[str, Tensor]
+    mask: dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HM4SRConfig:
+    """HM4SR hyperparameters. Defaults = the authors' Games config (spec 1.0)."""
+
+    hidden_size: int = 64  # d
+    n_layers: int = 2  # Transformer layers per modality
+    n_heads: int = 2
+    inner_size: int = 256  # FFN width
+    hidden_dropout_prob: float = 0.5
+    attn_dropout_prob: float = 0.5
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02  # std of the N(0, σ²) init (spec 1.4)
+    max_seq_len: int = 50  # L: rows of the position embedding
+    k1: int = 4  # Interactive-MoE experts
+    k2: int = 4  # Temporal-MoE experts
+    mu: float = 100.0  # interval scale: bucket = floor(mu * log2(Δseconds + 1))
+    freq: float = 10000.0  # absolute-time encoding base
+    tau_idcl: float = 0.2  # IDCL temperature
+    beta_pcl: float = 0.3  # PCL placeholder ratio: floor(beta * len) positions per sequence
+    tau_pcl: float = 1.0  # PCL temperature
+    lambda_cp: float = 1.0
+    lambda_idcl: float = 1.0
+    lambda_pcl: float = 1.0  # the authors' `phcl_weight`
+    # Interactive-MoE α for (id, text, image). The paper gives no initial value; the authors'
+    # code starts at (0, 1, 1), so the ID stream gets no cross-modal input at first (G-HM-4).
+    alpha_init: tuple[float, float, float] = (0.0, 1.0, 1.0)
+    # Paper: trainable temporal experts. False = the authors' code: frozen N(0, 0.1²) vectors
+    # (a Python list there, here a buffer), G-HM-1.
+    temporal_experts_trainable: bool = True
+    temporal_expert_init_std: float = 0.1
+    # CP loss indexing (G-HM-18): "intended" = BCE over every category of every non-pad input
+    # item; "authors" = the released code's element [b, l] of the [B·L, C] score matrix.
+    cp_indexing: Literal["intended", "authors"] = "intended"
+    # Absolute time embedding: True = code form cos((a·t + c) / freq^{j/d}) (spec 1.3 step 4,
+    # reproduces the reference numbers); False = paper Eq. 13 form cos(a·t / freq^{j/d} + c).
+    # Identical at init (c = 0); they differ in how the bias is scaled during training.
+    absolute_time_bias_inside: bool = True
+    # Ablations (paper §5.3). Without the Temporal MoE there are no time embeddings, so PCL is
+    # off too (as in the paper's "-TMoE" variant); PCL also needs a text or image modality.
+    use_imoe: bool = True
+    use_tmoe: bool = True
+    use_cp: bool = True
+    use_idcl: bool = True
+    use_pcl: bool = True
+    modalities: tuple[str, ...] = MODALITIES  # any subset containing "id", e.g. ("id", "text")
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        self.alpha_init = tuple(float(a) for a in self.alpha_init)  # type: ignore[assignment]
+        if "id" not in self.modalities:
+            raise ConfigError(f"hm4sr.modalities must contain 'id', got {self.modalities}")
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"hm4sr.modalities must be distinct names from {MODALITIES}, got {self.modalities}")
+        if len(self.alpha_init) != 3:
+            raise ConfigError(f"hm4sr.alpha_init needs 3 values (id, text, image), got {self.alpha_init}")
+        if self.hidden_size % self.n_heads:
+            raise ConfigError(f"hm4sr.hidden_size={self.hidden_size} is not divisible by n_heads={self.n_heads}")
+        if self.cp_indexing not in ("intended", "authors"):
+            raise ConfigError(f"hm4sr.cp_indexing must be 'intended' or 'authors', got {self.cp_indexing!r}")
+        if not 0.0 <= self.beta_pcl <= 1.0:
+            raise ConfigError(f"hm4sr.beta_pcl must be in [0, 1], got {self.beta_pcl}")
+        if self.k1 < 1 or self.k2 < 1:
+            raise ConfigError(f"hm4sr.k1/k2 must be >= 1, got {self.k1}/{self.k2}")
+
+    @property
+    def ordered_modalities(self) -> tuple[str, ...]:
+        """Modalities in canonical order (id, text, image): fixes the concat layout."""
+        return tuple(m for m in MODALITIES if m in self.modalities)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer (RecBole / BERT style, post-LN), shared with SASRec
+# --------------------------------------------------------------------------------------------
+
+
+def causal_padding_mask(item_seq: Tensor) -> Tensor:
+    """Additive attention mask ``[B, 1, L, L]``: 0 = attend, −10000 = blocked.
+
+    Key j is visible to query i iff j ≤ i and item j is not padding. −10000 rather than −inf,
+    as in RecBole (G-HM-7): a fully blocked row then stays finite.
+    """
+    B, L = item_seq.shape
+    keep = (item_seq != 0)[:, None, None, :]  # (B, 1, 1, L) keys
+    causal = torch.ones(L, L, dtype=torch.bool, device=item_seq.device).tril()  # (L, L)
+    keep = keep & causal  # (B, 1, L, L)
+    zero = torch.zeros((), dtype=torch.float32, device=item_seq.device)
+    return torch.where(keep, zero, zero - 10000.0)
+
+
+def gather_last(hidden: Tensor, item_seq_len: Tensor) -> Tensor:
+    """Hidden state at each sequence's last real position: ``[B, L, d] -> [B, d]``."""
+    idx = (item_seq_len - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, idx).squeeze(1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with post-LN residual: ``LN(x + Dropout(Dense(Attn(x))))``."""
+
+    def __init__(self, *, hidden_size: int, n_heads: int, attn_dropout_prob: float,
+                 hidden_dropout_prob: float, layer_norm_eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout_prob = attn_dropout_prob
+        self.out_dropout = nn.Dropout(hidden_dropout_prob)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        B, L, d = x.shape
+
+        def heads(t: Tensor) -> Tensor:  # (B, L, d) -> (B, h, L, d/h)
+            return t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+        # softmax(q·kᵀ/√(d/h) + mask) → dropout → ·v, fused.
+        ctx = F.scaled_dot_product_attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
+            attn_mask=attn_mask.to(x.dtype), dropout_p=self.attn_dropout_prob if self.training else 0.0,
+        )  # ctx: (B, h, L, d/h)
+        ctx = ctx.transpose(1, 2).reshape(B, L, d)
+        return self.layer_norm(self.out_dropout(self.dense(ctx)) + x)
+
+
+class FeedForward(nn.Module):
+    """``LN(x + Dropout(W2 · GELU_erf(W1 x)))``."""
+
+    def __init__(self, *, hidden_size: int, inner_size: int, hidden_dropout_prob: float, layer_norm_eps: float):
+        super().__init__()
+        self.dense_1 = nn.Linear(hidden_size, inner_size)
+        self.dense_2 = nn.Linear(inner_size, hidden_size)
+        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dense_2(F.gelu(self.dense_1(x), approximate="none"))  # erf GELU, as RecBole
+        return self.layer_norm(self.dropout(h) + x)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, *, hidden_size: int, n_heads: int, inner_size: int, hidden_dropout_prob: float,
+                 attn_dropout_prob: float, layer_norm_eps: float):
+        super().__init__()
+        self.attention = MultiHeadAttention(
+            hidden_size=hidden_size, n_heads=n_heads, attn_dropout_prob=attn_dropout_prob,
+            hidden_dropout_prob=hidden_dropout_prob, layer_norm_eps=layer_norm_eps,
+        )
+        self.feed_forward = FeedForward(
+            hidden_size=hidden_size, inner_size=inner_size, hidden_dropout_prob=hidden_dropout_prob,
+            layer_norm_eps=layer_norm_eps,
+        )
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        return self.feed_forward(self.attention(x, attn_mask))
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of post-LN BERT layers (RecBole ``TransformerEncoder``); returns the last layer's
+    output ``[B, L, d]`` (no final LayerNorm)."""
+
+    def __init__(self, *, n_layers: int, hidden_size: int, n_heads: int, inner_size: int,
+                 hidden_dropout_prob: float, attn_dropout_prob: float, layer_norm_eps: float):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                hidden_size=hidden_size, n_heads=n_heads, inner_size=inner_size,
+                hidden_dropout_prob=hidden_dropout_prob, attn_dropout_prob=attn_dropout_prob,
+                layer_norm_eps=layer_norm_eps,
+            )
+            for _ in range(n_layers)
+        )
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return x
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """RecBole ``_init_weights``: Linear/Embedding weight ~ N(0, std²), Linear bias 0, LN (1, 0).
+    Applied to one module (use with ``Module.apply``)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Time features
+# --------------------------------------------------------------------------------------------
+
+
+def _sequence_mask(time_seq: Tensor, item_seq_len_or_mask: Tensor) -> Tensor:
+    if item_seq_len_or_mask.dtype == torch.bool and item_seq_len_or_mask.shape == time_seq.shape:
+        return item_seq_len_or_mask
+    positions = torch.arange(time_seq.shape[1], device=time_seq.device)
+    return positions[None, :] < item_seq_len_or_mask.view(-1, 1)
+
+
+def interval_bucket(time_seq: Tensor, item_seq_len_or_mask: Tensor, mu: float) -> Tensor:
+    """Interval-embedding index ``[B, L]`` int64: ``floor(mu · log2(t_i − t_{i−1} + 1))``.
+
+    time_seq: ``[B, L]`` int64 Unix seconds (0 at pads); item_seq_len_or_mask: ``[B]`` lengths
+    or a bool ``[B, L]`` mask of real positions.
+
+    Position 0 gets 0 (no previous item), and so do pads and any Δ < 0: in the authors' code
+    the first pad's Δ = 0 − t_last is negative and log2 gives NaN (G-HM-2); pads never reach
+    the output, so 0 is safe. Δ is computed exactly in int64 and the log in float64 (the
+    authors use float32; identical on day-granular data). Δ = 0 → 0, Δ = 1 day → 1639.
+    """
+    mask = _sequence_mask(time_seq, item_seq_len_or_mask)
+    delta = time_seq[:, 1:] - time_seq[:, :-1]  # (B, L-1), int64, exact
+    real = mask[:, 1:] & mask[:, :-1] & (delta >= 0)
+    bucket = torch.floor(mu * torch.log2(delta.clamp_min(0).to(torch.float64) + 1.0)).to(torch.int64)
+    bucket = torch.where(real, bucket, torch.zeros_like(bucket))
+    return torch.cat([torch.zeros_like(bucket[:, :1]), bucket], dim=1)  # (B, L)
+
+
+def interval_table_size(max_interval_seconds: int, mu: float) -> int:
+    """Rows of the interval embedding: ``int(mu · log2(Δmax + 1)) + 1`` (2871 on Games)."""
+    return int(mu * math.log2(max(int(max_interval_seconds), 0) + 1)) + 1
+
+
+class TemporalMoE(nn.Module):
+    """Temporal MoE (spec 1.3 steps 4–5): ``x_temp = u ⊙ Σ_i g'_i w_i``, g' = softmax gate on
+    the time embedding r = [interval embedding; absolute cosine embedding] ``[B, L, 2d]``."""
+
+    def __init__(self, *, hidden_size: int, num_modalities: int, num_experts: int, n_intervals: int,
+                 mu: float, freq: float, bias_inside: bool, experts_trainable: bool, expert_init_std: float):
+        super().__init__()
+        d = hidden_size
+        self.mu = mu
+        self.bias_inside = bias_inside
+        self.gate = DenseGate(in_features=2 * d, num_experts=num_experts)
+        self.absolute_w = nn.Linear(1, d)  # (a_j, c_j) of the cosine encoding
+        self.time_embedding = nn.Embedding(n_intervals, d)
+        # inv_freq_j = freq^(-j/d), j = 0..d-1 (float32, as the authors).
+        inv_freq = 1.0 / torch.pow(torch.tensor(float(freq)), torch.arange(d, dtype=torch.float32) / d)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        experts = torch.randn(num_experts, num_modalities * d) * expert_init_std  # w_i: (k2, M·d)
+        if experts_trainable:
+            self.experts = nn.Parameter(experts)
+        else:
+            # The authors' experts are never optimised (G-HM-1). Persistent buffer so that a
+            # checkpoint restores the same random vectors in a new process.
+            self.register_buffer("experts", experts)
+
+    def absolute_embedding(self, time_seq: Tensor) -> Tensor:
+        """``[B, L] -> [B, L, d]``: cos of the raw Unix seconds, in float32 (G-HM-3).
+
+        t ≈ 1.3e9 makes a·t ≈ 1e7, so reduced precision (bf16/fp16 autocast) would turn this
+        into noise: autocast is switched off here."""
+        with torch.autocast(device_type=time_seq.device.type, enabled=False):
+            t = time_seq.to(torch.float32).unsqueeze(-1)  # (B, L, 1)
+            w, c = self.absolute_w.weight.float(), self.absolute_w.bias.float()
+            if self.bias_inside:  # code: cos((a t + c) · inv_freq)
+                return torch.cos(F.linear(t, w, c) * self.inv_freq)
+            return torch.cos(F.linear(t, w) * self.inv_freq + c)  # paper Eq. 13
+
+    def time_features(self, time_seq: Tensor, seq_mask: Tensor) -> Tensor:
+        """r = [r1 (interval); r2 (absolute)] ``[B, L, 2d]``."""
+        idx = interval_bucket(time_seq, seq_mask, self.mu)
+        # Gaps beyond the table (longer than the dataset's Δmax) share the last row.
+        idx = idx.clamp_max(self.time_embedding.num_embeddings - 1)
+        r1 = self.time_embedding(idx)
+        r2 = self.absolute_embedding(time_seq).to(r1.dtype)
+        return torch.cat([r1, r2], dim=-1)
+
+    def forward(self, u: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """u: ``[B, L, M·d]``, r: ``[B, L, 2d]`` -> (x_temp ``[B, L, M·d]``, gate ``[B, L, k2]``)."""
+        g = self.gate(r).weights  # g: (B, L, k2)
+        # Σ_i g_i (u ⊙ w_i) = u ⊙ (Σ_i g_i w_i): one matmul over experts, no loop.
+        return u * (g @ self.experts.to(g.dtype)), g
+
+
+class InteractiveMoE(nn.Module):
+    """Interactive MoE (spec 1.3 step 3): shared experts Linear(M·d → M·d) on v = [e_1; …; e_M];
+    modality m reads block m of each expert's output with its own gate softmax(Gate_m(e_m)),
+    scaled by α_m: ``x_m = α_m Σ_i g^m_i · o_i[S_m]``."""
+
+    def __init__(self, *, hidden_size: int, num_modalities: int, num_experts: int, alpha_init: list[float]):
+        super().__init__()
+        self.num_modalities = num_modalities
+        self.gates = nn.ModuleList(
+            DenseGate(in_features=hidden_size, num_experts=num_experts) for _ in range(num_modalities)
+        )
+        # All k1 experts in one einsum; PyTorch-default Linear init as in the authors' code,
+        # where these modules are built after `self.apply(_init_weights)` (G-HM-4).
+        self.experts = LinearExperts(
+            num_experts=num_experts, in_features=num_modalities * hidden_size,
+            out_features=num_modalities * hidden_size,
+        )
+        self.alpha = nn.Parameter(torch.tensor(alpha_init, dtype=torch.float32))
+
+    def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """e: ``[B, L, M, d]`` -> (x_inter ``[B, L, M, d]``, gates ``[B, L, M, k1]``)."""
+        B, L, M, d = e.shape
+        o = self.experts(e.reshape(B, L, M * d)).view(B, L, -1, M, d)  # o: (B, L, k1, M, d)
+        g = torch.stack([gate(e[:, :, m]).weights for m, gate in enumerate(self.gates)], dim=2)  # (B, L, M, k1)
+        x = torch.einsum("blmk,blkmd->blmd", g, o)
+        return x * self.alpha.to(x.dtype).view(1, 1, M, 1), g
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def contrastive_same_target_zeroed(a: Tensor, b: Tensor, target: Tensor, tau: float) -> Tensor:
+    """UniSRec-style InfoNCE used by IDCL and PCL (G-HM-8), mean over the batch.
+
+    s_ij = cos(a_i, b_j)/τ; for j ≠ i with target_j == target_i the logit is set to 0 (not
+    removed: it still adds exp(0) = 1 to the denominator); the diagonal is the positive and
+    stays in the denominator. loss_i = −s_ii + log Σ_j exp(s̃_ij).
+    """
+    a = F.normalize(a, dim=-1)
+    b = F.normalize(b, dim=-1)
+    s = a @ b.T / tau  # s: (B, B)
+    eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    same = (target[:, None] == target[None, :]) & ~eye
+    s_masked = s.masked_fill(same, 0.0)
+    return (torch.logsumexp(s_masked, dim=1) - s.diagonal()).mean()
+
+
+class HM4SR(nn.Module):
+    """HM4SR. ``n_items`` = N = number of item ids *including* the padding row 0 (so scores are
+    ``[B, N]`` and feature tables have N rows); ``n_users`` is unused (kept for the common
+    constructor). ``item_features`` holds ``features[m] [N, D_m]`` for each content modality in
+    ``config.modalities``; ``item_categories`` a multi-hot ``[N, C]`` table (None disables CP);
+    ``max_interval_seconds`` sizes the interval table (the dataset manifest's value).
+    """
+
+    def __init__(
+        self,
+        config: HM4SRConfig,
+        *,
+        n_items: int,
+        n_users: int,
+        item_features: _ItemFeatures | None = None,
+        item_categories: Tensor | None = None,
+        max_interval_seconds: int,
+    ):
+        super().__init__()
+        cfg = self.config = config
+        d = cfg.hidden_size
+        self.n_items = n_items
+        self.modalities = cfg.ordered_modalities
+        self.content_modalities = tuple(m for m in self.modalities if m != "id")
+        M = len(self.modalities)
+
+        # Frozen content features: buffers, so they get no gradient, are not in parameters()
+        # and move with .to(device). Not persistent: they are data, reloaded from the shards.
+        feat_dims: dict[str, int] = {}
+        for m in self.content_modalities:
+            if item_features is None or m not in item_features.features:
+                raise ConfigError(
+                    f"hm4sr.modalities includes {m!r} but item_features has no {m!r} table; "
+                    f"drop it from hm4sr.modalities (e.g. modalities=['id', 'text'])"
+                )
+            table = item_features.features[m].detach().to(torch.float32)
+            if table.shape[0] != n_items:
+                raise ConfigError(f"item_features[{m!r}] has {table.shape[0]} rows, expected n_items={n_items}")
+            feat_dims[m] = table.shape[1]
+            self.register_buffer(f"feat_{m}", table.clone(), persistent=False)
+
+        # ---- modules that the authors initialise with N(0, 0.02²) (built before L62) ----
+        self.item_embedding = nn.Embedding(n_items, d, padding_idx=0)
+        self.position_embedding = nn.Embedding(cfg.max_seq_len, d)
+        encoder_kw = dict(
+            n_layers=cfg.n_layers, hidden_size=d, n_heads=cfg.n_heads, inner_size=cfg.inner_size,
+            hidden_dropout_prob=cfg.hidden_dropout_prob, attn_dropout_prob=cfg.attn_dropout_prob,
+            layer_norm_eps=cfg.layer_norm_eps,
+        )
+        self.encoders = nn.ModuleDict({m: TransformerEncoder(**encoder_kw) for m in self.modalities})
+        self.layer_norms = nn.ModuleDict({m: nn.LayerNorm(d, eps=cfg.layer_norm_eps) for m in self.modalities})
+        self.projections = nn.ModuleDict({m: nn.Linear(feat_dims[m], d) for m in self.content_modalities})
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.temporal_moe: TemporalMoE | None = None
+        if cfg.use_tmoe:
+            self.temporal_moe = TemporalMoE(
+                hidden_size=d, num_modalities=M, num_experts=cfg.k2,
+                n_intervals=interval_table_size(max_interval_seconds, cfg.mu), mu=cfg.mu, freq=cfg.freq,
+                bias_inside=cfg.absolute_time_bias_inside, experts_trainable=cfg.temporal_experts_trainable,
+                expert_init_std=cfg.temporal_expert_init_std,
+            )
+        # The item-embedding pad row is drawn too (random, not zero; padding_idx still blocks
+        # its gradient: G-HM-5). The temporal expert vectors keep their own N(0, 0.1²).
+        for module in [self.item_embedding, self.position_embedding, self.encoders, self.layer_norms,
+                       self.projections, self.temporal_moe]:
+            if module is not None:
+                module.apply(lambda mod: init_bert_weights(mod, cfg.initializer_range))
+
+        # ---- modules built after the authors' init: PyTorch default init (G-HM-4) ----
+        self.use_cp = cfg.use_cp and item_categories is not None
+        if self.use_cp:
+            cats = item_categories.detach().to(torch.float32)
+            if cats.shape[0] != n_items:
+                raise ConfigError(f"item_categories has {cats.shape[0]} rows, expected n_items={n_items}")
+            self.register_buffer("item_categories", cats.clone(), persistent=False)
+            self.cat_linear = nn.Linear(M * d, cats.shape[1])
+        self.interactive_moe: InteractiveMoE | None = None
+        if cfg.use_imoe:
+            alpha = [cfg.alpha_init[MODALITIES.index(m)] for m in self.modalities]
+            self.interactive_moe = InteractiveMoE(hidden_size=d, num_modalities=M, num_experts=cfg.k1, alpha_init=alpha)
+        # PCL needs the time embeddings (Temporal MoE) and at least one content modality.
+        self.use_pcl = cfg.use_pcl and cfg.use_tmoe and bool(self.content_modalities)
+        if self.use_pcl:
+            self.placeholders = nn.ModuleDict({m: nn.Linear(2 * d, d) for m in self.content_modalities})
+        self.use_idcl = cfg.use_idcl
+        self._last_stats: dict = {}
+
+    # ---- representations ----------------------------------------------------------------
+
+    def candidate_tables(self) -> dict[str, Tensor]:
+        """Raw item representations C_m ``[N, d]`` per modality: ID embedding, projected
+        features. Used for scoring, for the sequence inputs and for CP (G-HM-6)."""
+        tables = {"id": self.item_embedding.weight}
+        for m in self.content_modalities:
+            tables[m] = self.projections[m](getattr(self, f"feat_{m}"))
+        return {m: tables[m] for m in self.modalities}
+
+    def _check_batch(self, item_seq: Tensor) -> None:
+        if item_seq.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"item_seq has length {item_seq.shape[1]} > max_seq_len={self.config.max_seq_len}")
+
+    def _forward(self, item_seq: Tensor, item_seq_len: Tensor, time_seq: Tensor) -> dict:
+        """Shared forward. Returns candidate tables, x_temp ``[B, L, M, d]`` (pre-LN), time
+        features r ``[B, L, 2d]`` (or None), hidden states H ``[B, M, d]`` and the mask."""
+        self._check_batch(item_seq)
+        B, L = item_seq.shape
+        seq_mask = item_seq != 0  # (B, L) real positions
+        tables = self.candidate_tables()
+        pos = self.position_embedding.weight[:L]  # (L, d), the same for every modality
+        e = torch.stack([tables[m][item_seq] + pos for m in self.modalities], dim=2)  # e: (B, L, M, d)
+
+        stats: dict = {}
+        if self.interactive_moe is not None:
+            x_inter, g_inter = self.interactive_moe(e)
+            e = e + x_inter  # residual (spec step 3)
+            for i, m in enumerate(self.modalities):
+                load, gmean = expert_load(g_inter[:, :, i], mask=seq_mask)
+                stats[f"imoe/{m}/gate_mean"], stats[f"imoe/{m}/load"] = gmean, load
+                stats[f"imoe/{m}/alpha"] = self.interactive_moe.alpha[i].detach().clone()  # no .item(): no sync
+
+        r = None
+        if self.temporal_moe is not None:
+            r = self.temporal_moe.time_features(time_seq, seq_mask)  # (B, L, 2d)
+            x_temp, g_temp = self.temporal_moe(e.reshape(B, L, -1), r)
+            x_temp = x_temp.view_as(e)  # no residual (Eq. 16)
+            load, gmean = expert_load(g_temp, mask=seq_mask)
+            stats["tmoe/gate_mean"], stats["tmoe/load"] = gmean, load
+        else:
+            x_temp = e
+        self._last_stats = stats
+
+        attn_mask = causal_padding_mask(item_seq)
+        hidden = torch.stack(
+            [self._encode(m, x_temp[:, :, i], attn_mask, item_seq_len) for i, m in enumerate(self.modalities)], dim=1
+        )  # hidden: (B, M, d)
+        return {"tables": tables, "x_temp": x_temp, "r": r, "hidden": hidden,
+                "seq_mask": seq_mask, "attn_mask": attn_mask}
+
+    def _encode(self, m: str, x: Tensor, attn_mask: Tensor, item_seq_len: Tensor) -> Tensor:
+        """LN_m → Dropout → Transformer_m → last real position: ``[B, L, d] -> [B, d]``."""
+        h = self.encoders[m](self.dropout(self.layer_norms[m](x)), attn_mask)
+        return gather_last(h, item_seq_len)
+
+    @staticmethod
+    def _scores(hidden: Tensor, tables: dict[str, Tensor]) -> Tensor:
+        """Σ_m H^m · C_mᵀ as one matmul over the concatenated modalities: ``[B, N]``."""
+        cand = torch.cat(list(tables.values()), dim=-1)  # (N, M·d)
+        return hidden.flatten(1) @ cand.T
+
+    # ---- contract -------------------------------------------------------------------------
+
+    def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
+        """Scores over all N item ids incl. pad 0 (the evaluator masks it): ``[B, N]``."""
+        out = self._forward(batch["item_seq"], batch["item_seq_len"], batch["time_seq"])
+        return self._scores(out["hidden"], out["tables"])
+
+    def calculate_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        item_seq, item_seq_len, target = batch["item_seq"], batch["item_seq_len"], batch["target"]
+        out = self._forward(item_seq, item_seq_len, batch["time_seq"])
+        tables, hidden = out["tables"], out["hidden"]
+        cfg = self.config
+        parts: dict[str, Tensor] = {}
+        # CE over all N ids, pad 0 included (G-HM-5).
+        parts["ce"] = F.cross_entropy(self._scores(hidden, tables), target)
+        loss = parts["ce"]
+        if self.use_idcl:
+            parts["idcl"] = self.idcl_loss(hidden[:, 0], target)
+            loss = loss + cfg.lambda_idcl * parts["idcl"]
+        if self.use_cp:
+            parts["cp"] = self.cp_loss(item_seq, tables)
+            loss = loss + cfg.lambda_cp * parts["cp"]
+        if self.use_pcl:
+            parts["pcl"] = self.pcl_loss(out, item_seq_len, target)
+            loss = loss + cfg.lambda_pcl * parts["pcl"]
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def moe_stats(self) -> dict:
+        """Last forward's per-expert gate means and loads (over real positions; dense gates
+        route every token to every expert, so load is 1) and the α values."""
+        return dict(self._last_stats)
+
+    # ---- auxiliary losses -----------------------------------------------------------------
+
+    def idcl_loss(self, h_id: Tensor, target: Tensor) -> Tensor:
+        """IDCL (spec 1.5): H^id against the raw ID embeddings of the batch's targets, τ_idcl."""
+        return contrastive_same_target_zeroed(h_id, self.item_embedding(target), target, self.config.tau_idcl)
+
+    def cp_loss(self, item_seq: Tensor, tables: dict[str, Tensor]) -> Tensor:
+        """CP: BCE of cat_linear([C_id; C_txt; C_img]) against the multi-hot categories.
+
+        "intended": every category of every non-pad *input* item (targets excluded,
+        duplicates kept), mean over items × categories. "authors": G-HM-18, the element
+        [b, l] of the ``[B·L, C]`` score matrix for each non-pad (b, l): flat row b, class l.
+        """
+        cand = torch.cat(list(tables.values()), dim=-1)  # (N, M·d)
+        if self.config.cp_indexing == "intended":
+            items = item_seq[item_seq != 0]  # (n_v,)
+            logits = self.cat_linear(cand[items])  # (n_v, C)
+            return F.binary_cross_entropy_with_logits(logits, self.item_categories[items])
+        rows, cols = torch.nonzero(item_seq != 0, as_tuple=True)
+        n_cat = self.item_categories.shape[1]
+        if int(cols.max()) >= n_cat:
+            raise ValueError(
+                f"cp_indexing='authors' reads class l for position l, but a sequence has position "
+                f"{int(cols.max())} >= {n_cat} categories (the authors' code crashes here too)"
+            )
+        items = item_seq.flatten()[rows]  # flat row b of the [B·L, C] matrix is item_seq.flat[b]
+        logits = self.cat_linear(cand[items]).gather(1, cols[:, None]).squeeze(1)
+        return F.binary_cross_entropy_with_logits(logits, self.item_categories[items, cols])
+
+    def placeholder_mask(self, item_seq_len: Tensor, seq_len: int) -> Tensor:
+        """Bool ``[B, L]``: floor(β·len_b) positions per row, uniform without replacement over
+        the real positions [0, len_b) (the last one included). Vectorised: random keys, +inf at
+        pads, keep each row's floor(β·len) smallest."""
+        B = item_seq_len.shape[0]
+        device = item_seq_len.device
+        positions = torch.arange(seq_len, device=device)
+        real = positions[None, :] < item_seq_len[:, None]
+        # float32 product, as the authors' `floor(item_seq_len * beta)`.
+        num = torch.floor(item_seq_len.to(torch.float32) * self.config.beta_pcl).to(torch.int64)
+        keys = torch.rand(B, seq_len, device=device).masked_fill(~real, float("inf"))
+        rank = keys.argsort(dim=1).argsort(dim=1)  # rank of each position within its row
+        return rank < num[:, None]
+
+    def pcl_loss(self, out: dict, item_seq_len: Tensor, target: Tensor) -> Tensor:
+        """PCL (spec 1.5, G-HM-9): for text/image, replace x_temp at the placeholder positions
+        with placeholder_m(r), re-encode with the same LN/encoder (fresh dropout) and contrast
+        with the original H^m (τ_pcl). Mean over the content modalities."""
+        x_temp, r, hidden = out["x_temp"], out["r"], out["hidden"]
+        chosen = self.placeholder_mask(item_seq_len, x_temp.shape[1]).unsqueeze(-1)  # (B, L, 1)
+        losses = []
+        for i, m in enumerate(self.modalities):
+            if m == "id":
+                continue
+            x_aug = torch.where(chosen, self.placeholders[m](r), x_temp[:, :, i])  # (B, L, d)
+            h_aug = self._encode(m, x_aug, out["attn_mask"], item_seq_len)
+            losses.append(contrastive_same_target_zeroed(hidden[:, i], h_aug, target, self.config.tau_pcl))
+        return torch.stack(losses).mean()

@@ -1,0 +1,425 @@
+"""MAMEX: Multi-modal Adaptive Mixture of Experts for cold-start item recommendation.
+
+CIKM'25 (``shared/reference/papers/MAMEX_CIKM2025.md``); this file follows the code-level
+spec ``shared/reference/MODELS_SPEC.md`` Part 3 and gotchas G-MX-*.
+
+Every item, warm or cold, is represented from content alone (no item-ID embedding), which
+is what lets brand-new items be scored (``M`` = number of modalities, ``d`` = embed_dim,
+``N`` = item rows including the padding row 0):
+
+1. frozen, L2-normalised features ``h_m [N, D_m]`` (buffers, never trained);
+2. modality adapters ``z_m = Σ_{k∈top-k} ĝ_k(h_m) E_k(h_m)`` ``[N, d]`` — by default one
+   sparse MoE per modality (K linear experts, top-k gate renormalised over the kept
+   logits); balance loss KL(p̄, U) on the *dense* gate softmax averaged over all catalogue
+   items (G-MX-2);
+3. fusion ``α = softmax(MLP([z_1; …; z_M]))`` ``[N, M]`` (2d→d, ReLU, Dropout, d→M; a dense
+   softmax, G-MX-3), ``e_i = Σ_m α_m z_m``; balance loss KL(mean α, U);
+4. user ``e_u`` = free embedding, ``s_ui = e_u · e_i``.
+
+Loss per minibatch, recomputing the whole item table (G-MX-4):
+``BPR + reg_coeff·reg + λ_align·align + λ_adapter·adapter + λ_fusion·fusion``.
+
+Missing modalities (not in the authors' data, which has none, but real catalogues do): an
+item whose modality ``m`` is absent gets ``z_m = 0`` and its fusion logit for ``m`` masked
+to ``-inf``, so ``α_m = 0`` and its score cannot depend on the missing row; it is left out
+of ``m``'s adapter balance statistics and of ``m``'s alignment term. The padding row 0 has
+no modality: ``e_0 = 0`` and it is left out of every statistic.
+
+Launch: built by the trainer from a YAML config (``moedist train --model mamex ...``); it
+only needs ``calculate_loss`` / ``full_sort_predict`` (docs/contracts.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moedist.errors import ConfigError
+from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, expert_load, kl_balance_loss
+
+AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
+
+
+class _ItemFeatures(Protocol):
+    features: dict[str, Tensor]
+    mask: dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MAMEXConfig:
+    """MAMEX hyperparameters. Defaults = the authors' code (spec 3.0)."""
+
+    embed_dim: int = 128  # d (free_emb_dimension)
+    num_experts: int = 4  # K experts per adapter (hard-coded 4 in the authors' code)
+    top_k: int = 2  # experts kept per item (MoE_Layer default)
+    fusion_dropout: float = 0.1  # dropout inside the fusion gate MLP
+    lambda_align: float = 1.0  # λ1
+    lambda_adapter: float = 1.0  # λ2, expert balance
+    lambda_fusion: float = 1.0  # λ3, modality balance
+    reg_coeff: float = 1e-6  # λ4, on the batch's squared embedding norms (G-MX-6)
+    user_init_std: float = 0.1  # user embedding ~ N(0, std²)
+    # "paper" = KL(p̄ ‖ U) as Eq. 4/7 write it; "code" = KL(U ‖ p̄) as the authors'
+    # F.kl_div call computes it (spec A4)
+    kl_direction: Literal["paper", "code"] = "paper"
+    # Figure 3: "mamex" = router + experts per modality; "modality_router" = a router per
+    # modality over one shared expert set; "joint_router" = one router on the concatenated
+    # modalities over one shared expert set
+    adapter: AdapterDesign = "mamex"
+    use_moe: bool = True  # False = "w/o MoE": one plain Linear(D_m → d) per modality
+    use_align: bool = True  # False = "w/o Align"
+    use_fusion: bool = True  # False = "w/o MMF": simple average of the present modalities
+    modalities: tuple[str, ...] = field(default=("image", "text"))  # fusion order: image = 0
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"mamex.modalities must be non-empty and unique, got {self.modalities!r}")
+        if self.kl_direction not in ("paper", "code"):
+            raise ConfigError(f"mamex.kl_direction must be 'paper' or 'code', got {self.kl_direction!r}")
+        if self.adapter not in ("mamex", "joint_router", "modality_router"):
+            raise ConfigError(
+                f"mamex.adapter must be 'mamex', 'joint_router' or 'modality_router', got {self.adapter!r}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"mamex.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.embed_dim < 1:
+            raise ConfigError(f"mamex.embed_dim must be >= 1, got {self.embed_dim}")
+        if not 0.0 <= self.fusion_dropout < 1.0:
+            raise ConfigError(f"mamex.fusion_dropout must be in [0, 1), got {self.fusion_dropout}")
+
+
+# --------------------------------------------------------------------------------------------
+# Modality adapters (the three designs of the paper's Figure 3, plus "w/o MoE")
+# --------------------------------------------------------------------------------------------
+
+
+class ModalityAdapters(nn.Module):
+    """Maps each modality's features ``h_m [N, D_m]`` to ``z_m [N, d]``.
+
+    ``forward(h, present)`` returns ``(z, balance_loss, stats)``; ``present[m] [N]`` bool says
+    which rows have modality ``m``. Absent rows give ``z_m = 0`` and do not count in the
+    balance loss or statistics.
+
+    Designs (``adapter``):
+    - ``"mamex"``: per modality a :class:`MoELayer` (own gate, own K experts); balance loss
+      summed over modalities (spec 3.2).
+    - ``"modality_router"``: per modality a :class:`TopKGate`, one shared set of K experts;
+      balance loss summed over the per-modality gates.
+    - ``"joint_router"``: one :class:`TopKGate` reading the concatenation of all modalities
+      (one routing decision per item), the same shared K experts applied to every modality
+      with those weights; one balance term over items with any modality.
+    Shared experts need one input width: inputs are zero-padded to ``max_m D_m`` (a no-op
+    for CLIP features, where every modality has the same width). With ``use_moe=False``
+    each modality gets a plain ``nn.Linear(D_m → d)`` and no balance loss.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_dims: dict[str, int],
+        embed_dim: int,
+        num_experts: int,
+        top_k: int,
+        adapter: AdapterDesign,
+        use_moe: bool,
+        kl_direction: str,
+    ):
+        super().__init__()
+        self.modalities = tuple(in_dims)
+        self.design = adapter if use_moe else "linear"
+        self.kl_direction = kl_direction
+        self.max_dim = max(in_dims.values())
+        if self.design == "linear":
+            self.linears = nn.ModuleDict({m: nn.Linear(D, embed_dim) for m, D in in_dims.items()})
+        elif self.design == "mamex":
+            self.moes = nn.ModuleDict(
+                {
+                    m: MoELayer(
+                        in_features=D, out_features=embed_dim, num_experts=num_experts, k=top_k,
+                        balance=kl_direction,
+                    )
+                    for m, D in in_dims.items()
+                }
+            )
+        else:
+            self.experts = LinearExperts(num_experts=num_experts, in_features=self.max_dim, out_features=embed_dim)
+            if self.design == "modality_router":
+                self.gates = nn.ModuleDict(
+                    {m: TopKGate(in_features=D, num_experts=num_experts, k=top_k) for m, D in in_dims.items()}
+                )
+            else:  # joint_router
+                self.gate = TopKGate(in_features=sum(in_dims.values()), num_experts=num_experts, k=top_k)
+
+    def _shared_expert_out(self, h: Tensor, weights: Tensor) -> Tensor:
+        x = F.pad(h, (0, self.max_dim - h.shape[1]))  # x: (N, D_max)
+        y = self.experts(x)  # y: (N, K, d)
+        return torch.einsum("nk,nkd->nd", weights, y)  # (N, d)
+
+    def _balance(self, probs: Tensor, keep: Tensor) -> Tensor:
+        p = probs[keep]  # (n_present, K)
+        if p.shape[0] == 0:
+            return probs.new_zeros(())
+        return kl_balance_loss(p.mean(0), direction=self.kl_direction)
+
+    def forward(
+        self, h: dict[str, Tensor], present: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], Tensor, dict[str, MoEAux]]:
+        z: dict[str, Tensor] = {}
+        stats: dict[str, MoEAux] = {}
+        any_h = next(iter(h.values()))
+        balance = any_h.new_zeros(())
+        # Absent rows are zeroed *before* use, so nothing downstream can read them.
+        h = {m: h[m] * present[m][:, None] for m in self.modalities}
+        if self.design == "linear":
+            for m in self.modalities:
+                z[m] = self.linears[m](h[m])  # (N, d)
+        elif self.design == "mamex":
+            for m in self.modalities:
+                z[m], aux = self.moes[m](h[m], mask=present[m])  # (N, d)
+                balance = balance + aux.balance_loss
+                stats[m] = aux
+        elif self.design == "modality_router":
+            for m in self.modalities:
+                g = self.gates[m](h[m])  # weights/probs: (N, K)
+                z[m] = self._shared_expert_out(h[m], g.weights)
+                b = self._balance(g.probs, present[m])
+                balance = balance + b
+                load, gate_mean = expert_load(g.weights, probs=g.probs, mask=present[m])
+                stats[m] = MoEAux(balance_loss=b, load=load, gate_mean=gate_mean)
+        else:  # joint_router
+            any_present = torch.stack([present[m] for m in self.modalities]).any(0)  # (N,)
+            g = self.gate(torch.cat([h[m] for m in self.modalities], dim=-1))  # (N, K)
+            for m in self.modalities:
+                z[m] = self._shared_expert_out(h[m], g.weights)
+            balance = self._balance(g.probs, any_present)
+            load, gate_mean = expert_load(g.weights, probs=g.probs, mask=any_present)
+            stats["joint"] = MoEAux(balance_loss=balance, load=load, gate_mean=gate_mean)
+        # biases make z nonzero even for zero input: zero absent rows explicitly
+        z = {m: z[m] * present[m][:, None].to(z[m].dtype) for m in self.modalities}
+        return z, balance, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MAMEXAux:
+    """Item-side by-products of one pass over the catalogue.
+
+    adapter_loss: scalar, Σ_m KL balance of the adapters (0 without MoE).
+    fusion_loss:  scalar, KL balance of mean α (0 without the learned fusion).
+    alpha:        ``[N, M]`` fusion weights (rows of absent modalities are 0; row 0 all 0).
+    adapters:     per-modality (or ``"joint"``) :class:`MoEAux`.
+    """
+
+    adapter_loss: Tensor
+    fusion_loss: Tensor
+    alpha: Tensor
+    adapters: dict[str, MoEAux]
+
+
+class MAMEX(nn.Module):
+    """MAMEX (spec 3.2–3.3).
+
+    ``n_items`` = N = item rows including the padding row 0 (scores are ``[B, N]``);
+    ``n_users`` = user rows including the padding row 0 (user ids index the table
+    directly); ``item_features.features[m] [N, D_m]`` and ``item_features.mask[m] [N]`` for
+    every ``m`` in ``config.modalities``.
+    """
+
+    def __init__(self, config: MAMEXConfig, *, n_items: int, n_users: int, item_features: _ItemFeatures | None):
+        super().__init__()
+        cfg = self.config = config
+        self.n_items = n_items
+        self.n_users = n_users
+        self.modalities = cfg.modalities
+        d = cfg.embed_dim
+
+        # Frozen features as non-persistent buffers: no gradient, move with .to(device), and
+        # not copied into every checkpoint (they are data, reloaded from the shards).
+        in_dims: dict[str, int] = {}
+        for m in self.modalities:
+            if item_features is None or m not in item_features.features:
+                raise ConfigError(
+                    f"mamex.modalities includes {m!r} but item_features has no {m!r} table; "
+                    f"drop it from mamex.modalities"
+                )
+            table = item_features.features[m].detach().to(torch.float32)
+            if table.dim() != 2 or table.shape[0] != n_items:
+                raise ConfigError(
+                    f"item_features[{m!r}] has shape {tuple(table.shape)}, expected [n_items={n_items}, D]"
+                )
+            mask = item_features.mask.get(m) if item_features.mask is not None else None
+            present = torch.ones(n_items, dtype=torch.bool) if mask is None else mask.detach().to(torch.bool).cpu().clone()
+            present[0] = False  # padding row: never an item
+            # G-MX-7: rows are L2-normalised (zero rows stay zero: F.normalize clamps the norm)
+            table = F.normalize(table, dim=-1) * present[:, None]
+            self.register_buffer(f"feat_{m}", table.contiguous(), persistent=False)
+            self.register_buffer(f"present_{m}", present, persistent=False)
+            in_dims[m] = table.shape[1]
+
+        self.user_embedding = nn.Embedding(n_users, d)
+        nn.init.normal_(self.user_embedding.weight, std=cfg.user_init_std)
+        self.adapters = ModalityAdapters(
+            in_dims=in_dims, embed_dim=d, num_experts=cfg.num_experts, top_k=cfg.top_k,
+            adapter=cfg.adapter, use_moe=cfg.use_moe, kl_direction=cfg.kl_direction,
+        )
+        M = len(self.modalities)
+        # A single modality has nothing to fuse (α = 1): no gate and no fusion loss.
+        self.learned_fusion = cfg.use_fusion and M > 1
+        self.fusion_gate = (
+            nn.Sequential(
+                nn.Linear(M * d, d), nn.ReLU(), nn.Dropout(cfg.fusion_dropout), nn.Linear(d, M)
+            )
+            if self.learned_fusion
+            else None
+        )
+        self._last_stats: dict[str, Tensor] = {}
+        self._item_cache: tuple[tuple, Tensor] | None = None
+
+    # ---- item side --------------------------------------------------------------------
+
+    def features(self, m: str) -> Tensor:
+        """Normalised frozen features ``[N, D_m]`` of modality ``m``."""
+        return self.get_buffer(f"feat_{m}")
+
+    def present(self, m: str) -> Tensor:
+        """Bool ``[N]``: which rows have modality ``m`` (row 0 never)."""
+        return self.get_buffer(f"present_{m}")
+
+    def _fusion_weights(self, z: dict[str, Tensor], present: Tensor) -> Tensor:
+        """α ``[N, M]`` from z; ``present [N, M]``. Rows with no modality get α = 0."""
+        any_present = present.any(dim=1, keepdim=True)  # (N, 1)
+        if self.fusion_gate is None:
+            # "w/o MMF" (and M = 1): plain average over the modalities the item has
+            alpha = present.to(z[self.modalities[0]].dtype)
+            return alpha / alpha.sum(dim=1, keepdim=True).clamp(min=1.0)
+        logits = self.fusion_gate(torch.cat([z[m] for m in self.modalities], dim=-1))  # (N, M)
+        # Absent modality -> -inf logit -> α_m = 0. Rows with no modality at all are left
+        # unmasked (an all -inf softmax is NaN, and NaN would leak into the gradients)
+        # and zeroed afterwards.
+        keep = present | ~any_present
+        alpha = F.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        return alpha * any_present
+
+    def item_representations(self) -> tuple[Tensor, dict[str, Tensor], MAMEXAux]:
+        """The whole catalogue: ``e [N, d]``, ``z {m: [N, d]}`` and the balance terms."""
+        h = {m: self.features(m) for m in self.modalities}
+        present = {m: self.present(m) for m in self.modalities}
+        z, adapter_loss, adapter_stats = self.adapters(h, present)
+        present_nm = torch.stack([present[m] for m in self.modalities], dim=1)  # (N, M)
+        alpha = self._fusion_weights(z, present_nm)  # (N, M)
+        e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (N, d)
+        items = present_nm.any(dim=1)  # real items with >= 1 modality (pad excluded)
+        if self.learned_fusion and bool(items.any()):
+            fusion_loss = kl_balance_loss(alpha[items].mean(0), direction=self.config.kl_direction)
+        else:
+            fusion_loss = e.new_zeros(())
+        self._record_stats(alpha.detach(), items, adapter_stats)
+        aux = MAMEXAux(adapter_loss=adapter_loss, fusion_loss=fusion_loss, alpha=alpha, adapters=adapter_stats)
+        return e, z, aux
+
+    def _record_stats(self, alpha: Tensor, items: Tensor, adapter_stats: dict[str, MoEAux]) -> None:
+        stats: dict[str, Tensor] = {}
+        for name, aux in adapter_stats.items():
+            stats[f"adapter.{name}.load"] = aux.load.detach()
+            stats[f"adapter.{name}.gate_mean"] = aux.gate_mean.detach()
+        a = alpha[items]  # (n_items_real, M)
+        for i, m in enumerate(self.modalities):
+            if a.shape[0]:
+                stats[f"fusion.alpha_mean.{m}"] = a[:, i].mean()
+                stats[f"fusion.alpha_std.{m}"] = a[:, i].std(unbiased=False)
+        self._last_stats = stats
+
+    def _version_key(self) -> tuple:
+        # Optimiser steps and load_state_dict modify parameters in place, which bumps
+        # their _version; a device move changes data_ptr. Either invalidates the cache.
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def item_embeddings(self) -> Tensor:
+        """``e [N, d]``. In eval mode the table is cached until a parameter changes, so
+        evaluating many user batches encodes the catalogue once."""
+        if self.training:
+            return self.item_representations()[0]
+        key = self._version_key()
+        if self._item_cache is not None and self._item_cache[0] == key:
+            return self._item_cache[1]
+        with torch.no_grad():
+            e = self.item_representations()[0]
+        self._item_cache = (key, e)
+        return e
+
+    def train(self, mode: bool = True):
+        self._item_cache = None
+        return super().train(mode)
+
+    @torch.no_grad()
+    def fusion_weights(self) -> Tensor:
+        """α per item ``[N, M]`` (columns in ``config.modalities`` order), dropout off.
+        Rows of absent modalities are 0; row 0 (padding) is all 0."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.item_representations()[2].alpha
+        finally:
+            self.train(was_training)
+
+    # ---- contract ---------------------------------------------------------------------
+
+    def calculate_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``batch``: ``user``, ``pos_item``, ``neg_item`` ``[B]``. Returns the total loss
+        and the *unweighted* terms (detached); ablated terms are absent from ``parts``."""
+        cfg = self.config
+        e, z, aux = self.item_representations()  # whole catalogue, every minibatch (G-MX-4)
+        e_u = self.user_embedding(batch["user"])  # (B, d)
+        e_i = e[batch["pos_item"]]  # (B, d)
+        e_j = e[batch["neg_item"]]  # (B, d)
+        s_ui = (e_u * e_i).sum(-1)
+        s_uj = (e_u * e_j).sum(-1)
+        parts: dict[str, Tensor] = {}
+        parts["bpr"] = F.softplus(s_uj - s_ui).mean()  # = -ln σ(s_ui - s_uj)
+        # A7/G-MX-6: squared norms of the batch's final embeddings, not weight decay
+        parts["reg"] = (e_u.pow(2).sum(-1) + e_i.pow(2).sum(-1) + e_j.pow(2).sum(-1)).mean()
+        loss = parts["bpr"] + cfg.reg_coeff * parts["reg"]
+        if cfg.use_align:
+            parts["align"] = self.align_loss(e, z)
+            loss = loss + cfg.lambda_align * parts["align"]
+        if cfg.use_moe:
+            parts["adapter"] = aux.adapter_loss
+            loss = loss + cfg.lambda_adapter * parts["adapter"]
+        if self.learned_fusion:
+            parts["fusion"] = aux.fusion_loss
+            loss = loss + cfg.lambda_fusion * parts["fusion"]
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def align_loss(self, e: Tensor, z: dict[str, Tensor]) -> Tensor:
+        """Σ_m mean over (items having m) × d of (e - z_m)² (A6). Gradient reaches both e
+        (hence α) and z_m."""
+        total = e.new_zeros(())
+        for m in self.modalities:
+            keep = self.present(m)
+            if bool(keep.any()):
+                total = total + F.mse_loss(e[keep], z[m][keep])
+        return total
+
+    def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
+        """``batch["user"] [B]`` -> scores ``[B, N]`` over all items (the evaluator keeps the
+        cold-item columns)."""
+        e_u = self.user_embedding(batch["user"])  # (B, d)
+        return e_u @ self.item_embeddings().T  # (B, N)
+
+    def moe_stats(self) -> dict:
+        """Last item pass: ``adapter.<m>.load`` / ``adapter.<m>.gate_mean`` ``[K]`` per
+        modality (``adapter.joint.*`` for the joint router) and ``fusion.alpha_mean.<m>`` /
+        ``fusion.alpha_std.<m>`` over real items."""
+        return {k: v.detach().cpu() for k, v in self._last_stats.items()}

@@ -1,0 +1,59 @@
+"""``moedist train`` (and the other torch-side commands), registered lazily by moedist.cli."""
+from __future__ import annotations
+
+from pathlib import Path
+
+MODELS = ("hm4sr", "mamex", "sasrec", "popularity", "content")
+
+
+def load_experiment_config(model: str, config: str | None, overrides: list[str]):
+    """Packaged ``configs/<model>.yaml`` <- user YAML <- ``key=value`` overrides."""
+    from moedist.config import load_config, packaged_config
+    from moedist.train.config import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, packaged_config(model))
+    if config:
+        cfg = load_config(ExperimentConfig, config, base=cfg)
+    return load_config(ExperimentConfig, None, overrides, base=cfg)
+
+
+def cmd_train(args) -> int:
+    from moedist.cli import console
+    from moedist.train.loop import run_training
+
+    overrides = list(args.overrides)
+    for key, value in (("data", args.data), ("features", args.features), ("run_dir", args.run_dir)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    model = args.model
+    if args.config and model is None:
+        from moedist.config import read_yaml
+
+        model = read_yaml(args.config).get("model")
+    cfg = load_experiment_config(model or "hm4sr", args.config, overrides + [f"model={model or 'hm4sr'}"])
+    run_training(cfg, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    return 0
+
+
+def add_commands(sub) -> None:
+    tr = sub.add_parser("train", help="train a model (single process; see --help)")
+    tr.add_argument("--model", choices=MODELS, help="model to train (default hm4sr, or the config's model)")
+    tr.add_argument("--data", help="prepared dataset directory")
+    tr.add_argument("--features", help="feature shards directory (default: the one under <data>/features)")
+    tr.add_argument("--run-dir", dest="run_dir", help="output directory (default runs/<model>-<dataset>)")
+    tr.add_argument("--config", help="YAML with ExperimentConfig keys (on top of the model's defaults)")
+    tr.add_argument("--device", help="auto | cpu | cuda")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=5e-4 hm4sr.k1=8")
+    tr.set_defaults(func=cmd_train)
+    try:
+        from moedist.features.cli import add_commands as add_feature_commands
+    except ImportError as e:
+        if "moedist.features.cli" not in str(e):
+            raise
+    else:
+        add_feature_commands(sub)

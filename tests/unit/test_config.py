@@ -1,0 +1,81 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from moedist.config import load_config, parse_override, save_config, read_yaml
+from moedist.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    ks: tuple[int, ...] = (5, 10)
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    epochs: int = 3
+    flag: bool = False
+    path: str | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_then_overrides_apply_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\ninner:\n  lr: 0.5\n  ks: [1, 2, 3]\n")
+    cfg = load_config(Outer, f, ["inner.lr=0.25", "flag=true", "path=/tmp/x"])
+    assert cfg.epochs == 7
+    assert cfg.inner.lr == 0.25
+    assert cfg.inner.ks == (1, 2, 3)
+    assert cfg.inner.mode == "a"  # untouched nested default survives a partial section
+    assert cfg.flag is True and cfg.path == "/tmp/x"
+
+
+def test_unknown_key_names_the_key_and_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("inner:\n  lrr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*inner\.lrr"):
+        load_config(Outer, f)
+    with pytest.raises(ConfigError, match="unknown key 'epoch'"):
+        load_config(Outer, None, ["epoch=3"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("epochs=three", "epochs: expected an integer"),
+        ("epochs=2.5", "epochs: expected an integer"),
+        ("flag=1", "flag: expected true/false"),
+        ("inner.lr=fast", "inner.lr: expected a number"),
+        ("inner.mode=c", "inner.mode: expected one of"),
+        ("inner.ks=[1, x]", r"inner.ks\[1\]: expected an integer"),
+        ("inner=3", "inner: expected a mapping"),
+        ("epochs", "not of the form key=value"),
+    ],
+)
+def test_wrong_types_are_clear_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(Outer, None, [override])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("epochs: 3\ninner: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+"):
+        read_yaml(f)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(Outer, None, ["inner.ks=[7]", "name=run"])
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(Outer, tmp_path / "out" / "config.yaml")
+    assert again == cfg
+
+
+def test_override_values_parse_as_yaml():
+    assert parse_override("a.b=0.5") == (["a", "b"], 0.5)
+    assert load_config(Inner, None, ["lr=1e-3"]).lr == 1e-3
+    assert parse_override("--x-y=[id, text]") == (["x_y"], ["id", "text"])

@@ -1,0 +1,165 @@
+"""Gates, balance losses, batched experts and the generic MoE layer (moedist.moe)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moedist.moe import DenseGate, LinearExperts, MoELayer, TopKGate, expert_load, kl_balance_loss
+
+
+def _set_gate(gate: DenseGate, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    with torch.no_grad():
+        gate.proj.weight.copy_(weight)
+        gate.proj.bias.copy_(bias)
+
+
+def test_topk_gate_renormalises_over_kept_logits_and_zeros_the_rest():
+    gate = TopKGate(in_features=2, num_experts=4, k=2)
+    # logits = x @ Wᵀ + b with W = 0, so logits = b for every token.
+    _set_gate(gate, torch.zeros(4, 2), torch.tensor([1.0, 3.0, 0.5, 2.0]))
+    out = gate(torch.randn(5, 2))
+    kept = torch.tensor([3.0, 2.0])
+    w_kept = torch.exp(kept) / torch.exp(kept).sum()  # softmax over the 2 kept logits only
+    expected = torch.tensor([0.0, w_kept[0].item(), 0.0, w_kept[1].item()])
+    torch.testing.assert_close(out.weights, expected.expand(5, 4))
+    assert (out.weights[:, [0, 2]] == 0).all()
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(5))
+    # probs stays the dense softmax over all 4 experts (what the balance loss reads).
+    torch.testing.assert_close(out.probs, F.softmax(torch.tensor([1.0, 3.0, 0.5, 2.0]), -1).expand(5, 4))
+    assert out.topk_idx.tolist() == [[1, 3]] * 5
+
+
+def test_topk_gate_k_validation():
+    with pytest.raises(ValueError):
+        TopKGate(in_features=2, num_experts=4, k=5)
+
+
+def test_dense_gate_is_softmax_and_noise_only_in_training():
+    torch.manual_seed(0)
+    gate = DenseGate(in_features=3, num_experts=4, noise_std=1.0)
+    x = torch.randn(6, 3)
+    gate.eval()
+    out = gate(x)
+    torch.testing.assert_close(out.weights, F.softmax(gate.proj(x), -1))
+    assert out.topk_idx is None
+    torch.testing.assert_close(gate(x).weights, out.weights)  # deterministic in eval
+    gate.train()
+    assert not torch.allclose(gate(x).weights, out.weights)  # noisy in training
+
+
+def test_kl_balance_loss_both_directions_by_hand():
+    p = [0.7, 0.1, 0.1, 0.1]
+    paper = sum(pi * math.log(pi / 0.25) for pi in p)  # KL(p̄ ‖ U)
+    code = sum(0.25 * math.log(0.25 / pi) for pi in p)  # KL(U ‖ p̄)
+    t = torch.tensor(p)
+    assert kl_balance_loss(t, direction="paper").item() == pytest.approx(paper, rel=1e-5)
+    assert kl_balance_loss(t, direction="code").item() == pytest.approx(code, rel=1e-5)
+    assert paper != pytest.approx(code, rel=1e-3)
+    # "code" is exactly what the MAMEX authors compute.
+    ref = F.kl_div(t.log(), torch.full((4,), 0.25), reduction="sum")
+    torch.testing.assert_close(kl_balance_loss(t, direction="code"), ref)
+    for direction in ("paper", "code"):
+        assert kl_balance_loss(torch.full((4,), 0.25), direction=direction).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError):
+        kl_balance_loss(t, direction="other")
+
+
+def test_kl_balance_loss_dead_expert_is_finite_with_finite_grad():
+    p = torch.tensor([0.5, 0.5, 0.0], requires_grad=True)
+    for direction in ("paper", "code"):
+        loss = kl_balance_loss(p, direction=direction)
+        (g,) = torch.autograd.grad(loss, p)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+    assert kl_balance_loss(p, direction="code").item() > 5.0  # punishes the dead expert hard
+
+
+def test_linear_experts_equal_a_loop_of_linears():
+    torch.manual_seed(0)
+    linears = [nn.Linear(5, 3) for _ in range(4)]
+    experts = LinearExperts.from_linears(linears)
+    x = torch.randn(7, 5)
+    y = experts(x)  # (T, E, out)
+    assert y.shape == (7, 4, 3)
+    for e, lin in enumerate(linears):
+        torch.testing.assert_close(y[:, e], lin(x))
+    # Grouped form (after dispatch): each expert on its own tokens.
+    xg = torch.randn(4, 2, 5)
+    yg = experts.forward_grouped(xg)
+    for e, lin in enumerate(linears):
+        torch.testing.assert_close(yg[e], lin(xg[e]))
+    # Leading dims are kept.
+    assert experts(torch.randn(2, 3, 5)).shape == (2, 3, 4, 3)
+
+
+def test_linear_experts_init_matches_stacked_nn_linear_and_is_shard_independent():
+    torch.manual_seed(3)
+    experts = LinearExperts(num_experts=4, in_features=6, out_features=2)
+    torch.manual_seed(3)
+    linears = [nn.Linear(6, 2) for _ in range(4)]
+    for e, lin in enumerate(linears):
+        torch.testing.assert_close(experts.weight[e], lin.weight.T, rtol=0, atol=0)
+        torch.testing.assert_close(experts.bias[e], lin.bias, rtol=0, atol=0)
+    # A shard holding global experts 2..3 starts from the same values.
+    torch.manual_seed(3)
+    shard = LinearExperts(num_experts=2, in_features=6, out_features=2, expert_offset=2, num_global_experts=4)
+    assert shard.global_expert_ids.tolist() == [2, 3]
+    torch.testing.assert_close(shard.weight, experts.weight[2:], rtol=0, atol=0)
+    torch.testing.assert_close(shard.bias, experts.bias[2:], rtol=0, atol=0)
+    assert "global_expert_ids" not in shard.state_dict()
+    with pytest.raises(ValueError):
+        LinearExperts(num_experts=3, in_features=2, out_features=2, expert_offset=2, num_global_experts=4)
+
+
+def test_expert_load_counts_nonzero_weights_and_respects_mask():
+    w = torch.tensor([[0.6, 0.4, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.2, 0.3, 0.5]])
+    load, gmean = expert_load(w)
+    torch.testing.assert_close(load, torch.tensor([3 / 4, 3 / 4, 2 / 4]))
+    torch.testing.assert_close(gmean, w.mean(0))
+    mask = torch.tensor([True, True, False, False])
+    load, gmean = expert_load(w, probs=torch.full_like(w, 1 / 3), mask=mask)
+    torch.testing.assert_close(load, torch.tensor([0.5, 1.0, 0.0]))
+    torch.testing.assert_close(gmean, torch.full((3,), 1 / 3))
+
+
+def test_moe_layer_topk_matches_manual_combination():
+    torch.manual_seed(0)
+    layer = MoELayer(in_features=4, out_features=3, num_experts=4, k=2, gate_in_features=5, balance="code")
+    x, gx = torch.randn(6, 4), torch.randn(6, 5)
+    out, aux = layer(x, gate_input=gx)
+    logits = layer.gate.proj(gx)
+    top_v, top_i = logits.topk(2, -1)
+    w = F.softmax(top_v, -1)
+    manual = torch.zeros(6, 3)
+    for t in range(6):
+        for j in range(2):
+            e = top_i[t, j]
+            manual[t] += w[t, j] * (x[t] @ layer.experts.weight[e] + layer.experts.bias[e])
+    torch.testing.assert_close(out, manual)
+    # Balance loss on the *dense* probs averaged over tokens.
+    p_bar = F.softmax(logits, -1).mean(0)
+    torch.testing.assert_close(aux.balance_loss, kl_balance_loss(p_bar, direction="code"))
+    assert aux.load.sum().item() == pytest.approx(2.0)  # every token goes to exactly 2 experts
+    torch.testing.assert_close(aux.gate_mean, p_bar.detach())
+    aux.balance_loss.backward()
+    assert layer.gate.proj.weight.grad.abs().sum() > 0
+
+
+def test_moe_layer_dense_default_gate_input_and_no_balance():
+    torch.manual_seed(1)
+    layer = MoELayer(in_features=4, out_features=2, num_experts=3, balance=None)
+    x = torch.randn(2, 5, 4)  # leading dims are kept
+    out, aux = layer(x)
+    g = F.softmax(layer.gate.proj(x), -1)
+    manual = torch.einsum("bte,bteo->bto", g, layer.experts(x))
+    torch.testing.assert_close(out, manual)
+    assert out.shape == (2, 5, 2)
+    assert aux.balance_loss.item() == 0.0
+    torch.testing.assert_close(aux.load, torch.ones(3))
+    # The paper direction is KL(p̄ ‖ U).
+    layer.balance = "paper"
+    _, aux = layer(x)
+    torch.testing.assert_close(aux.balance_loss, kl_balance_loss(g.reshape(-1, 3).mean(0), direction="paper"))
