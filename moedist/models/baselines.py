@@ -82,3 +82,173 @@ class SASRec(nn.Module):
 
     def moe_stats(self) -> dict:
         return {}
+
+
+# --- sequential baselines above, cold-start/popularity baselines below ---
+#
+# - Popularity: scores = training interaction counts per item; both protocols.
+# - ContentMapping: DropoutNet-style content → embedding MLP with free user embeddings and
+#   BPR, under MAMEX's batch contract (user, pos_item, neg_item); the "no MoE, no fusion
+#   gate" reference point for MAMEX.
+
+import torch  # noqa: E402  (kept in this half so the sequential half stays untouched)
+
+
+@dataclass
+class PopularityConfig:
+    """Popularity has no hyperparameters; the dataclass keeps the common constructor."""
+
+
+class Popularity(nn.Module):
+    """Most-popular recommender: every user gets the same row of training counts.
+
+    ``n_items`` = N including the padding row 0. Fit with :meth:`fit` (or ``train_items``)
+    from the item ids of the training interactions (LOO: training targets and history
+    items; cold start: the warm interactions' items — cold items then score 0, so under
+    the cold protocol every candidate ties, which the evaluator's pessimistic tie policy
+    turns into a floor, as it should). Nothing to optimise: ``calculate_loss`` returns a
+    constant 0 and the model has no parameters (``trainable = False``).
+    """
+
+    trainable = False
+
+    def __init__(
+        self,
+        config: PopularityConfig | None = None,
+        *,
+        n_items: int,
+        n_users: int = 0,
+        item_features: object | None = None,
+        train_items: Tensor | None = None,
+        **_ignored: object,
+    ):
+        super().__init__()
+        self.config = config if config is not None else PopularityConfig()
+        self.n_items = n_items
+        # persistent: the counts *are* the model, so they belong in checkpoints
+        self.register_buffer("counts", torch.zeros(n_items, dtype=torch.float32))
+        if train_items is not None:
+            self.fit(train_items)
+
+    @torch.no_grad()
+    def fit(self, item_ids: Tensor) -> "Popularity":
+        """Set ``counts[i]`` = occurrences of ``i`` in ``item_ids`` (any shape; 0 = padding,
+        never counted)."""
+        ids = torch.as_tensor(item_ids, dtype=torch.long).flatten()
+        ids = ids[ids != 0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_items):
+            raise ValueError(f"item ids must be in [0, {self.n_items}), got {int(ids.min())}..{int(ids.max())}")
+        counts = torch.bincount(ids.cpu(), minlength=self.n_items).to(torch.float32)
+        self.counts.copy_(counts.to(self.counts.device))
+        return self
+
+    def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
+        """The same count row for every user: ``[B, N]`` (B from ``user``, else ``item_seq``)."""
+        ref = batch["user"] if "user" in batch else batch["item_seq"]
+        return self.counts.unsqueeze(0).expand(ref.shape[0], -1)
+
+    def calculate_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        zero = self.counts.new_zeros(())
+        return zero, {}
+
+    def moe_stats(self) -> dict:
+        return {}
+
+
+@dataclass
+class ContentMappingConfig:
+    """DropoutNet-style content baseline (defaults mirror MAMEX where they overlap)."""
+
+    embed_dim: int = 128  # d, as MAMEX
+    hidden_dim: int = 256  # width of the content MLP's hidden layer
+    dropout: float = 0.1  # dropout on the MLP's hidden layer
+    # DropoutNet's input dropout, per modality: during training each (item, modality) is
+    # dropped (features and mask input zeroed) with this probability, so the mapping
+    # learns to cope with items that lack a modality
+    modality_dropout: float = 0.0
+    reg_coeff: float = 1e-6  # on the batch's squared embedding norms, as MAMEX
+    user_init_std: float = 0.1
+    modalities: tuple[str, ...] = ("image", "text")
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"content_mapping.modalities must be non-empty and unique, got {self.modalities!r}")
+        for name in ("dropout", "modality_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"content_mapping.{name} must be in [0, 1), got {v}")
+
+
+class ContentMapping(nn.Module):
+    """Item embedding = MLP([ĥ_1; …; ĥ_M; mask]) with ĥ_m the L2-normalised feature of
+    modality m (zeros if the item lacks it) and ``mask [M]`` its presence bits; user = free
+    embedding ~ N(0, std²); score = dot product; BPR loss.
+
+    ``n_items`` = N and ``n_users`` = user rows, both including the padding row 0.
+    """
+
+    def __init__(
+        self, config: ContentMappingConfig, *, n_items: int, n_users: int, item_features: object | None
+    ):
+        super().__init__()
+        cfg = self.config = config
+        self.n_items = n_items
+        feats, masks = [], []
+        for m in cfg.modalities:
+            if item_features is None or m not in item_features.features:
+                raise ConfigError(f"content_mapping.modalities includes {m!r} but item_features has no {m!r} table")
+            table = item_features.features[m].detach().to(torch.float32)
+            if table.dim() != 2 or table.shape[0] != n_items:
+                raise ConfigError(
+                    f"item_features[{m!r}] has shape {tuple(table.shape)}, expected [n_items={n_items}, D]"
+                )
+            mask = item_features.mask.get(m) if item_features.mask is not None else None
+            present = torch.ones(n_items, dtype=torch.bool) if mask is None else mask.detach().to(torch.bool).cpu().clone()
+            present[0] = False
+            feats.append(F.normalize(table, dim=-1) * present[:, None])
+            masks.append(present)
+        # one frozen [N, Σ D_m] input table and its [N, M] presence bits (non-persistent:
+        # data, not weights)
+        self.register_buffer("content", torch.cat(feats, dim=1), persistent=False)
+        self.register_buffer("present", torch.stack(masks, dim=1), persistent=False)
+        self.register_buffer(
+            "modality_slices",
+            torch.tensor([t.shape[1] for t in feats]).cumsum(0),
+            persistent=False,
+        )
+        in_dim = self.content.shape[1] + len(cfg.modalities)
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, cfg.hidden_dim), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden_dim, cfg.embed_dim),
+        )
+        self.user_embedding = nn.Embedding(n_users, cfg.embed_dim)
+        nn.init.normal_(self.user_embedding.weight, std=cfg.user_init_std)
+
+    def item_embeddings(self, items: Tensor | None = None) -> Tensor:
+        """``[len(items), d]`` (all N rows when ``items`` is None). Padding row 0 maps to
+        the MLP of a zero input, which is harmless: the evaluator never ranks it."""
+        x = self.content if items is None else self.content[items]  # (n, Σ D_m)
+        present = self.present if items is None else self.present[items]  # (n, M)
+        p = self.config.modality_dropout
+        if self.training and p > 0:
+            present = present & (torch.rand(present.shape, device=present.device) >= p)
+            widths = torch.diff(self.modality_slices, prepend=self.modality_slices.new_zeros(1))
+            x = x * present.repeat_interleave(widths, dim=1, output_size=x.shape[1])
+        return self.mlp(torch.cat([x, present.to(x.dtype)], dim=1))  # (n, d)
+
+    def calculate_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """BPR on ``user``, ``pos_item``, ``neg_item`` ``[B]`` (+ reg, as MAMEX)."""
+        e_u = self.user_embedding(batch["user"])  # (B, d)
+        e_i = self.item_embeddings(batch["pos_item"])  # (B, d)
+        e_j = self.item_embeddings(batch["neg_item"])  # (B, d)
+        bpr = F.softplus((e_u * e_j).sum(-1) - (e_u * e_i).sum(-1)).mean()
+        reg = (e_u.pow(2).sum(-1) + e_i.pow(2).sum(-1) + e_j.pow(2).sum(-1)).mean()
+        return bpr + self.config.reg_coeff * reg, {"bpr": bpr.detach(), "reg": reg.detach()}
+
+    def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
+        """``batch["user"] [B]`` -> scores over all N items ``[B, N]``."""
+        return self.user_embedding(batch["user"]) @ self.item_embeddings().T
+
+    def moe_stats(self) -> dict:
+        return {}

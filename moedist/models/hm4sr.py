@@ -165,10 +165,11 @@ class MultiHeadAttention(nn.Module):
         def heads(t: Tensor) -> Tensor:  # (B, L, d) -> (B, h, L, d/h)
             return t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)
 
-        # softmax(q·kᵀ/√(d/h) + mask) → dropout → ·v, fused.
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # softmax(q·kᵀ/√(d/h) + mask) → dropout → ·v, fused. The mask must match q's dtype
+        # (bf16 under autocast).
         ctx = F.scaled_dot_product_attention(
-            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-            attn_mask=attn_mask.to(x.dtype), dropout_p=self.attn_dropout_prob if self.training else 0.0,
+            q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=self.attn_dropout_prob if self.training else 0.0,
         )  # ctx: (B, h, L, d/h)
         ctx = ctx.transpose(1, 2).reshape(B, L, d)
         return self.layer_norm(self.out_dropout(self.dense(ctx)) + x)

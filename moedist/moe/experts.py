@@ -23,7 +23,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moedist.moe.gates import BalanceDirection, DenseGate, MoEAux, TopKGate, expert_load, kl_balance_loss
+from moedist.moe.gates import (
+    BalanceDirection,
+    DenseGate,
+    MoEAux,
+    TopKGate,
+    expert_load,
+    kl_balance_loss,
+    token_weights,
+)
 
 
 class LinearExperts(nn.Module):
@@ -168,12 +176,16 @@ class MoELayer(nn.Module):
         g = self.gate(x if gate_input is None else gate_input)  # weights/probs: (..., E)
         expert_out = self.experts(x)  # (..., E, out)
         out = torch.einsum("...e,...eo->...o", g.weights.to(expert_out.dtype), expert_out)
-        probs = g.probs.reshape(-1, self.num_experts)  # (T, E)
-        if mask is not None:
-            probs = probs[mask.reshape(-1)]
-        if self.balance is None or probs.shape[0] == 0:
+        if self.balance is None:
             balance_loss = out.new_zeros(())
         else:
-            balance_loss = kl_balance_loss(probs.mean(0), direction=self.balance)
+            probs = g.probs.reshape(-1, self.num_experts).float()  # (T, E)
+            keep = token_weights(mask, probs)  # (T, 1)
+            n = keep.sum()
+            mean_probs = (probs * keep).sum(0) / n.clamp_min(1.0)  # p̄: (E,)
+            # No tokens (all masked) → no balance signal rather than KL(0 ‖ U).
+            balance_loss = torch.where(
+                n > 0, kl_balance_loss(mean_probs, direction=self.balance), torch.zeros((), device=n.device)
+            )
         load, gate_mean = expert_load(g.weights, probs=g.probs, mask=mask)
         return out, MoEAux(balance_loss=balance_loss, load=load, gate_mean=gate_mean)

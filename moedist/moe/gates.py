@@ -141,11 +141,17 @@ def expert_load(
     num_experts = weights.shape[-1]
     with torch.no_grad():
         w = weights.detach().reshape(-1, num_experts)  # w: (T, E)
-        p = (probs if probs is not None else weights).detach().reshape(-1, num_experts)
-        if mask is not None:
-            keep = mask.reshape(-1)
-            w, p = w[keep], p[keep]
-        n = max(w.shape[0], 1)
-        load = (w != 0).to(torch.float32).sum(0) / n
-        gate_mean = p.to(torch.float32).sum(0) / n
+        p = (probs if probs is not None else weights).detach().reshape(-1, num_experts).to(torch.float32)
+        keep = token_weights(mask, w)  # (T, 1)
+        # Masked sums instead of boolean indexing: no host-device sync on GPU.
+        n = keep.sum().clamp_min(1.0)
+        load = ((w != 0).to(torch.float32) * keep).sum(0) / n
+        gate_mean = (p * keep).sum(0) / n
     return load, gate_mean
+
+
+def token_weights(mask: Tensor | None, flat: Tensor) -> Tensor:
+    """``[T, 1]`` float32 weights (1 = token counts) for ``flat [T, E]`` from an optional mask."""
+    if mask is None:
+        return torch.ones(flat.shape[0], 1, dtype=torch.float32, device=flat.device)
+    return mask.reshape(-1, 1).to(device=flat.device, dtype=torch.float32)

@@ -474,8 +474,21 @@ class MetricAccumulator:
         """Add one batch's sums (must contain ``"count"``)."""
         if "count" not in sums:
             raise KeyError("metric sums need a 'count' entry")
-        for name, value in sums.items():
-            v = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+        names = list(sums)
+        # one device->host copy per batch instead of one per metric
+        values = torch.stack(
+            [torch.as_tensor(sums[n]).detach().to("cpu", torch.float64).reshape(()) if not isinstance(sums[n], Tensor)
+             else sums[n].detach().reshape(()).to(torch.float64) for n in names]
+        ) if False else None
+        flat = [sums[n] for n in names]
+        tensors = [v for v in flat if isinstance(v, Tensor)]
+        if tensors:
+            moved = torch.stack([t.detach().reshape(()).to(tensors[0].device, torch.float64) for t in tensors]).cpu()
+            it = iter(moved)
+            flat = [next(it) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in flat]
+        else:
+            flat = [torch.tensor(float(v), dtype=torch.float64) for v in flat]
+        for name, v in zip(names, flat):
             if name == "count":
                 self._count = self._count + v
             else:

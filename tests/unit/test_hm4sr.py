@@ -272,7 +272,7 @@ def test_absolute_time_embedding_code_and_paper_forms():
     code = tm.absolute_embedding(t)[0, 1, j].item()
     tm.bias_inside = False
     paper = tm.absolute_embedding(t)[0, 1, j].item()
-    a = float(tm.absolute_w.weight[j, 0])
+    a = float(tm.absolute_w.weight[j, 0].detach())
     assert code == pytest.approx(math.cos((a * 5000 + 0.7) * inv), abs=1e-5)
     assert paper == pytest.approx(math.cos(a * 5000 * inv + 0.7), abs=1e-5)
     assert code != pytest.approx(paper, abs=1e-2)

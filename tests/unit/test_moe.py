@@ -163,3 +163,17 @@ def test_moe_layer_dense_default_gate_input_and_no_balance():
     layer.balance = "paper"
     _, aux = layer(x)
     torch.testing.assert_close(aux.balance_loss, kl_balance_loss(g.reshape(-1, 3).mean(0), direction="paper"))
+
+
+def test_moe_layer_mask_restricts_balance_and_stats_to_real_tokens():
+    torch.manual_seed(2)
+    layer = MoELayer(in_features=3, out_features=2, num_experts=4, k=1, balance="paper")
+    x = torch.randn(6, 3)
+    mask = torch.tensor([True, False, True, True, False, False])
+    _, aux = layer(x, mask=mask)
+    _, aux_sub = layer(x[mask])
+    torch.testing.assert_close(aux.balance_loss, aux_sub.balance_loss)
+    torch.testing.assert_close(aux.load, aux_sub.load)
+    torch.testing.assert_close(aux.gate_mean, aux_sub.gate_mean)
+    _, aux_none = layer(x, mask=torch.zeros(6, dtype=torch.bool))
+    assert aux_none.balance_loss.item() == 0.0 and aux_none.load.sum().item() == 0.0

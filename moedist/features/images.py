@@ -1,0 +1,267 @@
+"""Item images from local paths or URLs, failing soft.
+
+An item's image is a local path (absolute, ``file://``, or relative to a base folder) or an
+``http(s)`` URL. Whatever goes wrong, :func:`load_image` and :meth:`ImageFetcher.fetch_many`
+return ``(None, reason)`` instead of raising: one bad image must not stop an extraction of
+100k items. The pipeline counts the reasons and writes them to the manifest.
+
+Reasons (a small fixed vocabulary, so they can be counted):
+
+========================  ==========================================================
+``no_image``              the item has no image (null or empty source)
+``file_not_found``        a local path that does not exist (or is not a file)
+``http_404``              the server said 404 / 410
+``http_error``            any other non-200 status (after retries for 5xx / 429)
+``timeout``               no response / no data within ``timeout`` seconds (after retries)
+``connection_error``      refused, reset, DNS failure, ... (after retries)
+``truncated``             fewer bytes than announced, or an image file cut short
+``not_an_image``          the bytes are not an image PIL recognises
+``too_large``             more than ``max_bytes`` bytes, or a decompression bomb
+``decode_error``          PIL recognised the format but could not decode it
+``bad_source``            an unsupported URL scheme or unreadable local file
+========================  ==========================================================
+
+URL downloads go through an on-disk cache: ``<cache_dir>/<sha256(url)[:2]>/<sha256(url)>``,
+written atomically (temporary file + ``os.replace``) and only for bytes that decoded as an
+image, so a transient failure is never cached. Fetches run in a thread pool of
+``max_workers`` (bounded concurrency); failures that may be transient (timeouts, connection
+errors, 5xx, 429) are retried with exponential backoff.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import os
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+REASONS = (
+    "no_image",
+    "file_not_found",
+    "http_404",
+    "http_error",
+    "timeout",
+    "connection_error",
+    "truncated",
+    "not_an_image",
+    "too_large",
+    "decode_error",
+    "bad_source",
+)
+
+USER_AGENT = "moedist-feature-extractor/0.1"
+
+
+class _Transient(Exception):
+    """A failure worth retrying; ``reason`` is reported if the retries run out."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Permanent(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_url(src: str) -> bool:
+    return src.startswith(("http://", "https://"))
+
+
+def url_cache_path(cache_dir: str | Path, url: str) -> Path:
+    h = hashlib.sha256(url.encode("utf-8")).hexdigest()
+    return Path(cache_dir) / h[:2] / h
+
+
+def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """Bytes -> fully decoded RGB image, or ``(None, reason)``."""
+    if not data:
+        return None, "not_an_image"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decode now: a truncated file fails here, not later in the encoder
+            return im.convert("RGB"), None
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except UnidentifiedImageError:
+        return None, "not_an_image"
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises OSError("image file is truncated ...")
+        return None, "truncated" if "truncat" in str(e).lower() else "decode_error"
+    except Exception:  # noqa: BLE001 - a corrupt file must never stop the extraction
+        return None, "decode_error"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@dataclass
+class ImageFetcher:
+    """Loads images from paths / URLs with bounded concurrency, retries and a disk cache.
+
+    ``timeout`` is the socket timeout (connect and each read) in seconds; ``retries`` is the
+    number of extra attempts after a transient failure, waiting ``backoff * 2**attempt``
+    seconds before each.
+    """
+
+    cache_dir: str | Path | None = None
+    base_dir: str | Path | None = None
+    max_workers: int = 8
+    timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.5
+    max_bytes: int = 64 * 1024 * 1024
+
+    # ------------------------------------------------------------------ public
+
+    def load(self, src: str | os.PathLike | None) -> tuple[Image.Image | None, str | None]:
+        """One image: ``(RGB image, None)`` or ``(None, reason)``. Never raises."""
+        try:
+            if not isinstance(src, (str, os.PathLike)):  # None, NaN / pd.NA from pandas
+                return None, "no_image"
+            src = os.fspath(src)
+            if not src.strip():
+                return None, "no_image"
+            src = src.strip()
+            if is_url(src):
+                return self._load_url(src)
+            if "://" in src and not src.startswith("file://"):
+                return None, "bad_source"
+            return self._load_file(src)
+        except Exception:  # noqa: BLE001 - last line of defence: never raise
+            return None, "decode_error"
+
+    def fetch_many(self, sources: Sequence[str | None]) -> list[tuple[Image.Image | None, str | None]]:
+        """Many images, in order; URLs are fetched ``max_workers`` at a time."""
+        sources = list(sources)
+        if not sources:
+            return []
+        if self.max_workers <= 1 or not any(isinstance(s, str) and is_url(s.strip()) for s in sources):
+            return [self.load(s) for s in sources]
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(sources)), thread_name_prefix="img-fetch") as pool:
+            return list(pool.map(self.load, sources))
+
+    # ------------------------------------------------------------------ local files
+
+    def _load_file(self, src: str) -> tuple[Image.Image | None, str | None]:
+        if src.startswith("file://"):
+            src = urllib.request.url2pathname(src[len("file://"):])
+        p = Path(src).expanduser()
+        if not p.is_absolute() and self.base_dir is not None:
+            p = Path(self.base_dir) / p
+        if not p.is_file():
+            return None, "file_not_found"
+        try:
+            size = p.stat().st_size
+            if size > self.max_bytes:
+                return None, "too_large"
+            data = p.read_bytes()
+        except OSError:
+            return None, "bad_source"
+        return decode_image(data)
+
+    # ------------------------------------------------------------------ URLs
+
+    def _load_url(self, url: str) -> tuple[Image.Image | None, str | None]:
+        cached = url_cache_path(self.cache_dir, url) if self.cache_dir is not None else None
+        if cached is not None and cached.is_file():
+            try:
+                img, reason = decode_image(cached.read_bytes())
+            except OSError:
+                img, reason = None, "decode_error"
+            if img is not None:
+                return img, None
+            # a damaged cache entry (should not happen: writes are atomic): drop and refetch
+            try:
+                cached.unlink()
+            except OSError:
+                pass
+        reason = "connection_error"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * (2 ** (attempt - 1)))
+            try:
+                data = self._download(url)
+            except _Transient as e:
+                reason = e.reason
+                continue
+            except _Permanent as e:
+                return None, e.reason
+            img, reason = decode_image(data)
+            if img is None:
+                # a body cut short by the network decodes as "truncated": worth another try
+                if reason == "truncated":
+                    continue
+                return None, reason
+            if cached is not None:
+                try:
+                    _write_atomic(cached, data)
+                except OSError:
+                    pass  # a read-only cache is not an error
+            return img, None
+        return None, reason
+
+    def _download(self, url: str) -> bytes:
+        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http(s) only, checked above
+                length = resp.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                    raise _Permanent("too_large")
+                chunks, n = [], 0
+                while True:
+                    chunk = resp.read(1 << 16)
+                    if not chunk:
+                        break
+                    n += len(chunk)
+                    if n > self.max_bytes:
+                        raise _Permanent("too_large")
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+                if length is not None and length.isdigit() and len(data) < int(length):
+                    raise _Transient("truncated")
+                return data
+        except urllib.error.HTTPError as e:
+            if e.code in (404, 410):
+                raise _Permanent("http_404") from None
+            if e.code == 429 or e.code >= 500:
+                raise _Transient("http_error") from None
+            raise _Permanent("http_error") from None
+        except http.client.IncompleteRead:
+            raise _Transient("truncated") from None
+        except (socket.timeout, TimeoutError):
+            raise _Transient("timeout") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (socket.timeout, TimeoutError)):
+                raise _Transient("timeout") from None
+            raise _Transient("connection_error") from None
+        except (ConnectionError, http.client.HTTPException, OSError):
+            raise _Transient("connection_error") from None
+
+
+def load_image(src: str | os.PathLike | None, **fetcher_kwargs) -> tuple[Image.Image | None, str | None]:
+    """Convenience wrapper: ``ImageFetcher(**fetcher_kwargs).load(src)``."""
+    return ImageFetcher(**fetcher_kwargs).load(src)
