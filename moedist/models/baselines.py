@@ -102,12 +102,13 @@ class PopularityConfig:
 class Popularity(nn.Module):
     """Most-popular recommender: every user gets the same row of training counts.
 
-    ``n_items`` = N including the padding row 0. Fit with :meth:`fit` (or ``train_items``)
-    from the item ids of the training interactions (LOO: training targets and history
-    items; cold start: the warm interactions' items — cold items then score 0, so under
-    the cold protocol every candidate ties, which the evaluator's pessimistic tie policy
-    turns into a floor, as it should). Nothing to optimise: ``calculate_loss`` returns a
-    constant 0 and the model has no parameters (``trainable = False``).
+    ``n_items`` = N including the padding row 0 (inferred from ``counts`` when omitted).
+    Give either ``counts [N]`` directly or ``train_items`` (item ids of the training
+    interactions, fitted with :meth:`fit`): LOO — the training part of each sequence;
+    cold start — the warm interactions, so every cold item scores 0 and all candidates
+    tie, which the evaluator's pessimistic tie policy turns into a floor, as it should.
+    Nothing to optimise: ``calculate_loss`` returns a constant 0 and the model has no
+    parameters (``trainable = False``; the counts are a persistent buffer).
     """
 
     trainable = False
@@ -116,17 +117,27 @@ class Popularity(nn.Module):
         self,
         config: PopularityConfig | None = None,
         *,
-        n_items: int,
+        n_items: int | None = None,
         n_users: int = 0,
         item_features: object | None = None,
+        counts: Tensor | None = None,
         train_items: Tensor | None = None,
-        **_ignored: object,
     ):
         super().__init__()
         self.config = config if config is not None else PopularityConfig()
+        if counts is not None:
+            counts = torch.as_tensor(counts, dtype=torch.float32).flatten()
+            if n_items is not None and counts.numel() != n_items:
+                raise ValueError(f"counts has {counts.numel()} rows, expected n_items={n_items}")
+            n_items = counts.numel()
+        if n_items is None:
+            raise ValueError("Popularity needs n_items or counts")
         self.n_items = n_items
         # persistent: the counts *are* the model, so they belong in checkpoints
         self.register_buffer("counts", torch.zeros(n_items, dtype=torch.float32))
+        if counts is not None:
+            self.counts.copy_(counts)
+            self.counts[0] = 0.0  # padding is never an interaction
         if train_items is not None:
             self.fit(train_items)
 

@@ -475,19 +475,17 @@ class MetricAccumulator:
         if "count" not in sums:
             raise KeyError("metric sums need a 'count' entry")
         names = list(sums)
-        # one device->host copy per batch instead of one per metric
-        values = torch.stack(
-            [torch.as_tensor(sums[n]).detach().to("cpu", torch.float64).reshape(()) if not isinstance(sums[n], Tensor)
-             else sums[n].detach().reshape(()).to(torch.float64) for n in names]
-        ) if False else None
-        flat = [sums[n] for n in names]
-        tensors = [v for v in flat if isinstance(v, Tensor)]
-        if tensors:
-            moved = torch.stack([t.detach().reshape(()).to(tensors[0].device, torch.float64) for t in tensors]).cpu()
-            it = iter(moved)
-            flat = [next(it) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in flat]
-        else:
-            flat = [torch.tensor(float(v), dtype=torch.float64) for v in flat]
+        tensors = [sums[n] for n in names if isinstance(sums[n], Tensor)]
+        # one device -> host copy per batch instead of one per metric
+        moved = (
+            iter(torch.stack([t.detach().reshape(()).to(tensors[0].device, torch.float64) for t in tensors]).cpu())
+            if tensors
+            else iter(())
+        )
+        flat = [
+            next(moved) if isinstance(sums[n], Tensor) else torch.tensor(float(sums[n]), dtype=torch.float64)
+            for n in names
+        ]
         for name, v in zip(names, flat):
             if name == "count":
                 self._count = self._count + v

@@ -37,6 +37,11 @@ def test_popularity_scores_are_training_counts():
     assert "counts" in model.state_dict()  # the counts are the model
     with pytest.raises(ValueError):
         model.fit(torch.tensor([7]))
+    # the training loop passes precomputed counts (data.train_item_counts)
+    given = Popularity(counts=torch.tensor([0.0, 2, 1, 3, 0, 0]))
+    assert given.n_items == 6 and torch.equal(given.counts, model.counts)
+    with pytest.raises(ValueError):
+        Popularity()
 
 
 def test_popularity_under_both_protocols():
