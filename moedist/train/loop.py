@@ -300,7 +300,7 @@ def train_one_epoch(model, optimizer, task, cfg: ExperimentConfig, epoch: int, d
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         bsz = int(next(iter(batch.values())).shape[0])
-        total += float(loss) * bsz
+        total += float(loss.detach()) * bsz
         for k, v in parts.items():
             part_sums[k] = part_sums.get(k, 0.0) + float(v) * bsz
         n += bsz
@@ -495,7 +495,7 @@ def format_results(results: dict, ks) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    metrics = ["ndcg", "mrr", "recall", "hit"] if results["protocol"] == "loo" else ["ndcg", "recall", "hit", "precision"]
+    metrics = ["ndcg", "mrr", "hit"] if results["protocol"] == "loo" else ["recall", "ndcg"]
     t = Table(title=f"{results['model']} on {results['dataset']} (best epoch {results['best_epoch']})")
     t.add_column("split")
     cols = [f"{m}@{k}" for m in metrics for k in ks if f"{m}@{k}" in results["test"]]
@@ -504,7 +504,7 @@ def format_results(results: dict, ks) -> str:
     for split in ("valid", "test"):
         t.add_row(split, *[f"{results[split][c]:.4f}" for c in cols])
     buf = StringIO()
-    Console(file=buf, width=max(100, 12 * (len(cols) + 1)), highlight=False).print(t)
+    Console(file=buf, width=12 * (len(cols) + 1), highlight=False).print(t)
     return buf.getvalue().rstrip()
 
 
