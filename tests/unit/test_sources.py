@@ -354,7 +354,7 @@ def test_literal_eval_is_safe(tmp_path: Path):
     ]
     reviews = write(tmp_path / "Toys_5.json.gz", [GOOD])
     for p in payloads:
-        meta = write(tmp_path / "meta_Toys.json.gz", ["{'asin': 'A1', 'title': 'ok'}", p])
+        meta = write(tmp_path / "meta_Toys.json.gz", ["{'asin': 'A0', 'title': 'ok'}", p])
         expect_error(lambda: load_amazon(reviews, meta, version="2014"), meta, 2, "malformed line")
         bad_reviews = write(tmp_path / "bad_5.json.gz", [GOOD, p])
         expect_error(lambda: load_amazon(bad_reviews), bad_reviews, 2, "malformed line")

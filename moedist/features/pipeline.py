@@ -1,0 +1,586 @@
+"""Items -> frozen text / image features -> WebDataset shards + manifest.json.
+
+Two drivers with the same encoders, batching rules and outputs:
+
+* :func:`extract_features` (Ray Data): the items to do become a dataset of small blocks,
+  ``map_batches`` runs them through a pool of encoder actors (one encoder pair per actor;
+  ``num_gpus=1`` each with ``use_gpu``, else ``num_cpus=0.5`` so that a 2-core machine keeps
+  CPUs for Ray Data's own tasks -- STACK_NOTES 6/8), and the driver streams the results,
+  assembles them per shard and writes each shard as soon as it is complete. Shards are
+  written by the driver, so the output folder need not be shared with the workers.
+* :func:`extract_features_local`: the same in one process, no Ray (laptops, the benchmark).
+
+Per shard: ``shard-NNNNNN.tar`` holds items ``[i*shard_size + 1, (i+1)*shard_size]``; it is
+written to a temporary file and renamed into place, then recorded (with its sha256) in
+``manifest.json`` (also replaced atomically). A re-run with the same items table, encoder
+specs and shard size (the manifest's ``fingerprint``) skips every shard whose file still has
+the recorded sha256 and redoes only the others, so a crash costs at most the shards in
+flight. See :mod:`moedist.features.store` for the file layout.
+
+Images are loaded inside the encoding step (:class:`moedist.features.images.ImageFetcher`:
+local files or URLs, bounded concurrency, retries, disk cache); a missing or broken image
+gives zeros + mask False and its reason is counted in the manifest. Null / blank text is
+treated the same way (reason ``no_text``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from moedist.errors import ConfigError, DataError
+from moedist.features import store
+from moedist.features.encoders import normalize_spec, spec_label
+from moedist.features.images import ImageFetcher
+
+ITEM_COLUMNS = ("item_idx", "item_id", "text", "image")
+MAX_EXAMPLES = 20  # per modality and reason, in the manifest
+
+
+# ============================================================================ planning
+
+
+def default_out_dir(data_dir: str | Path, text_encoder: Any = "minilm", image_encoder: Any = "efficientnet_lite0") -> Path:
+    """``<data_dir>/features/<text label>+<image label>``."""
+    return Path(data_dir) / "features" / f"{spec_label(text_encoder)}+{spec_label(image_encoder)}"
+
+
+def read_items(data_dir: str | Path) -> pd.DataFrame:
+    """``items.parquet`` -> DataFrame (item_idx, item_id, text, image), checked: item_idx = 1..I."""
+    path = Path(data_dir) / "items.parquet"
+    if not path.is_file():
+        raise DataError("no items.parquet: not a prepared dataset (run `moedist data prepare`)", path=path)
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise DataError(f"cannot read items table ({e})", path=path) from e
+    missing = [c for c in ("item_idx", "item_id") if c not in table.column_names]
+    if missing:
+        raise DataError(f"items table lacks columns {missing}", path=path)
+    df = table.to_pandas()
+    for c in ("text", "image"):
+        if c not in df:
+            df[c] = None
+    df = df[list(ITEM_COLUMNS)].copy()
+    df["item_idx"] = df["item_idx"].astype(np.int64)
+    df = df.sort_values("item_idx", kind="stable").reset_index(drop=True)
+    n = len(df)
+    if n == 0:
+        raise DataError("items table is empty", path=path)
+    if not np.array_equal(df["item_idx"].to_numpy(), np.arange(1, n + 1)):
+        bad = int(np.flatnonzero(df["item_idx"].to_numpy() != np.arange(1, n + 1))[0])
+        raise DataError(f"item_idx must be exactly 1..{n} (row {bad}: item_idx {int(df['item_idx'].iloc[bad])})", path=path)
+    # object columns with None for missing values (pandas NA does not cross Ray / numpy well)
+    for c in ("item_id", "text", "image"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    df["item_id"] = [str(x) if x is not None else "" for x in df["item_id"]]
+    return df
+
+
+def items_fingerprint(df: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for c in ITEM_COLUMNS:
+        h.update(c.encode())
+        h.update(json.dumps([None if v is None else (int(v) if c == "item_idx" else str(v)) for v in df[c].tolist()]).encode())
+    return h.hexdigest()
+
+
+def _spec_for_fingerprint(spec: dict | None) -> dict | None:
+    if spec is None:
+        return None
+    return {k: v for k, v in spec.items() if k not in ("device", "cache_dir")}  # where it runs does not change what it computes
+
+
+@dataclass
+class FetchConfig:
+    """How images are loaded (see :class:`ImageFetcher`)."""
+
+    cache_dir: str | None = None
+    base_dir: str | None = None
+    max_workers: int = 8
+    timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.5
+
+    def fetcher(self) -> ImageFetcher:
+        return ImageFetcher(cache_dir=self.cache_dir, base_dir=self.base_dir, max_workers=self.max_workers, timeout=self.timeout, retries=self.retries, backoff=self.backoff)
+
+
+@dataclass
+class Plan:
+    data_dir: Path
+    out_dir: Path
+    items: pd.DataFrame
+    specs: dict[str, dict]  # modality -> normalised spec (only modalities with an encoder)
+    shard_size: int
+    fingerprint: str
+    manifest: dict  # the manifest being built (done shards already in it)
+    todo: list[int]  # shard indices to build
+    skipped: list[int]  # shard indices kept from an earlier run
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def todo_items(self) -> pd.DataFrame:
+        if not self.todo:
+            return self.items.iloc[:0]
+        shard_of = (self.items["item_idx"].to_numpy() - 1) // self.shard_size
+        return self.items[np.isin(shard_of, self.todo)]
+
+
+def _normalise_specs(text_encoder, image_encoder) -> dict[str, dict]:
+    specs = {}
+    for modality, spec in (("text", text_encoder), ("image", image_encoder)):
+        if spec is None or (isinstance(spec, str) and spec.lower() in ("none", "")):
+            continue
+        s = normalize_spec(spec)
+        if s["modality"] != modality:
+            raise ConfigError(f"the {modality} encoder spec is a {s['modality']} encoder: {s}")
+        specs[modality] = s
+    if not specs:
+        raise ConfigError("no encoder: give a text encoder, an image encoder, or both")
+    return specs
+
+
+def plan_extraction(data_dir, out_dir, *, text_encoder, image_encoder, shard_size: int, log: Callable[[str], None] = lambda m: None) -> Plan:
+    """Read the items, compare with an existing manifest and decide which shards to (re)build."""
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
+    data_dir = Path(data_dir).resolve()
+    specs = _normalise_specs(text_encoder, image_encoder)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(data_dir, specs.get("text"), specs.get("image"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = read_items(data_dir)
+    fp_blob = json.dumps(
+        {
+            "format_version": store.FORMAT_VERSION,
+            "items": items_fingerprint(items),
+            "specs": {m: _spec_for_fingerprint(s) for m, s in specs.items()},
+            "shard_size": shard_size,
+        },
+        sort_keys=True,
+    )
+    fingerprint = hashlib.sha256(fp_blob.encode()).hexdigest()
+    n = len(items)
+    count = store.n_shards(n, shard_size)
+
+    # leftovers of a crash: temporary files are never valid shards
+    for tmp in out_dir.glob("*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+    old = None
+    mpath = out_dir / store.MANIFEST
+    if mpath.is_file():
+        try:
+            old = store.read_manifest(out_dir)
+        except DataError as e:
+            log(f"ignoring unreadable manifest ({e}); rebuilding every shard")
+    done: dict[int, dict] = {}
+    if old is not None and old.get("fingerprint") == fingerprint:
+        for s in old.get("shards", []):
+            p = out_dir / s["file"]
+            if p.is_file() and store.sha256_file(p) == s.get("sha256"):
+                done[int(s["index"])] = s
+            else:
+                log(f"{s['file']}: missing or changed since it was written; rebuilding it")
+    elif old is not None:
+        log("items, encoders or shard size changed since the last run; rebuilding every shard")
+    # shards from an earlier, different run that the new layout does not have
+    valid_names = {store.shard_name(i) for i in range(count)}
+    for p in out_dir.glob("shard-*.tar"):
+        if p.name not in valid_names:
+            p.unlink()
+
+    manifest = {
+        "format": store.FORMAT,
+        "format_version": store.FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "complete": False,
+        "data_dir": str(data_dir),
+        "n_items": n,
+        "shard_size": shard_size,
+        "key_digits": store.KEY_DIGITS,
+        "modalities": list(specs),
+        "encoder_specs": specs,
+        "encoders": dict(old.get("encoders", {})) if done else {},
+        "dims": dict(old.get("dims", {})) if done else {},
+        "item_ids": items["item_id"].tolist(),
+        "shards": [done[i] for i in sorted(done)],
+        "missing": {},
+    }
+    todo = [i for i in range(count) if i not in done]
+    return Plan(data_dir, out_dir, items, specs, shard_size, fingerprint, manifest, todo, sorted(done))
+
+
+# ============================================================================ encoding (shared)
+
+
+def encode_rows(encoders: dict, fetcher: ImageFetcher, item_idx: np.ndarray, text: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch of items -> feature arrays, masks and missing reasons (same in Ray and local).
+
+    Returns ``item_idx [B]`` and, per modality ``m`` with an encoder, ``m [B, D_m]`` float32,
+    ``m_ok [B]`` bool and ``m_reason [B]`` str ("" when present).
+    """
+    n = len(item_idx)
+    out: dict[str, np.ndarray] = {"item_idx": np.asarray(item_idx, dtype=np.int64)}
+    if "text" in encoders:
+        enc = encoders["text"]
+        ok = np.array([isinstance(t, str) and bool(t.strip()) for t in text], bool)
+        x = np.zeros((n, enc.dim), np.float32)
+        if ok.any():
+            x[ok] = enc.encode([t for t, k in zip(text, ok) if k])
+        out["text"], out["text_ok"] = x, ok
+        out["text_reason"] = np.array(["" if k else "no_text" for k in ok], dtype=object)
+    if "image" in encoders:
+        enc = encoders["image"]
+        loaded = fetcher.fetch_many(list(image))
+        ok = np.array([im is not None for im, _ in loaded], bool)
+        x = np.zeros((n, enc.dim), np.float32)
+        if ok.any():
+            x[ok] = enc.encode([im for im, _ in loaded if im is not None])
+        out["image"], out["image_ok"] = x, ok
+        out["image_reason"] = np.array([(r or "decode_error") if im is None else "" for im, r in loaded], dtype=object)
+    return out
+
+
+class EncodeBatch:
+    """Ray Data callable class: one encoder per modality per actor, built once in ``__init__``."""
+
+    def __init__(self, specs: dict[str, dict], fetch: dict):
+        from moedist.features.encoders import build_encoder
+
+        self.encoders = {m: build_encoder(s) for m, s in specs.items()}
+        self.fetcher = FetchConfig(**fetch).fetcher()
+        self.meta = json.dumps({m: e.describe() for m, e in self.encoders.items()})
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = encode_rows(self.encoders, self.fetcher, batch["item_idx"], batch["text"], batch["image"])
+        # the encoders' descriptions travel with the results (on the first row of each batch),
+        # so the manifest records what actually ran in the actors
+        meta = np.full(len(out["item_idx"]), "", dtype=object)
+        if len(meta):
+            meta[0] = self.meta
+        out["encoder_meta"] = meta
+        return out
+
+
+# ============================================================================ shard assembly
+
+
+@dataclass
+class _ShardBuffer:
+    first: int
+    last: int
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    ok: dict[str, np.ndarray] = field(default_factory=dict)
+    reason: dict[str, list] = field(default_factory=dict)
+    filled: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+
+class ShardAssembler:
+    """Collects encoded rows (in any order), writes each shard once all its items are in."""
+
+    def __init__(self, plan: Plan, *, on_shard: Callable[[dict], None] = lambda s: None):
+        self.plan = plan
+        self.manifest = plan.manifest
+        self.buffers: dict[int, _ShardBuffer] = {}
+        self.pending = set(plan.todo)
+        self.on_shard = on_shard
+        self.rows_done = 0
+        self.modalities = list(plan.specs)
+
+    def set_encoders(self, descriptions: dict[str, dict]) -> None:
+        enc, dims = self.manifest["encoders"], self.manifest["dims"]
+        for m, d in descriptions.items():
+            if m in dims and dims[m] != d["dim"]:
+                raise DataError(f"{m} encoder gives {d['dim']}-d features but the kept shards have {dims[m]}-d; delete the folder and re-run", path=self.plan.out_dir)
+            enc[m] = d
+            dims[m] = int(d["dim"])
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        item_idx = np.asarray(batch["item_idx"], dtype=np.int64)
+        shard_of = (item_idx - 1) // self.plan.shard_size
+        for sid in np.unique(shard_of):
+            sid = int(sid)
+            if sid not in self.pending:
+                continue  # a duplicate from a retried task, or a shard already written
+            rows = np.flatnonzero(shard_of == sid)
+            buf = self.buffers.get(sid)
+            if buf is None:
+                first, last = store.shard_range(sid, self.plan.shard_size, self.plan.n_items)
+                buf = self.buffers[sid] = _ShardBuffer(first, last)
+                buf.filled = np.zeros(buf.size, bool)
+                for m in self.modalities:
+                    buf.features[m] = np.zeros((buf.size, batch[m].shape[1]), np.float32)
+                    buf.ok[m] = np.zeros(buf.size, bool)
+                    buf.reason[m] = [None] * buf.size
+            pos = item_idx[rows] - buf.first
+            fresh = ~buf.filled[pos]
+            rows, pos = rows[fresh], pos[fresh]
+            for m in self.modalities:
+                buf.features[m][pos] = batch[m][rows]
+                buf.ok[m][pos] = batch[f"{m}_ok"][rows]
+                for r, p in zip(rows, pos):
+                    buf.reason[m][p] = batch[f"{m}_reason"][r] or None
+            buf.filled[pos] = True
+            self.rows_done += len(pos)
+            if buf.filled.all():
+                self._write(sid, buf)
+
+    def _write(self, sid: int, buf: _ShardBuffer) -> None:
+        plan = self.plan
+        name = store.shard_name(sid)
+        ids = plan.items["item_id"].iloc[buf.first - 1 : buf.last].tolist()
+        info = store.write_shard(
+            plan.out_dir / name,
+            item_idx=np.arange(buf.first, buf.last + 1),
+            item_ids=ids,
+            features=buf.features,
+            mask=buf.ok,
+            missing=buf.reason,
+        )
+        missing: dict[str, dict[str, Any]] = {}
+        for m in self.modalities:
+            reasons: dict[str, list[int]] = {}
+            for p, r in enumerate(buf.reason[m]):
+                if r:
+                    reasons.setdefault(r, []).append(buf.first + p)
+            if reasons:
+                missing[m] = {r: {"count": len(v), "examples": v[:MAX_EXAMPLES]} for r, v in sorted(reasons.items())}
+        entry = {"file": name, "index": sid, "first_item": buf.first, "last_item": buf.last, "count": buf.size, **info, "missing": missing}
+        shards = [s for s in self.manifest["shards"] if s["index"] != sid] + [entry]
+        self.manifest["shards"] = sorted(shards, key=lambda s: s["index"])
+        self.manifest["missing"] = summarise_missing(self.manifest["shards"], self.modalities)
+        store.write_json_atomic(plan.out_dir / store.MANIFEST, self.manifest)  # the shard now counts as done
+        self.pending.discard(sid)
+        del self.buffers[sid]
+        self.on_shard(entry)
+
+    def finish(self, run: dict) -> dict:
+        if self.pending:
+            raise RuntimeError(f"extraction ended with shards {sorted(self.pending)} incomplete ({sum(int(b.filled.sum()) for b in self.buffers.values())} rows buffered)")
+        self.manifest["missing"] = summarise_missing(self.manifest["shards"], self.modalities)
+        self.manifest["run"] = run
+        self.manifest["complete"] = True
+        store.write_json_atomic(self.plan.out_dir / store.MANIFEST, self.manifest)
+        return self.manifest
+
+
+def summarise_missing(shards: list[dict], modalities: list[str]) -> dict:
+    out = {}
+    for m in modalities:
+        reasons: dict[str, int] = {}
+        examples: dict[str, list[int]] = {}
+        for s in shards:
+            for r, v in s.get("missing", {}).get(m, {}).items():
+                reasons[r] = reasons.get(r, 0) + int(v["count"])
+                ex = examples.setdefault(r, [])
+                ex.extend(v["examples"][: MAX_EXAMPLES - len(ex)])
+        out[m] = {"total": sum(reasons.values()), "reasons": dict(sorted(reasons.items())), "examples": dict(sorted(examples.items()))}
+    return out
+
+
+# ============================================================================ drivers
+
+
+def _fetch_config(plan: Plan, image_cache_dir, fetch_workers, fetch_timeout, fetch_retries) -> FetchConfig:
+    cache = Path(image_cache_dir) if image_cache_dir is not None else plan.data_dir / "features" / ".image-cache"
+    return FetchConfig(cache_dir=str(cache), base_dir=str(plan.data_dir), max_workers=fetch_workers, timeout=fetch_timeout, retries=fetch_retries)
+
+
+def _chunks(df: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
+    for start in range(0, len(df), size):
+        yield df.iloc[start : start + size]
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, description: str):
+        self.bar = None
+        if enabled and total:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task(description, total=total)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def update(self, completed: int) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=completed)
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+
+def _run_record(mode: str, plan: Plan, encoded: int, seconds: float, **extra) -> dict:
+    return {
+        "mode": mode,
+        "items_encoded": encoded,
+        "shards_built": len(plan.todo),
+        "shards_skipped": len(plan.skipped),
+        "seconds": round(seconds, 3),
+        "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None,
+        **extra,
+    }
+
+
+def extract_features_local(
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    text_encoder: Any = "minilm",
+    image_encoder: Any = "efficientnet_lite0",
+    shard_size: int = 1000,
+    batch_size: int = 64,
+    progress: bool = True,
+    image_cache_dir: str | Path | None = None,
+    fetch_workers: int = 8,
+    fetch_timeout: float = 10.0,
+    fetch_retries: int = 2,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict:
+    """Single-process extraction: same encoders, batches, shards and manifest as :func:`extract_features`."""
+    from moedist.features.encoders import build_encoder
+
+    t0 = time.perf_counter()
+    plan = plan_extraction(data_dir, out_dir, text_encoder=text_encoder, image_encoder=image_encoder, shard_size=shard_size, log=log)
+    todo = plan.todo_items()
+    asm = ShardAssembler(plan)
+    if len(todo):
+        log(f"encoding {len(todo):,} items into {len(plan.todo)} shard(s) ({len(plan.skipped)} kept) -> {plan.out_dir}")
+        encoders = {m: build_encoder(s) for m, s in plan.specs.items()}
+        asm.set_encoders({m: e.describe() for m, e in encoders.items()})
+        fetcher = _fetch_config(plan, image_cache_dir, fetch_workers, fetch_timeout, fetch_retries).fetcher()
+        with _Progress(progress, len(todo), "extract (local)") as bar:
+            for chunk in _chunks(todo, batch_size):
+                asm.add(encode_rows(encoders, fetcher, chunk["item_idx"].to_numpy(), chunk["text"].to_numpy(), chunk["image"].to_numpy()))
+                bar.update(asm.rows_done)
+    else:
+        log(f"all {len(plan.skipped)} shard(s) up to date in {plan.out_dir}")
+    import torch
+
+    seconds = time.perf_counter() - t0
+    return asm.finish(_run_record("local", plan, asm.rows_done, seconds, batch_size=batch_size, torch_threads=torch.get_num_threads()))
+
+
+def _ensure_ray(ray_address: str | None) -> bool:
+    """Connect to / start Ray; returns True when this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if ray_address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=ray_address, log_to_driver=False)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster (STACK_NOTES 7)
+    project_root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
+    # 4+ logical CPUs and fractional actor CPUs: actor pools deadlock on 2 CPUs (STACK_NOTES 6)
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1),
+        object_store_memory=256 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    )
+    return True
+
+
+def extract_features(
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    text_encoder: Any = "minilm",
+    image_encoder: Any = "efficientnet_lite0",
+    shard_size: int = 1000,
+    batch_size: int = 64,
+    num_actors: int = 1,
+    use_gpu: bool = False,
+    ray_address: str | None = None,
+    progress: bool = True,
+    image_cache_dir: str | Path | None = None,
+    fetch_workers: int = 8,
+    fetch_timeout: float = 10.0,
+    fetch_retries: int = 2,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict:
+    """Extract item features with Ray Data; returns the manifest (also in ``<out_dir>/manifest.json``).
+
+    ``out_dir`` defaults to ``<data_dir>/features/<text>+<image>``. Ray is started locally
+    unless it is already initialised or ``ray_address`` / ``RAY_ADDRESS`` names a cluster.
+    """
+    t0 = time.perf_counter()
+    if num_actors < 1 or batch_size < 1:
+        raise ConfigError(f"num_actors and batch_size must be >= 1 (got {num_actors}, {batch_size})")
+    plan = plan_extraction(data_dir, out_dir, text_encoder=text_encoder, image_encoder=image_encoder, shard_size=shard_size, log=log)
+    todo = plan.todo_items()
+    asm = ShardAssembler(plan)
+    if not len(todo):
+        log(f"all {len(plan.skipped)} shard(s) up to date in {plan.out_dir}")
+        return asm.finish(_run_record("ray", plan, 0, time.perf_counter() - t0, num_actors=num_actors, batch_size=batch_size))
+
+    import ray
+    import ray.data
+
+    log(f"encoding {len(todo):,} items into {len(plan.todo)} shard(s) ({len(plan.skipped)} kept) with {num_actors} actor(s) -> {plan.out_dir}")
+    started = _ensure_ray(ray_address)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    try:
+        # in-order output keeps the driver's buffer to ~one shard; our own bar replaces Ray's
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        fetch = _fetch_config(plan, image_cache_dir, fetch_workers, fetch_timeout, fetch_retries)
+        # one block per batch: blocks are the unit the actor pool distributes
+        # (explicit schema: a block whose images are all null would otherwise be typed "null")
+        import pyarrow as pa
+
+        schema = pa.schema([("item_idx", pa.int64()), ("text", pa.string()), ("image", pa.string())])
+        blocks = [pa.Table.from_pandas(c[["item_idx", "text", "image"]], schema=schema, preserve_index=False) for c in _chunks(todo, batch_size)]
+        ds = ray.data.from_arrow(blocks)
+        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
+        ds = ds.map_batches(
+            EncodeBatch,
+            fn_constructor_kwargs={"specs": plan.specs, "fetch": fetch.__dict__},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            **resources,
+        )
+        have_meta = False
+        with _Progress(progress, len(todo), f"extract (ray, {num_actors} actor{'s' if num_actors > 1 else ''})") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                metas = [m for m in batch["encoder_meta"] if m]
+                if metas and not have_meta:
+                    asm.set_encoders(json.loads(metas[0]))
+                    have_meta = True
+                asm.add(batch)
+                bar.update(asm.rows_done)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        if started:
+            ray.shutdown()
+    seconds = time.perf_counter() - t0
+    return asm.finish(_run_record("ray", plan, asm.rows_done, seconds, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu))

@@ -1,0 +1,341 @@
+"""Item-feature shards on disk -> dense tensors (``ItemFeatures``), and the shard format itself.
+
+A features folder (written by :mod:`moedist.features.pipeline`) holds::
+
+    manifest.json            what is in the shards (below)
+    shard-000000.tar         WebDataset shard: items 1 .. shard_size
+    shard-000001.tar         items shard_size+1 .. 2*shard_size
+    ...
+
+Each shard is a plain tar (WebDataset layout). One sample per item, key = ``item_idx``
+zero-padded to 9 digits, with one entry per modality and one JSON entry::
+
+    000000001.text.npy       float32 [D_text]   (zeros if the item has no text)
+    000000001.image.npy      float32 [D_image]  (zeros if the image was missing)
+    000000001.meta.json      {"item_idx": 1, "item_id": "B0001", "mask": {"text": true, "image": false},
+                              "missing": {"image": "http_404"}}
+
+``.npy`` entries are written and read with ``allow_pickle=False``; nothing is ever pickled.
+Tar headers are normalised (mtime 0, uid/gid 0, mode 0644), so the same features give the
+same bytes and the same sha256.
+
+``manifest.json`` keys: ``format``, ``format_version``, ``fingerprint`` (of the items table,
+encoder specs and shard size: a re-run with the same inputs resumes), ``complete``,
+``n_items``, ``shard_size``, ``key_digits``, ``modalities``, ``dims``, ``encoders``
+(each encoder's ``describe()``), ``encoder_specs``, ``item_ids`` (``item_ids[i-1]`` is the raw
+id of ``item_idx`` i), ``shards`` (``file``, ``index``, ``first_item``, ``last_item``, ``count``,
+``sha256``, ``bytes``, ``missing``), ``missing`` (per modality: ``total``, ``reasons``,
+``examples``), ``run`` (mode, seconds, items/s of the last run).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from moedist.errors import DataError
+
+FORMAT = "moedist-item-features"
+FORMAT_VERSION = 1
+KEY_DIGITS = 9
+MANIFEST = "manifest.json"
+MODALITIES = ("text", "image")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def shard_range(index: int, shard_size: int, n_items: int) -> tuple[int, int]:
+    """Inclusive ``(first_item, last_item)`` of shard ``index`` (item ids start at 1)."""
+    first = index * shard_size + 1
+    return first, min((index + 1) * shard_size, n_items)
+
+
+def n_shards(n_items: int, shard_size: int) -> int:
+    return (n_items + shard_size - 1) // shard_size
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(chunk), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def item_key(item_idx: int) -> str:
+    return f"{int(item_idx):0{KEY_DIGITS}d}"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(
+    path: str | Path,
+    *,
+    item_idx: np.ndarray,
+    item_ids: list[str],
+    features: dict[str, np.ndarray],
+    mask: dict[str, np.ndarray],
+    missing: dict[str, list[str | None]],
+) -> dict:
+    """Write one shard atomically (temporary file in the same folder, fsync, ``os.replace``).
+
+    ``features[m]`` is ``float32 [n, D_m]`` in the order of ``item_idx``. Returns
+    ``{"sha256", "bytes"}`` of the written file. A crash leaves at most a ``*.tmp`` file,
+    never a partial shard under the final name.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as raw:
+
+            class _Hashing(io.RawIOBase):  # hash while writing: no second read of the file
+                pos = 0
+
+                def writable(self):
+                    return True
+
+                def tell(self):
+                    return self.pos
+
+                def write(self, b):
+                    h.update(b)
+                    self.pos += len(b)
+                    return raw.write(b)
+
+            sink = _Hashing()
+            with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for row, idx in enumerate(item_idx):
+                    key = item_key(idx)
+                    for m, x in features.items():
+                        _add_member(tar, f"{key}.{m}.npy", _npy_bytes(x[row]))
+                    meta = {
+                        "item_idx": int(idx),
+                        "item_id": str(item_ids[row]),
+                        "mask": {m: bool(mask[m][row]) for m in features},
+                        "missing": {m: missing[m][row] for m in features if missing[m][row]},
+                    }
+                    _add_member(tar, f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())
+            raw.flush()
+            os.fsync(raw.fileno())
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def write_json_atomic(path: str | Path, obj: dict) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_manifest(features_dir: str | Path) -> dict:
+    path = Path(features_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError("no manifest.json: not a features folder, or the extraction never finished a shard (run `moedist extract`)", path=path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"manifest is not valid JSON ({e})", path=path) from e
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"not a moedist item-features manifest (format={manifest.get('format')!r})", path=path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"features format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})", path=path)
+    return manifest
+
+
+def read_shard(path: str | Path, *, first_item: int, last_item: int, dims: dict[str, int]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[int, dict]]:
+    """One shard -> ``(features {m: [n, D]}, mask {m: bool[n]}, meta {item_idx: meta})``, rows = first..last.
+
+    Checks that every item of the range is there exactly once, with every modality's
+    ``.npy`` of shape ``[D_m]`` float32. Raises :class:`DataError` naming the shard otherwise.
+    """
+    path = Path(path)
+    n = last_item - first_item + 1
+    feats = {m: np.zeros((n, d), np.float32) for m, d in dims.items()}
+    mask = {m: np.zeros(n, bool) for m in dims}
+    seen = {m: np.zeros(n, bool) for m in [*dims, "meta"]}
+    metas: dict[int, dict] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                try:
+                    idx = int(key)
+                except ValueError:
+                    raise DataError(f"unexpected entry {member.name!r} in shard", path=path) from None
+                if not first_item <= idx <= last_item:
+                    raise DataError(f"item {idx} does not belong in this shard (items {first_item}..{last_item})", path=path)
+                row = idx - first_item
+                data = tar.extractfile(member).read()
+                if ext == "meta.json":
+                    meta = json.loads(data)
+                    metas[idx] = meta
+                    for m in dims:
+                        mask[m][row] = bool(meta.get("mask", {}).get(m, False))
+                    seen["meta"][row] = True
+                    continue
+                m = ext[: -len(".npy")] if ext.endswith(".npy") else None
+                if m not in dims:
+                    continue  # a modality not asked for
+                x = np.load(io.BytesIO(data), allow_pickle=False)
+                if x.dtype != np.float32 or x.shape != (dims[m],):
+                    raise DataError(f"item {idx}: {m} feature has shape {x.shape} {x.dtype}, manifest says [{dims[m]}] float32", path=path)
+                feats[m][row] = x
+                seen[m][row] = True
+    except DataError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise DataError(f"corrupt shard ({type(e).__name__}: {e})", path=path) from e
+    for m, s in seen.items():
+        if not s.all():
+            first_missing = first_item + int(np.flatnonzero(~s)[0])
+            raise DataError(f"shard lacks {int((~s).sum())} {m} entries (first: item {first_missing})", path=path)
+    return feats, mask, metas
+
+
+@dataclass
+class ItemFeatures:
+    """Frozen item features aligned with ``item_idx``: row 0 is padding (zeros, mask False).
+
+    ``features[m]``: ``float32 Tensor [N, D_m]``, ``mask[m]``: ``bool Tensor [N]``, N = n_items + 1;
+    ``encoders[m]``: the encoder's description from the manifest.
+    """
+
+    features: dict  # str -> torch.Tensor [N, D_m] float32
+    mask: dict  # str -> torch.BoolTensor [N]
+    encoders: dict = field(default_factory=dict)  # str -> dict
+    item_ids: list | None = None  # item_ids[i] = raw id of item_idx i (index 0 = None, padding)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m: int(x.shape[1]) for m, x in self.features.items()}
+
+    @property
+    def n_items(self) -> int:
+        return int(next(iter(self.features.values())).shape[0]) - 1 if self.features else 0
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.features)
+
+    def to(self, device) -> "ItemFeatures":
+        return ItemFeatures(
+            {m: x.to(device) for m, x in self.features.items()},
+            {m: x.to(device) for m, x in self.mask.items()},
+            self.encoders,
+            self.item_ids,
+        )
+
+
+def load_item_features(
+    features_dir: str | Path,
+    n_items: int | None = None,
+    *,
+    modalities: Iterable[str] | None = None,
+    verify: bool = True,
+) -> ItemFeatures:
+    """Read a features folder back into :class:`ItemFeatures` (rows aligned with ``item_idx``).
+
+    Verifies each shard's sha256 (``verify=False`` skips only that) and dims against the
+    manifest, and that ``n_items`` (when given, e.g. the prepared dataset's item count)
+    matches. A missing, corrupt or incomplete shard raises :class:`DataError` naming it.
+    """
+    import torch
+
+    features_dir = Path(features_dir)
+    manifest = read_manifest(features_dir)
+    mpath = features_dir / MANIFEST
+    if not manifest.get("complete"):
+        raise DataError("the extraction did not finish (manifest says complete=false); re-run `moedist extract` to resume", path=mpath)
+    total = int(manifest["n_items"])
+    if n_items is not None and int(n_items) != total:
+        raise DataError(f"features are for {total} items but the dataset has {n_items}: re-run `moedist extract` for this dataset", path=mpath)
+    dims = {m: int(d) for m, d in manifest["dims"].items()}
+    if modalities is not None:
+        wanted = list(modalities)
+        absent = [m for m in wanted if m not in dims]
+        if absent:
+            raise DataError(f"features have no {absent} modality (have {sorted(dims)})", path=mpath)
+        dims = {m: dims[m] for m in wanted}
+    feats = {m: np.zeros((total + 1, d), np.float32) for m, d in dims.items()}
+    mask = {m: np.zeros(total + 1, bool) for m in dims}
+    shard_size = int(manifest["shard_size"])
+    expected = n_shards(total, shard_size)
+    shards = sorted(manifest["shards"], key=lambda s: s["index"])
+    if [s["index"] for s in shards] != list(range(expected)):
+        raise DataError(f"manifest lists shards {[s['index'] for s in shards]}, expected 0..{expected - 1}", path=mpath)
+    for s in shards:
+        path = features_dir / s["file"]
+        first, last = int(s["first_item"]), int(s["last_item"])
+        if (first, last) != shard_range(s["index"], shard_size, total):
+            raise DataError(f"manifest gives shard {s['file']} items {first}..{last}, inconsistent with shard_size {shard_size}", path=mpath)
+        if not path.is_file():
+            raise DataError(f"shard {s['file']} is missing (listed in the manifest); re-run `moedist extract` to rebuild it", path=path)
+        if verify:
+            digest = sha256_file(path)
+            if digest != s["sha256"]:
+                raise DataError(f"shard {s['file']} is corrupt: sha256 {digest[:12]}… does not match the manifest's {s['sha256'][:12]}…; re-run `moedist extract` to rebuild it", path=path)
+        f, mk, _ = read_shard(path, first_item=first, last_item=last, dims=dims)
+        for m in dims:
+            feats[m][first : last + 1] = f[m]
+            mask[m][first : last + 1] = mk[m]
+    for m in dims:
+        feats[m][~mask[m]] = 0.0  # masked rows are zeros by contract (row 0 included)
+    ids = manifest.get("item_ids")
+    return ItemFeatures(
+        features={m: torch.from_numpy(x) for m, x in feats.items()},
+        mask={m: torch.from_numpy(x) for m, x in mask.items()},
+        encoders={m: manifest.get("encoders", {}).get(m, {}) for m in dims},
+        item_ids=[None, *ids] if ids is not None else None,
+    )

@@ -1,0 +1,270 @@
+"""Topology-independent training checkpoints.
+
+A checkpoint directory holds::
+
+    model.safetensors       full model weights, experts by *global* index
+    optimizer.safetensors   Adam moments per parameter name (``exp_avg/<name>``, ``exp_avg_sq/<name>``)
+    state.json              loop position (epoch, step in epoch, global step), best metric,
+                            optimizer step count, the world size and ep_size that wrote it
+    rng.safetensors         torch RNG state per rank (used only when the topology is unchanged)
+
+Nothing is pickled, so loading a checkpoint cannot execute code. The same files load into a
+plain torch optimizer, a DeepSpeed engine with ZeRO stage 0, 1 or 2, any world size and any
+``ep_size``: every tensor is stored whole, and each rank takes its slice on load. Saving is
+collective (all ranks call it in the same order); only rank 0 writes, into a temporary
+directory renamed into place, so a crash mid-save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moedist.errors import CheckpointError
+
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# ----------------------------------------------------------------------------- expert shards
+
+
+def expert_shard_info(param: torch.nn.Parameter):
+    """``(dim, group)`` for a parameter sharded over an expert-parallel group, else None.
+
+    Expert-parallel layers tag their sharded parameters with ``expert_shard_dim`` (the
+    dimension that indexes local experts) and ``ep_group`` (the process group whose ranks
+    hold the other experts, in order of expert offset).
+    """
+    dim = getattr(param, "expert_shard_dim", None)
+    group = getattr(param, "ep_group", None)
+    if dim is None or group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return None
+    return dim, group
+
+
+def _gather_full(param, tensor: torch.Tensor) -> torch.Tensor:
+    info = expert_shard_info(param)
+    if info is None:
+        return tensor
+    dim, group = info
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
+    info = expert_shard_info(param)
+    if info is None:
+        return full
+    dim, group = info
+    n = param.shape[dim]
+    rank = dist.get_rank(group)
+    return full.narrow(dim, rank * n, n)
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def _zero_optimizer(optimizer) -> bool:
+    return optimizer is not None and hasattr(optimizer, "optimizer") and any(
+        hasattr(p, "_hp_mapping") for g in optimizer.param_groups for p in g["params"]
+    )
+
+
+def _param_state(optimizer, param, key: str) -> torch.Tensor | None:
+    """Full (unpartitioned) Adam moment of ``param`` under a torch or DeepSpeed ZeRO optimizer."""
+    if hasattr(param, "_hp_mapping"):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(param, key)  # collective over the DP group
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed stage 0 wraps nothing, but be safe
+    st = inner.state.get(param) if inner is not None else None
+    return None if not st or key not in st else st[key]
+
+
+def _optimizer_step(optimizer) -> int:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    steps = [int(s["step"]) for s in inner.state.values() if "step" in s]
+    return max(steps) if steps else 0
+
+
+def _set_optimizer_state(optimizer, model, moments: dict[str, torch.Tensor], step: int) -> None:
+    params = dict(model.named_parameters())
+    if _zero_optimizer(optimizer):
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for name, p in params.items():
+            if not p.requires_grad:
+                continue
+            for key in MOMENTS:
+                full = moments.get(f"{key}/{name}")
+                if full is None:
+                    raise CheckpointError(f"optimizer state lacks {key} of {name}")
+                safe_set_full_optimizer_state(p, _local_slice(p, full).to(p.device, torch.float32), key)
+        inner = optimizer.optimizer
+        for st in inner.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for name, p in params.items():
+        if not p.requires_grad or f"exp_avg/{name}" not in moments:
+            continue
+        inner.state[p] = {
+            "step": torch.tensor(float(step)),
+            **{k: _local_slice(p, moments[f"{k}/{name}"]).to(p.device, p.dtype).clone() for k in MOMENTS},
+        }
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def full_model_state(model: torch.nn.Module, optimizer=None) -> dict[str, torch.Tensor]:
+    """Whole-model weights (fp32 master copies under ZeRO), experts gathered. Collective."""
+    state = {}
+    params = dict(model.named_parameters())
+    for name, t in model.state_dict().items():
+        p = params.get(name)
+        if p is not None and hasattr(p, "_hp_mapping"):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            t = safe_get_full_fp32_param(p)
+        t = _gather_full(p, t.detach()) if p is not None else t.detach()
+        state[name] = t.float().cpu().contiguous() if t.is_floating_point() else t.cpu().contiguous()
+    return state
+
+
+def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *, ep_size: int = 1) -> None:
+    """Collective save of a complete, topology-independent checkpoint to ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    weights = full_model_state(model, optimizer)
+    moments: dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            for key in MOMENTS:
+                t = _param_state(optimizer, p, key)
+                if t is None:
+                    continue
+                moments[f"{key}/{name}"] = _gather_full(p, t.detach()).float().cpu().contiguous()
+    rng = torch.get_rng_state()
+    rngs = [torch.empty_like(rng) for _ in range(_world())]
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.all_gather(rngs, rng)
+    elif dist.is_initialized():  # NCCL gathers device tensors
+        dev = torch.device("cuda", torch.cuda.current_device())
+        parts = [torch.empty_like(rng, device=dev) for _ in range(_world())]
+        dist.all_gather(parts, rng.to(dev))
+        rngs = [r.cpu() for r in parts]
+    else:
+        rngs = [rng]
+    if _rank() == 0:
+        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        save_file({f"rank{i}": r for i, r in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        state = dict(loop_state, optimizer_step=_optimizer_step(optimizer) if optimizer is not None else 0,
+                     world_size=_world(), ep_size=ep_size, complete=True)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict, dict, dict, dict]:
+    """(weights, moments, state, rng) of a checkpoint; a clear error naming a bad file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for f in FILES:
+        if not (directory / f).is_file():
+            raise CheckpointError(f"{directory / f}: missing (incomplete checkpoint)")
+    out = []
+    for f in ("model.safetensors", "optimizer.safetensors"):
+        try:
+            out.append(load_file(str(directory / f)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{directory / f}: unreadable or truncated ({e})") from None
+    try:
+        state = json.loads((directory / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory / 'state.json'}: unreadable ({e})") from None
+    rng = {}
+    if (directory / "rng.safetensors").is_file():
+        try:
+            rng = load_file(str(directory / "rng.safetensors"))
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            rng = {}
+    return out[0], out[1], state, rng
+
+
+def load_checkpoint(directory: str | Path, model, optimizer=None) -> dict:
+    """Load weights (+ optimizer moments) into this rank's shard of ``model``; returns the loop state.
+
+    Must be called on every rank (ZeRO setters are collective).
+    """
+    weights, moments, state, rng = read_checkpoint(directory)
+    params = dict(model.named_parameters())
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    local = {}
+    for name, t in own.items():
+        full = weights[name]
+        p = params.get(name)
+        piece = _local_slice(p, full) if p is not None else full
+        if piece.shape != t.shape:
+            raise CheckpointError(f"{directory}: {name} has shape {tuple(full.shape)}, the model expects {tuple(t.shape)}")
+        local[name] = piece.to(t.dtype)
+    model.load_state_dict(local, strict=True)
+    for name, p in params.items():
+        if hasattr(p, "_hp_mapping"):  # ZeRO keeps fp32 master weights apart from the module's
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            safe_set_full_fp32_param(p, _local_slice(p, weights[name]).to(p.device, torch.float32))
+    if optimizer is not None and moments:
+        _set_optimizer_state(optimizer, model, moments, int(state.get("optimizer_step", 0)))
+    key = f"rank{_rank()}"
+    if state.get("world_size") == _world() and key in rng:
+        torch.set_rng_state(rng[key])
+    state["same_topology"] = state.get("world_size") == _world() and state.get("ep_size") is not None
+    return state
+
+
+def latest_complete(*candidates: str | Path | None) -> Path | None:
+    """The first candidate directory holding a readable, complete checkpoint."""
+    for c in candidates:
+        if c is None:
+            continue
+        c = Path(c)
+        try:
+            if all((c / f).is_file() for f in FILES) and json.loads((c / "state.json").read_text()).get("complete"):
+                return c
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
