@@ -589,7 +589,10 @@ class HFTextCLSEncoder(Encoder):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, local_files_only=True)
         except OSError as e:
-            raise ConfigError(f"transformers tokenizer {self.model_name!r} not found locally ({e})") from e
+            raise ConfigError(
+                f"transformers tokenizer {self.model_name!r} is not a local folder nor in the local Hugging Face cache; "
+                f"moedist never downloads weights ({e})"
+            ) from e
         # the pooler is not used (feature = hidden state at position 0), so it may be absent
         m, info = _hf_load(self.model_name, auto_cls=AutoModel, what="text model", allow_missing=("pooler",))
         self.loading_info = {k: sorted(v) if isinstance(v, (set, list)) else v for k, v in info.items() if k != "error_msgs"}

@@ -93,6 +93,11 @@ class HM4SRConfig:
     use_idcl: bool = True
     use_pcl: bool = True
     modalities: tuple[str, ...] = MODALITIES  # any subset containing "id", e.g. ("id", "text")
+    # Expert parallelism: the Interactive-MoE experts are sharded over groups of ep_size ranks
+    # (dense gating: every token visits every expert, moe/dispatch.py). 1 = replicated. The
+    # Temporal-MoE experts always stay replicated (see TemporalMoE). Needs torch.distributed
+    # with a world size divisible by ep_size; k1 need not be divisible (uneven split).
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -112,6 +117,8 @@ class HM4SRConfig:
             raise ConfigError(f"hm4sr.beta_pcl must be in [0, 1], got {self.beta_pcl}")
         if self.k1 < 1 or self.k2 < 1:
             raise ConfigError(f"hm4sr.k1/k2 must be >= 1, got {self.k1}/{self.k2}")
+        if self.ep_size < 1:
+            raise ConfigError(f"hm4sr.ep_size must be >= 1, got {self.ep_size}")
 
     @property
     def ordered_modalities(self) -> tuple[str, ...]:
@@ -279,7 +286,12 @@ def interval_table_size(max_interval_seconds: int, mu: float) -> int:
 
 class TemporalMoE(nn.Module):
     """Temporal MoE (spec 1.3 steps 4–5): ``x_temp = u ⊙ Σ_i g'_i w_i``, g' = softmax gate on
-    the time embedding r = [interval embedding; absolute cosine embedding] ``[B, L, 2d]``."""
+    the time embedding r = [interval embedding; absolute cosine embedding] ``[B, L, 2d]``.
+
+    Never expert-parallel, whatever ``ep_size``: the experts are k2 vectors of size M·d applied
+    element-wise, so mixing the *vectors* first (``g @ W``, k2·M·d numbers) is far cheaper than
+    sending ``B·L·M·d`` activations to other ranks and back, and sharding them saves no memory
+    worth having. They are ordinary data-parallel parameters."""
 
     def __init__(self, *, hidden_size: int, num_modalities: int, num_experts: int, n_intervals: int,
                  mu: float, freq: float, bias_inside: bool, experts_trainable: bool, expert_init_std: float):
@@ -334,17 +346,20 @@ class InteractiveMoE(nn.Module):
     modality m reads block m of each expert's output with its own gate softmax(Gate_m(e_m)),
     scaled by α_m: ``x_m = α_m Σ_i g^m_i · o_i[S_m]``."""
 
-    def __init__(self, *, hidden_size: int, num_modalities: int, num_experts: int, alpha_init: list[float]):
+    def __init__(self, *, hidden_size: int, num_modalities: int, num_experts: int, alpha_init: list[float],
+                 ep_size: int = 1):
         super().__init__()
         self.num_modalities = num_modalities
         self.gates = nn.ModuleList(
             DenseGate(in_features=hidden_size, num_experts=num_experts) for _ in range(num_modalities)
         )
         # All k1 experts in one einsum; PyTorch-default Linear init as in the authors' code,
-        # where these modules are built after `self.apply(_init_weights)` (G-HM-4).
+        # where these modules are built after `self.apply(_init_weights)` (G-HM-4). With
+        # ep_size > 1 each rank holds a slice and every token visits every expert (the gates
+        # are dense): the output below is [B, L, k1, M·d] either way.
         self.experts = LinearExperts(
             num_experts=num_experts, in_features=num_modalities * hidden_size,
-            out_features=num_modalities * hidden_size,
+            out_features=num_modalities * hidden_size, ep_size=ep_size,
         )
         self.alpha = nn.Parameter(torch.tensor(alpha_init, dtype=torch.float32))
 
@@ -457,7 +472,9 @@ class HM4SR(nn.Module):
         self.interactive_moe: InteractiveMoE | None = None
         if cfg.use_imoe:
             alpha = [cfg.alpha_init[MODALITIES.index(m)] for m in self.modalities]
-            self.interactive_moe = InteractiveMoE(hidden_size=d, num_modalities=M, num_experts=cfg.k1, alpha_init=alpha)
+            self.interactive_moe = InteractiveMoE(
+                hidden_size=d, num_modalities=M, num_experts=cfg.k1, alpha_init=alpha, ep_size=cfg.ep_size
+            )
         # PCL needs the time embeddings (Temporal MoE) and at least one content modality.
         self.use_pcl = cfg.use_pcl and cfg.use_tmoe and bool(self.content_modalities)
         if self.use_pcl:

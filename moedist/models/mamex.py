@@ -77,6 +77,10 @@ class MAMEXConfig:
     use_align: bool = True  # False = "w/o Align"
     use_fusion: bool = True  # False = "w/o MMF": simple average of the present modalities
     modalities: tuple[str, ...] = field(default=("image", "text"))  # fusion order: image = 0
+    # Expert parallelism: the adapter experts are sharded over groups of ep_size ranks and each
+    # item visits only the ranks owning its top_k experts (moe/dispatch.py). 1 = replicated.
+    # Needs torch.distributed with a world size divisible by ep_size.
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -94,6 +98,8 @@ class MAMEXConfig:
             raise ConfigError(f"mamex.embed_dim must be >= 1, got {self.embed_dim}")
         if not 0.0 <= self.fusion_dropout < 1.0:
             raise ConfigError(f"mamex.fusion_dropout must be in [0, 1), got {self.fusion_dropout}")
+        if self.ep_size < 1:
+            raise ConfigError(f"mamex.ep_size must be >= 1, got {self.ep_size}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +125,10 @@ class ModalityAdapters(nn.Module):
     Shared experts need one input width: inputs are zero-padded to ``max_m D_m`` (a no-op
     for CLIP features, where every modality has the same width). With ``use_moe=False``
     each modality gets a plain ``nn.Linear(D_m → d)`` and no balance loss.
+
+    ``ep_size > 1`` shards every expert set over the expert-parallel group; items are sent
+    only to the owners of their top-k experts (every rank encodes the whole catalogue, so
+    each expert sees the items of every rank of its group).
     """
 
     def __init__(
@@ -131,6 +141,7 @@ class ModalityAdapters(nn.Module):
         adapter: AdapterDesign,
         use_moe: bool,
         kl_direction: str,
+        ep_size: int = 1,
     ):
         super().__init__()
         self.modalities = tuple(in_dims)
@@ -144,13 +155,15 @@ class ModalityAdapters(nn.Module):
                 {
                     m: MoELayer(
                         in_features=D, out_features=embed_dim, num_experts=num_experts, k=top_k,
-                        balance=kl_direction,
+                        balance=kl_direction, ep_size=ep_size,
                     )
                     for m, D in in_dims.items()
                 }
             )
         else:
-            self.experts = LinearExperts(num_experts=num_experts, in_features=self.max_dim, out_features=embed_dim)
+            self.experts = LinearExperts(
+                num_experts=num_experts, in_features=self.max_dim, out_features=embed_dim, ep_size=ep_size
+            )
             if self.design == "modality_router":
                 self.gates = nn.ModuleDict(
                     {m: TopKGate(in_features=D, num_experts=num_experts, k=top_k) for m, D in in_dims.items()}
@@ -158,8 +171,11 @@ class ModalityAdapters(nn.Module):
             else:  # joint_router
                 self.gate = TopKGate(in_features=sum(in_dims.values()), num_experts=num_experts, k=top_k)
 
-    def _shared_expert_out(self, h: Tensor, weights: Tensor) -> Tensor:
+    def _shared_expert_out(self, h: Tensor, weights: Tensor, topk_idx: Tensor) -> Tensor:
         x = F.pad(h, (0, self.max_dim - h.shape[1]))  # x: (N, D_max)
+        if self.experts.ep_size > 1:  # sparse dispatch to the owners of the top-k experts
+            y = self.experts.forward_selected(x, topk_idx)  # y: (N, k, d)
+            return torch.einsum("nk,nkd->nd", weights.gather(-1, topk_idx), y)  # (N, d)
         y = self.experts(x)  # y: (N, K, d)
         return torch.einsum("nk,nkd->nd", weights, y)  # (N, d)
 
@@ -189,7 +205,7 @@ class ModalityAdapters(nn.Module):
         elif self.design == "modality_router":
             for m in self.modalities:
                 g = self.gates[m](h[m])  # weights/probs: (N, K)
-                z[m] = self._shared_expert_out(h[m], g.weights)
+                z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
                 b = self._balance(g.probs, present[m])
                 balance = balance + b
                 load, gate_mean = expert_load(g.weights, probs=g.probs, mask=present[m])
@@ -198,7 +214,7 @@ class ModalityAdapters(nn.Module):
             any_present = torch.stack([present[m] for m in self.modalities]).any(0)  # (N,)
             g = self.gate(torch.cat([h[m] for m in self.modalities], dim=-1))  # (N, K)
             for m in self.modalities:
-                z[m] = self._shared_expert_out(h[m], g.weights)
+                z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
             balance = self._balance(g.probs, any_present)
             load, gate_mean = expert_load(g.weights, probs=g.probs, mask=any_present)
             stats["joint"] = MoEAux(balance_loss=balance, load=load, gate_mean=gate_mean)
@@ -272,7 +288,7 @@ class MAMEX(nn.Module):
         nn.init.normal_(self.user_embedding.weight, std=cfg.user_init_std)
         self.adapters = ModalityAdapters(
             in_dims=in_dims, embed_dim=d, num_experts=cfg.num_experts, top_k=cfg.top_k,
-            adapter=cfg.adapter, use_moe=cfg.use_moe, kl_direction=cfg.kl_direction,
+            adapter=cfg.adapter, use_moe=cfg.use_moe, kl_direction=cfg.kl_direction, ep_size=cfg.ep_size,
         )
         M = len(self.modalities)
         # A single modality has nothing to fuse (α = 1): no gate and no fusion loss.

@@ -11,10 +11,18 @@ Experts are addressed by *global* index. A ``LinearExperts`` built with
 (``global_expert_ids`` buffer). Initialisation draws all ``G`` experts from the RNG and keeps
 this shard's slice, so with the same seed a run sharded over ``ep_size`` ranks starts from
 exactly the same weights as an unsharded one, and checkpoints can be keyed by global expert
-index. The dispatch layer (``moe/dispatch.py``) routes tokens to the owning rank with
-all-to-all and then calls :meth:`LinearExperts.forward_grouped` on ``[E_local, C, in]``.
-With ``ep_size = 1`` (the default here) every rank holds all experts and
-:meth:`LinearExperts.forward` computes every expert for every token.
+index (``moe/checkpoint.py``).
+
+``ep_size`` is a property of the layer: ``LinearExperts(num_experts=E, ..., ep_size=P)`` (and
+``MoELayer(..., ep_size=P)``) holds only its ep rank's slice of the E global experts
+(``moe/parallel.py``: E // P each, the first E % P ranks one more) on the expert-parallel group
+(``ep_group``, default: consecutive ranks, see ``init_expert_parallel``). The dispatch layer
+(``moe/dispatch.py``) routes tokens to the owning rank with all-to-all and calls
+:meth:`LinearExperts.forward_grouped` on ``[E_local, C, in]``. The *results* do not depend on
+``ep_size``: :meth:`LinearExperts.forward` still returns every (global) expert on every token,
+:meth:`LinearExperts.forward_selected` the selected experts, and gradients reach the expert
+shards from the tokens of every rank of the group. With ``ep_size = 1`` (the default) there is
+no communication.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moedist.moe.dispatch import dense_expert_idx, expert_parallel_apply
 from moedist.moe.gates import (
     BalanceDirection,
     DenseGate,
@@ -32,6 +41,7 @@ from moedist.moe.gates import (
     kl_balance_loss,
     token_weights,
 )
+from moedist.moe.parallel import ExpertParallelGroups, expert_split, init_expert_parallel, mark_expert_params
 
 
 class LinearExperts(nn.Module):
@@ -39,6 +49,17 @@ class LinearExperts(nn.Module):
 
     Parameters: ``weight [E, in, out]``, ``bias [E, out]`` (stored input-major so the forward is
     ``x @ W_e``; expert ``e`` equals ``nn.Linear`` with ``weight = self.weight[e].T``).
+
+    Two ways to shard:
+    - ``ep_size > 1`` (or an ``ep_group``): ``num_experts`` is the *global* count; this rank
+      keeps its ep rank's slice (``expert_offset`` and the local count are derived) and
+      :meth:`forward` / :meth:`forward_selected` exchange tokens over the group. The
+      parameters are marked for DeepSpeed (``allreduce=False, group_name="ep_size_{P}"``).
+    - ``expert_offset`` / ``num_global_experts`` by hand: a static shard with no
+      communication (``num_experts`` = local count).
+
+    After construction ``num_experts`` is always the number of experts *held here*
+    (``weight.shape[0]``) and ``num_global_experts`` the total.
     """
 
     def __init__(
@@ -50,8 +71,25 @@ class LinearExperts(nn.Module):
         bias: bool = True,
         expert_offset: int = 0,
         num_global_experts: int | None = None,
+        ep_size: int = 1,
+        ep_group=None,
     ):
         super().__init__()
+        if ep_group is not None:
+            ep = ExpertParallelGroups.from_group(ep_group)
+            if ep_size not in (1, ep.ep_size):
+                raise ValueError(f"ep_size={ep_size} but ep_group has {ep.ep_size} ranks")
+        else:
+            ep = init_expert_parallel(ep_size)
+        self.ep = ep  # this rank's expert-parallel groups (ep_size 1: none)
+        self.ep_size = ep.ep_size
+        if self.ep_size > 1:
+            if expert_offset != 0 or num_global_experts not in (None, num_experts):
+                raise ValueError("with ep_size > 1 the shard is derived: leave expert_offset / num_global_experts")
+            self.experts_per_rank = expert_split(num_experts, self.ep_size)
+            num_global_experts = num_experts
+            expert_offset = sum(self.experts_per_rank[: ep.ep_rank])
+            num_experts = self.experts_per_rank[ep.ep_rank]
         num_global_experts = num_experts if num_global_experts is None else num_global_experts
         if not 0 <= expert_offset <= num_global_experts - num_experts:
             raise ValueError(
@@ -70,6 +108,8 @@ class LinearExperts(nn.Module):
             "global_expert_ids", torch.arange(expert_offset, expert_offset + num_experts), persistent=False
         )
         self.reset_parameters()
+        if self.ep_size > 1:
+            mark_expert_params(self.parameters(), self.ep_size)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -107,11 +147,39 @@ class LinearExperts(nn.Module):
         return experts
 
     def forward(self, x: Tensor) -> Tensor:
-        """Every expert on every token: ``x [..., in] -> [..., E, out]``."""
+        """Every expert on every token: ``x [..., in] -> [..., E, out]`` (E global: with
+        ``ep_size > 1`` dense routing, each rank computing its shard on the group's tokens)."""
+        if self.ep_size > 1:
+            lead = x.shape[:-1]
+            flat = x.reshape(-1, self.in_features)  # (T, in)
+            idx = dense_expert_idx(flat.shape[0], self.num_global_experts, device=x.device)
+            return self._dispatch(flat, idx).view(*lead, self.num_global_experts, self.out_features)
         y = torch.einsum("...i,eio->...eo", x, self.weight)  # y: (..., E, out)
         if self.bias is not None:
             y = y + self.bias
         return y
+
+    def forward_selected(self, x: Tensor, expert_idx: Tensor) -> Tensor:
+        """The selected experts only: ``x [..., in]``, global ``expert_idx [..., k]`` ->
+        ``[..., k, out]`` with ``y[..., j] = Expert_{expert_idx[..., j]}(x)``. With
+        ``ep_size > 1`` each token is sent only to the ranks owning its k experts (top-k
+        routing); with ``ep_size = 1`` all experts are evaluated and gathered (cheapest for
+        the small E used here)."""
+        k = expert_idx.shape[-1]
+        if self.ep_size > 1:
+            flat = x.reshape(-1, self.in_features)  # (T, in)
+            y = self._dispatch(flat, expert_idx.reshape(-1, k))  # (T, k, out)
+            return y.view(*x.shape[:-1], k, self.out_features)
+        if self.num_experts != self.num_global_experts:
+            raise ValueError("forward_selected on a static shard: use ep_size instead")
+        y = self.forward(x)  # (..., E, out)
+        return y.gather(-2, expert_idx.unsqueeze(-1).expand(*expert_idx.shape, self.out_features))
+
+    def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:
+        return expert_parallel_apply(
+            x, expert_idx, expert_fn=self.forward_grouped, experts_per_rank=self.experts_per_rank,
+            ep_rank=self.ep.ep_rank, group=self.ep.ep_group, out_features=self.out_features,
+        )
 
     def forward_grouped(self, x: Tensor) -> Tensor:
         """Each expert on its own tokens (after dispatch): ``x [E, C, in] -> [E, C, out]``."""
@@ -125,7 +193,7 @@ class LinearExperts(nn.Module):
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
             f"out_features={self.out_features}, bias={self.bias is not None}, "
             f"global_experts={self.expert_offset}..{self.expert_offset + self.num_experts - 1}"
-            f"/{self.num_global_experts}"
+            f"/{self.num_global_experts}" + (f", ep_size={self.ep_size}" if self.ep_size > 1 else "")
         )
 
 
@@ -137,8 +205,13 @@ class MoELayer(nn.Module):
     other than their expert input. ``balance`` selects the balance loss on the dense gate
     probabilities averaged over tokens: ``"paper"`` = KL(p̄‖U), ``"code"`` = KL(U‖p̄), None = 0.
 
-    Experts are evaluated densely (all E on all tokens, one einsum); top-k zeros the rest.
-    That is the cheapest form for the small E used here and has no capacity drops.
+    With ``ep_size = 1`` experts are evaluated densely (all E on all tokens, one einsum);
+    top-k zeros the rest. That is the cheapest form for the small E used here and has no
+    capacity drops. With ``ep_size > 1`` the experts are sharded over the expert-parallel
+    group (``ep_group``, default: consecutive ranks): a dense gate sends every token to every
+    expert, a top-k gate only to the owners of its k experts; routing is dropless either way
+    (``moe/dispatch.py``). Gate, balance loss and statistics are computed per rank on its own
+    tokens, as in plain data parallelism; outputs and gradients equal ``ep_size = 1``.
     """
 
     def __init__(
@@ -152,6 +225,8 @@ class MoELayer(nn.Module):
         noise_std: float = 0.0,
         balance: BalanceDirection | None = "paper",
         bias: bool = True,
+        ep_size: int = 1,
+        ep_group=None,
     ):
         super().__init__()
         if balance not in ("paper", "code", None):
@@ -165,7 +240,8 @@ class MoELayer(nn.Module):
         else:
             self.gate = TopKGate(in_features=gate_in, num_experts=num_experts, k=k, noise_std=noise_std)
         self.experts = LinearExperts(
-            num_experts=num_experts, in_features=in_features, out_features=out_features, bias=bias
+            num_experts=num_experts, in_features=in_features, out_features=out_features, bias=bias,
+            ep_size=ep_size, ep_group=ep_group,
         )
 
     def forward(
@@ -174,8 +250,14 @@ class MoELayer(nn.Module):
         """x: ``[..., in]``; gate_input: ``[..., gate_in]``; mask: optional bool ``[...]`` of the
         tokens that count for the balance loss and statistics. Returns ``([..., out], aux)``."""
         g = self.gate(x if gate_input is None else gate_input)  # weights/probs: (..., E)
-        expert_out = self.experts(x)  # (..., E, out)
-        out = torch.einsum("...e,...eo->...o", g.weights.to(expert_out.dtype), expert_out)
+        if self.experts.ep_size > 1 and g.topk_idx is not None:
+            # sparse dispatch: only the k selected experts, computed on their owners
+            expert_out = self.experts.forward_selected(x, g.topk_idx)  # (..., k, out)
+            w = g.weights.gather(-1, g.topk_idx)  # (..., k)
+            out = torch.einsum("...k,...ko->...o", w.to(expert_out.dtype), expert_out)
+        else:
+            expert_out = self.experts(x)  # (..., E, out)
+            out = torch.einsum("...e,...eo->...o", g.weights.to(expert_out.dtype), expert_out)
         if self.balance is None:
             balance_loss = out.new_zeros(())
         else:

@@ -19,7 +19,7 @@ def load_experiment_config(model: str, config: str | None, overrides: list[str])
 
 def cmd_train(args) -> int:
     from moedist.cli import console
-    from moedist.train.loop import run_training
+    from moedist.train.launch import launch
 
     overrides = list(args.overrides)
     for key, value in (("data", args.data), ("features", args.features), ("run_dir", args.run_dir)):
@@ -29,13 +29,18 @@ def cmd_train(args) -> int:
         overrides.append(f"train.device={args.device}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
+    for key, value in (("dist.workers", args.workers), ("dist.ep_size", args.ep_size), ("dist.zero_stage", args.zero_stage)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.local:
+        overrides.append("dist.workers=0")
     model = args.model
     if args.config and model is None:
         from moedist.config import read_yaml
 
         model = read_yaml(args.config).get("model")
     cfg = load_experiment_config(model or "hm4sr", args.config, overrides + [f"model={model or 'hm4sr'}"])
-    run_training(cfg, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    launch(cfg, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
     return 0
 
 
@@ -48,6 +53,10 @@ def add_commands(sub) -> None:
     tr.add_argument("--config", help="YAML with ExperimentConfig keys (on top of the model's defaults)")
     tr.add_argument("--device", help="auto | cpu | cuda")
     tr.add_argument("--epochs", type=int)
+    tr.add_argument("--workers", type=int, help="Ray Train workers (DeepSpeed engine each); default: local mode")
+    tr.add_argument("--ep-size", dest="ep_size", type=int, help="expert-parallel group size")
+    tr.add_argument("--zero-stage", dest="zero_stage", type=int, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    tr.add_argument("--local", action="store_true", help="local debugging mode: this process, no Ray (pdb works)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=5e-4 hm4sr.k1=8")
     tr.set_defaults(func=cmd_train)
     try:

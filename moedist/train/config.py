@@ -38,12 +38,29 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    workers: int = 0  # Ray Train workers; 0 = local debugging mode (this process, no Ray)
+    ep_size: int = 1  # expert-parallel group size (experts sharded over this many workers)
+    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed ZeRO stage
+    grad_accum: int = 1  # micro-steps per optimizer step (the global batch stays train.batch_size)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed: bool = False  # local mode: also go through a (1-process) DeepSpeed engine
+    deepspeed_config: str | None = None  # JSON whose keys override the generated DeepSpeed config
+    use_gpu: bool | None = None  # None = use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0  # Ray CPUs per training worker
+    ray_address: str | None = None  # None = connect to RAY_ADDRESS / a running cluster, else start a local one
+    max_failures: int = 2  # Ray Train restarts after a worker failure (resume from the last checkpoint)
+    storage_path: str | None = None  # Ray run storage (shared path or s3:// URI); default: <run_dir>/ray
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelName = "hm4sr"
     data: str = ""  # prepared dataset directory (`moedist data prepare`)
     features: str | None = None  # feature shards directory (`moedist extract`); default: the one under <data>/features
     run_dir: str | None = None  # output directory (default runs/<model>-<dataset>)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     hm4sr: HM4SRConfig = field(default_factory=HM4SRConfig)
     mamex: MAMEXConfig = field(default_factory=MAMEXConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)

@@ -1,19 +1,26 @@
-"""The training loop: one process (CPU or one GPU), early stopping, best-checkpoint test.
+"""The training loop, the same code in every mode.
 
-    moedist train --model hm4sr --data data/prepared/synthetic-small-2025
+    moedist train --model hm4sr --data data/prepared/synthetic-small-2025               # local, this process
+    moedist train --model hm4sr --data ... --workers 2 --ep-size 2 --zero-stage 1       # Ray Train + DeepSpeed
+
+One process (local debugging mode: plain torch optimizer, ``pdb`` works) or one Ray Train
+worker of N (a DeepSpeed engine per worker) runs :func:`run_training`. Every worker walks
+the same epoch-seeded permutation of the training samples in global batches of
+``train.batch_size`` and takes its own slice of each, so all workers run the same number of
+steps (uneven slices never hang a collective) and the update equals the single-process
+update on the same global batch: each worker's loss is weighted by its share of the batch.
 
 Every run writes one run directory::
 
     run_dir/config.yaml          the resolved ExperimentConfig
-    run_dir/metrics.jsonl        one line per epoch: loss parts, throughput, validation metrics
+    run_dir/metrics.jsonl        one line per epoch: loss parts, throughput, validation metrics, MoE load
     run_dir/tb/                  the same as TensorBoard scalars
-    run_dir/checkpoints/best/    model weights (safetensors) of the best validation epoch
-    run_dir/checkpoints/last/    weights + optimizer + RNG + loop state, for resume
-    run_dir/results.json         final validation and test metrics of the best model
+    run_dir/checkpoints/best/    weights of the best validation epoch (topology-independent)
+    run_dir/checkpoints/last/    weights + Adam moments + RNG + loop position, for resume
+    run_dir/results.json         validation and test metrics of the best model
 
 The loop knows nothing model-specific beyond ``calculate_loss`` / ``full_sort_predict``
-(docs/contracts.md); what differs between the sequential and the cold-start protocol lives
-in the two ``*Task`` classes below.
+(docs/contracts.md); the two protocols differ only in the ``*Task`` classes below.
 """
 from __future__ import annotations
 
@@ -21,23 +28,24 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from moedist.config import atomic_write_text, save_config, to_dict
+from moedist.config import atomic_write_text, save_config
 from moedist.data.dataset import ColdStartData, PreparedDataset, SequentialSamples
 from moedist.errors import CheckpointError, ConfigError, MoedistError
+from moedist.train.checkpoint import latest_complete, load_checkpoint, save_checkpoint
 from moedist.train.config import ExperimentConfig
-from moedist.train.evaluate import evaluate_cold_start, evaluate_full_sort
+from moedist.train.evaluate import cold_start_metric_sums, cold_start_ranks, full_sort_ranks, loo_metric_sums, pad_item_lists
 
-SEQUENTIAL_MODELS = {"hm4sr", "sasrec"}
+SEQUENTIAL_MODELS = {"hm4sr", "sasrec", "popularity"}
 COLD_START_MODELS = {"mamex", "content"}
 
 
@@ -45,7 +53,29 @@ class TrainingDiverged(MoedistError):
     """The loss became NaN/inf. The last good checkpoint is kept."""
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: rank and world size, device, and how it reports."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # called after each epoch with (metrics, checkpoint_dir or None); Ray Train's report
+    report: Callable[[dict, Path | None], None] | None = None
+    # directory of a checkpoint to resume from that the launcher found (Ray's latest)
+    resume_from: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
 
 
 def seed_everything(seed: int) -> None:
@@ -54,9 +84,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA device is available")
@@ -64,12 +94,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def protocol_of(model: str) -> str:
-    return "loo" if model in SEQUENTIAL_MODELS or model == "popularity" else "cold"
+    return "loo" if model in SEQUENTIAL_MODELS else "cold"
 
 
-def default_run_dir(cfg: ExperimentConfig, data: PreparedDataset | None = None) -> Path:
-    name = data.name if data is not None else Path(cfg.data).name
-    return Path("runs") / f"{cfg.model}-{name}"
+def default_run_dir(cfg: ExperimentConfig, data_name: str | None = None) -> Path:
+    return Path("runs") / f"{cfg.model}-{data_name or Path(cfg.data).name}"
 
 
 def find_features(cfg: ExperimentConfig) -> Path | None:
@@ -88,6 +117,24 @@ def model_needs_features(cfg: ExperimentConfig) -> bool:
     if cfg.model == "hm4sr":
         return any(m != "id" for m in cfg.hm4sr.modalities)
     return cfg.model in COLD_START_MODELS
+
+
+def load_features_for(cfg: ExperimentConfig, data: PreparedDataset, echo=None):
+    if not model_needs_features(cfg):
+        return None
+    fdir = find_features(cfg)
+    if fdir is None:
+        raise ConfigError(
+            f"model {cfg.model} needs item features but none were found under {Path(cfg.data) / 'features'}; "
+            f"run `moedist extract {cfg.data}` or pass features=<dir>"
+            + (" (or hm4sr.modalities=[id])" if cfg.model == "hm4sr" else "")
+        )
+    from moedist.features.store import load_item_features
+
+    features = load_item_features(fdir, n_items=data.n_items)
+    if echo:
+        echo(f"item features from {fdir}: " + ", ".join(f"{m} {tuple(t.shape)}" for m, t in features.features.items()))
+    return features
 
 
 def build_model(cfg: ExperimentConfig, data: PreparedDataset, features) -> torch.nn.Module:
@@ -120,7 +167,18 @@ def build_model(cfg: ExperimentConfig, data: PreparedDataset, features) -> torch
     raise ConfigError(f"unknown model {cfg.model!r}")
 
 
+def model_ep_size(cfg: ExperimentConfig) -> int:
+    sub = getattr(cfg, cfg.model, None)
+    return int(getattr(sub, "ep_size", 1) or 1)
+
+
 # ----------------------------------------------------------------------------- tasks
+
+
+def _shard(n: int, rank: int, world: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous share of ``range(n)`` (sizes differ by at most one)."""
+    bounds = np.linspace(0, n, world + 1).round().astype(np.int64)
+    return np.arange(bounds[rank], bounds[rank + 1])
 
 
 class SequentialTask:
@@ -135,21 +193,26 @@ class SequentialTask:
     def n_train(self) -> int:
         return len(self.splits["train"])
 
-    def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        samples = self.splits["train"]
-        perm = rng.permutation(len(samples))
+    def global_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[np.ndarray]:
+        perm = rng.permutation(len(self.splits["train"]))
         for i in range(0, len(perm), batch_size):
-            yield samples.batch(perm[i : i + batch_size])
+            yield perm[i : i + batch_size]
 
-    def evaluate(self, model, split: str, device: torch.device) -> dict[str, float]:
-        samples = self.splits[split]
-        bs = self.cfg.train.eval_batch_size
-        batches = (samples.batch(np.arange(i, min(i + bs, len(samples)))) for i in range(0, len(samples), bs))
-        acc = evaluate_full_sort(
-            model, batches, ks=self.cfg.train.topk, ties=self.cfg.train.rank_ties,
-            mask_history=self.cfg.train.mask_history, device=device,
-        )
-        return acc.means()
+    def make_batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.splits["train"].batch(idx)
+
+    def eval_units(self, split: str) -> int:
+        return len(self.splits[split])
+
+    def eval_ranks(self, model, split: str, idx: np.ndarray, device) -> torch.Tensor:
+        """Rank of each sample's target, ``[B]`` (exact, see evaluate.py)."""
+        batch = {k: v.to(device) for k, v in self.splits[split].batch(idx).items()}
+        scores = model.full_sort_predict(batch)  # [B, N]
+        history = batch["item_seq"] if self.cfg.train.mask_history else None
+        return full_sort_ranks(scores, batch["target"], ties=self.cfg.train.rank_ties, history=history)
+
+    def metric_sums(self, ranks: torch.Tensor) -> dict:
+        return loo_metric_sums(ranks, ks=self.cfg.train.topk)
 
 
 class ColdStartTask:
@@ -161,30 +224,35 @@ class ColdStartTask:
         self.cfg = cfg
         self.cold = ColdStartData(data)
         self.candidates = torch.from_numpy(self.cold.candidates)
-        self.heldout = {}
-        for split in ("valid", "test"):
-            users, items = self.cold.heldout(split)
-            self.heldout[split] = {int(u): [int(i) for i in its] for u, its in zip(users, items)}
+        self.heldout = {s: self.cold.heldout(s) for s in ("valid", "test")}
+        self._triples = None
 
     def n_train(self) -> int:
         return len(self.cold)
 
-    def train_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        users, pos, neg = self.cold.epoch_triples(rng)
-        for i in range(0, len(users), batch_size):
-            sl = slice(i, i + batch_size)
-            yield {
-                "user": torch.from_numpy(users[sl]),
-                "pos_item": torch.from_numpy(pos[sl]),
-                "neg_item": torch.from_numpy(neg[sl]),
-            }
+    def global_batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[np.ndarray]:
+        self._triples = self.cold.epoch_triples(rng)
+        n = len(self._triples[0])
+        for i in range(0, n, batch_size):
+            yield np.arange(i, min(i + batch_size, n))
 
-    def evaluate(self, model, split: str, device: torch.device) -> dict[str, float]:
-        acc = evaluate_cold_start(
-            model, self.heldout[split], candidates=self.candidates.to(device), ks=self.cfg.train.topk,
-            ties=self.cfg.train.rank_ties, batch_size=self.cfg.train.eval_batch_size, device=device,
-        )
-        return acc.means()
+    def make_batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        users, pos, neg = self._triples
+        return {"user": torch.from_numpy(users[idx]), "pos_item": torch.from_numpy(pos[idx]), "neg_item": torch.from_numpy(neg[idx])}
+
+    def eval_units(self, split: str) -> int:
+        return len(self.heldout[split][0])
+
+    def eval_ranks(self, model, split: str, idx: np.ndarray, device) -> torch.Tensor:
+        """Ranks of each user's held-out items among the cold candidates, ``[B, P]`` (0 = pad)."""
+        users, items = self.heldout[split]
+        user = torch.from_numpy(users[idx]).to(device)
+        positives = pad_item_lists([items[i] for i in idx], device=device)
+        scores = model.full_sort_predict({"user": user})  # [B, N]
+        return cold_start_ranks(scores, positives, candidates=self.candidates.to(device), ties=self.cfg.train.rank_ties)
+
+    def metric_sums(self, ranks: torch.Tensor) -> dict:
+        return cold_start_metric_sums(ranks, ks=self.cfg.train.topk)
 
 
 def build_task(cfg: ExperimentConfig, data: PreparedDataset):
@@ -194,156 +262,145 @@ def build_task(cfg: ExperimentConfig, data: PreparedDataset):
     return ColdStartTask(data, cfg)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+@torch.no_grad()
+def evaluate_split(model, task, split: str, ctx: DistContext, batch_size: int) -> dict[str, float]:
+    """Exact metrics over all users of ``split``; each rank ranks its share of them.
 
-
-def save_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Model weights as safetensors (no pickle), written to a temp dir then renamed."""
-    from safetensors.torch import save_file
-
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    _swap_dir(tmp, directory)
-
-
-def _swap_dir(tmp: Path, directory: Path) -> None:
-    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_weights(model: torch.nn.Module, directory: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = directory / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint weights missing")
+    Ranks are integers, so gathering them and computing the metrics once over the whole
+    split gives the single-process numbers exactly, whatever the number of workers. Every
+    rank runs the same number of forward passes (a rank with no users left runs one dummy
+    sample), because expert-parallel layers need every rank in each forward.
+    """
+    n = task.eval_units(split)
+    mine = _shard(n, ctx.rank, ctx.world)
+    n_batches = math.ceil(max(len(_shard(n, r, ctx.world)) for r in range(ctx.world)) / batch_size) if n else 0
+    was_training = model.training
+    model.eval()
+    parts: list[torch.Tensor] = []
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        for b in range(n_batches):
+            idx = mine[b * batch_size : (b + 1) * batch_size]
+            if len(idx) == 0:
+                task.eval_ranks(model, split, np.array([0]), ctx.device)  # keep collectives in step
+                continue
+            parts.append(task.eval_ranks(model, split, idx, ctx.device).cpu())
+    finally:
+        model.train(was_training)
+    ranks = _cat_ranks(parts)
+    if ctx.distributed:
+        gathered: list = [None] * ctx.world
+        dist.all_gather_object(gathered, ranks)
+        ranks = _cat_ranks([g for g in gathered if g is not None and g.shape[0] > 0])
+    sums = task.metric_sums(ranks)
+    count = float(sums.pop("count"))
+    return {k: float(v) / max(count, 1.0) for k, v in sums.items()}
 
 
-def save_last(model, optimizer, state: dict, directory: Path) -> None:
-    """Everything needed to continue: weights, optimizer, RNG, loop counters."""
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save(
-        {"optimizer": optimizer.state_dict() if optimizer is not None else {}, "torch_rng": torch.get_rng_state()},
-        tmp / "optimizer.pt",
-    )
-    (tmp / "state.json").write_text(json.dumps(state))
-    _swap_dir(tmp, directory)
+def _cat_ranks(parts: list[torch.Tensor]) -> torch.Tensor:
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    if parts[0].dim() == 1:
+        return torch.cat(parts)
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
-def load_last(model, optimizer, directory: Path) -> dict:
-    load_weights(model, directory)
-    try:
-        extra = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        state = json.loads((directory / "state.json").read_text())
-    except Exception as e:  # truncated/corrupt files of any kind
-        raise CheckpointError(f"{directory}: incomplete checkpoint ({type(e).__name__}: {e})") from None
-    if optimizer is not None and extra["optimizer"]:
-        optimizer.load_state_dict(extra["optimizer"])
-    torch.set_rng_state(extra["torch_rng"])
-    return state
+# ----------------------------------------------------------------------------- steppers
 
 
-# ----------------------------------------------------------------------------- loop
+class TorchStepper:
+    """Local mode: a plain torch optimizer in this process."""
+
+    kind = "torch"
+
+    def __init__(self, model, cfg: ExperimentConfig):
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
+        self.grad_clip = cfg.train.grad_clip
+        self.micro_steps = max(1, cfg.dist.grad_accum)
+        self._micro = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.micro_steps).backward()
+
+    def step(self) -> None:
+        self._micro += 1
+        if self._micro % self.micro_steps:
+            return
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
-@dataclass
-class EpochStats:
-    loss: float
-    parts: dict[str, float]
-    samples: int
-    seconds: float
+class DeepSpeedStepper:
+    """One DeepSpeed engine per worker (ZeRO 0/1/2; bf16 on GPU, fp32 on CPU)."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model, cfg: ExperimentConfig, ctx: DistContext):
+        import deepspeed
+
+        from moedist.train.distributed import deepspeed_config, ensure_single_process_group, optimizer_param_groups
+
+        ensure_single_process_group(ctx.device)
+        ds_cfg = deepspeed_config(cfg, ctx.world, ctx.device)
+        groups = optimizer_param_groups(model, cfg)
+        optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        self.model = self.engine.module
+        self.micro_steps = int(ds_cfg["gradient_accumulation_steps"])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def step(self) -> None:
+        self.engine.step()
 
 
-def _move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def train_one_epoch(model, optimizer, task, cfg: ExperimentConfig, epoch: int, device, *, progress=None, global_step: int = 0) -> EpochStats:
-    """One pass over the training samples. Epoch-seeded order makes resume exact."""
-    tc = cfg.train
-    rng = np.random.default_rng([tc.seed, epoch])
-    model.train()
-    total, n, t0 = 0.0, 0, time.perf_counter()
-    part_sums: dict[str, float] = {}
-    steps = 0
-    for batch in task.train_batches(rng, tc.batch_size):
-        batch = _move(batch, device)
-        loss, parts = model.calculate_loss(batch)
-        if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise TrainingDiverged(
-                f"non-finite loss {float(loss)} at epoch {epoch} step {steps} (global step {global_step + steps}); "
-                f"parts: {detail}. The last checkpoint is kept."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        bsz = int(next(iter(batch.values())).shape[0])
-        total += float(loss.detach()) * bsz
-        for k, v in parts.items():
-            part_sums[k] = part_sums.get(k, 0.0) + float(v) * bsz
-        n += bsz
-        steps += 1
-        if progress is not None:
-            progress(n, float(loss), {k: float(v) for k, v in parts.items()}, n / max(time.perf_counter() - t0, 1e-9))
-        if tc.max_steps_per_epoch and steps >= tc.max_steps_per_epoch:
-            break
-    secs = time.perf_counter() - t0
-    return EpochStats(total / max(n, 1), {k: v / max(n, 1) for k, v in part_sums.items()}, n, secs)
+# ----------------------------------------------------------------------------- logging
 
 
 class RunLogger:
-    """metrics.jsonl + TensorBoard + console lines."""
+    """metrics.jsonl + TensorBoard (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, echo: Callable[[str], None]):
+    def __init__(self, run_dir: Path, enabled: bool):
         self.path = run_dir / "metrics.jsonl"
-        self.echo = echo
+        self.enabled = enabled
         self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        except Exception:  # tensorboard missing or broken: JSONL still has everything
-            self.tb = None
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except Exception:  # tensorboard missing or broken: the JSONL has everything
+                self.tb = None
 
     def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self.tb is not None:
-            step = record["epoch"]
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k.replace("@", "_at_"), v, step)
+                    self.tb.add_scalar(k.replace("@", "_at_"), v, record["epoch"])
             self.tb.flush()
 
-    def truncate_after(self, epoch: int) -> None:
-        """On resume: drop lines of epochs that the checkpoint does not include."""
-        if not self.path.is_file():
+    def keep_epochs_upto(self, epoch: int) -> None:
+        """On resume: drop lines of epochs the checkpoint does not include (no duplicates)."""
+        if not self.enabled or not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", -1) <= epoch]
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                if ln.strip() and json.loads(ln).get("epoch", -1) <= epoch:
+                    keep.append(ln)
+            except json.JSONDecodeError:  # a line torn by a crash
+                continue
         atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def close(self) -> None:
@@ -354,65 +411,138 @@ class RunLogger:
 def _improved(value: float, best: float | None, ties: bool) -> bool:
     if best is None:
         return True
-    v, b = round(value, 5), round(best, 5)
+    v, b = round(value, 5), round(best, 5)  # RecBole compares 5-decimal rounded values
     return v >= b if ties else v > b
 
 
-def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) -> dict:
-    """Train ``cfg.model`` on ``cfg.data`` in this process; returns the results dict."""
-    echo = echo or (lambda s: print(s, flush=True))
+def _moe_record(model) -> dict:
+    stats = getattr(model, "moe_stats", None)
+    if stats is None:
+        return {}
+    out = {}
+    try:
+        raw = stats()
+    except Exception:  # before any forward some models have no statistics yet
+        return {}
+    for k, v in raw.items():
+        t = torch.as_tensor(v).detach().float().cpu().flatten()
+        if t.numel() == 1:
+            out[f"moe/{k}"] = float(t)
+        else:
+            out[f"moe/{k}"] = [round(float(x), 6) for x in t]
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_one_epoch(stepper, task, cfg: ExperimentConfig, ctx: DistContext, epoch: int, state: dict, *, progress=None) -> dict:
+    """One pass over the epoch's global batches; this rank trains on its slice of each."""
+    tc = cfg.train
+    model = stepper.model
+    rng = np.random.default_rng([tc.seed, epoch])
+    model.train()
+    totals: dict[str, float] = {}
+    seen, steps, t0 = 0, 0, time.perf_counter()
+    micro = stepper.micro_steps
+    for gidx in task.global_batches(rng, tc.batch_size):
+        if steps < state.get("step_in_epoch", 0):  # resume inside an epoch: skip done steps
+            steps += 1
+            continue
+        n_global = len(gidx)
+        mine = gidx[_shard(n_global, ctx.rank, ctx.world)]
+        for m in range(micro):
+            sub = mine[_shard(len(mine), m, micro)]
+            weight = len(sub) * ctx.world * micro / n_global  # share of the global batch
+            if len(sub) == 0:  # more ranks than samples: a zero-weight dummy keeps collectives in step
+                sub, weight = gidx[:1], 0.0
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in task.make_batch(sub).items()}
+            loss, parts = model.calculate_loss(batch)
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+                raise TrainingDiverged(
+                    f"non-finite loss {float(loss)} at epoch {epoch}, step {steps} (global step {state['global_step']}); "
+                    f"loss parts: {detail}. The last checkpoint is kept in checkpoints/last."
+                )
+            stepper.backward(loss * weight)
+            stepper.step()
+            if weight > 0:
+                w = len(sub)
+                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * w
+                for k, v in parts.items():
+                    totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + float(v) * w
+                seen += w
+        steps += 1
+        state["global_step"] += 1
+        if progress is not None and ctx.is_main:
+            progress(min(steps * tc.batch_size, task.n_train()), float(loss.detach()), {k: float(v) for k, v in parts.items()})
+        if tc.max_steps_per_epoch and steps >= tc.max_steps_per_epoch:
+            break
+    state["step_in_epoch"] = 0
+    secs = time.perf_counter() - t0
+    if ctx.distributed:  # averages over the whole global batch, not just this rank's slice
+        keys = sorted(totals)
+        vec = torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64)
+        dist.all_reduce(vec)
+        totals = dict(zip(keys, vec[:-1].tolist()))
+        seen = int(vec[-1])
+    out = {k: v / max(seen, 1) for k, v in totals.items()}
+    out["train_seconds"] = secs
+    out["samples_per_second"] = seen / max(secs, 1e-9)
+    return out
+
+
+def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None, ctx: DistContext | None = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.data``; returns the results dict (on every rank)."""
+    ctx = ctx or DistContext(device=resolve_device(cfg.train.device))
+    say = echo or (lambda s: print(s, flush=True))
+    echo = say if ctx.is_main else (lambda s: None)
     tc = cfg.train
     if not cfg.data:
         raise ConfigError("data= is required (a directory written by `moedist data prepare`)")
     data = PreparedDataset(cfg.data)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, data)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    device = resolve_device(tc.device)
-    seed_everything(tc.seed)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, data.name)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    # per-rank seeds: dropout masks differ across workers, as they would across a larger batch
+    seed_everything(tc.seed + 1000003 * ctx.rank)
 
-    features = None
-    if model_needs_features(cfg):
-        fdir = find_features(cfg)
-        if fdir is None:
-            raise ConfigError(
-                f"model {cfg.model} needs item features but none were found under {Path(cfg.data) / 'features'}; "
-                f"run `moedist extract {cfg.data}` or pass features=<dir>"
-                + (" (or hm4sr.modalities=[id])" if cfg.model == "hm4sr" else "")
-            )
-        from moedist.features.store import load_item_features
-
-        features = load_item_features(fdir, n_items=data.n_items)
-        echo(f"item features from {fdir}: " + ", ".join(f"{m} {tuple(t.shape)}" for m, t in features.features.items()))
-
+    features = load_features_for(cfg, data, echo)
     task = build_task(cfg, data)
-    model = build_model(cfg, data, features).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    echo(f"{cfg.model}: {n_params:,} trainable parameters on {device}; {task.n_train():,} training samples; run dir {run_dir}")
+    model = build_model(cfg, data, features).to(ctx.device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = n_params > 0
+    stepper = None
+    if trainable:
+        use_ds = ctx.distributed or cfg.dist.deepspeed
+        stepper = DeepSpeedStepper(model, cfg, ctx) if use_ds else TorchStepper(model, cfg)
+        model = stepper.model
+    echo(f"{cfg.model}: {n_params:,} trainable parameters on {ctx.device} x{ctx.world}"
+         f"{' (' + stepper.kind + ')' if stepper else ''}; {task.n_train():,} training samples; run dir {run_dir}")
 
     ckpt = run_dir / "checkpoints"
-    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay) if params else None
-    logger = RunLogger(run_dir, echo)
-    state = {"epoch": -1, "best": None, "best_epoch": None, "bad_evals": 0, "global_step": 0, "stopped": False}
-    if tc.resume and (ckpt / "last" / "state.json").is_file():
-        try:
-            state = load_last(model, optimizer, ckpt / "last")
-            echo(f"resumed from {ckpt / 'last'} after epoch {state['epoch']}")
-        except CheckpointError as e:
-            echo(f"warning: {e}; starting from scratch")
-        logger.truncate_after(state["epoch"])
-    elif (run_dir / "metrics.jsonl").exists():
+    logger = RunLogger(run_dir, enabled=ctx.is_main)
+    state = {"epoch": -1, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "stopped": False}
+    source = latest_complete(ctx.resume_from, ckpt / "last") if tc.resume else None
+    if source is not None:
+        loaded = load_checkpoint(source, model, stepper.optimizer if stepper else None)
+        state.update({k: loaded[k] for k in state if k in loaded})
+        echo(f"resumed from {source} (epoch {state['epoch']}, written by {loaded.get('world_size')} worker(s), ep_size {loaded.get('ep_size')})")
+        logger.keep_epochs_upto(state["epoch"])
+    elif ctx.is_main and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
 
-    if optimizer is not None and not state.get("stopped"):
-        _fit(model, optimizer, task, cfg, device, state, ckpt, logger, echo)
-    elif optimizer is None and not (ckpt / "best").exists():
-        save_weights(model, ckpt / "best")
+    if trainable and not state["stopped"]:
+        _fit(stepper, task, cfg, ctx, state, ckpt, logger, echo)
+    elif not trainable and latest_complete(ckpt / "best") is None:
+        save_checkpoint(ckpt / "best", model, None, state)
     logger.close()
 
-    if (ckpt / "best").exists():
-        load_weights(model, ckpt / "best")
+    best = latest_complete(ckpt / "best")
+    if best is not None:
+        load_checkpoint(best, model, None)
+    bs = tc.eval_batch_size
     results = {
         "model": cfg.model,
         "dataset": data.name,
@@ -420,28 +550,35 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         "best_epoch": state.get("best_epoch"),
         "epochs_run": state["epoch"] + 1,
         "trainable_parameters": n_params,
-        "valid": task.evaluate(model, "valid", device),
-        "test": task.evaluate(model, "test", device),
+        "workers": ctx.world,
+        "valid": evaluate_split(model, task, "valid", ctx, bs),
+        "test": evaluate_split(model, task, "test", ctx, bs),
     }
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
-    echo(format_results(results, tc.topk))
+    if ctx.is_main:
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+        if ctx.report is None:  # under Ray the driver prints the table
+            echo(format_results(results, tc.topk))
     return results
 
 
-def _fit(model, optimizer, task, cfg, device, state, ckpt, logger, echo) -> None:
+def _fit(stepper, task, cfg: ExperimentConfig, ctx: DistContext, state: dict, ckpt: Path, logger: RunLogger, echo) -> None:
     tc = cfg.train
-    bar = _ProgressBar(enabled=tc.progress and sys.stderr.isatty(), total=task.n_train())
+    bar = _ProgressBar(enabled=tc.progress and ctx.is_main and sys.stderr.isatty(), total=task.n_train())
+    ep_size = model_ep_size(cfg)
+    model = stepper.model
     for epoch in range(state["epoch"] + 1, tc.epochs):
         bar.start(epoch)
-        stats = train_one_epoch(model, optimizer, task, cfg, epoch, device, progress=bar.update, global_step=state["global_step"])
-        bar.stop()
-        state["global_step"] += math.ceil(stats.samples / tc.batch_size)
-        record = {"epoch": epoch, "loss": stats.loss, **{f"loss_{k}": v for k, v in stats.parts.items()},
-                  "train_seconds": stats.seconds, "samples_per_second": stats.samples / max(stats.seconds, 1e-9)}
-        line = f"epoch {epoch:3d}  loss {stats.loss:.4f} (" + " ".join(f"{k} {v:.4f}" for k, v in stats.parts.items()) + f")  {record['samples_per_second']:,.0f} samples/s"
+        try:
+            record = {"epoch": epoch, **train_one_epoch(stepper, task, cfg, ctx, epoch, state, progress=bar.update)}
+        finally:
+            bar.stop()
+        line = (f"epoch {epoch:3d}  loss {record['loss']:.4f} ("
+                + " ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss_"))
+                + f")  {record['samples_per_second']:,.0f} samples/s")
+        improved = False
         if epoch % tc.eval_every == 0:
             t0 = time.perf_counter()
-            valid = task.evaluate(model, "valid", device)
+            valid = evaluate_split(model, task, "valid", ctx, tc.eval_batch_size)
             record.update({f"valid_{k}": v for k, v in valid.items()})
             record["eval_seconds"] = time.perf_counter() - t0
             if tc.valid_metric not in valid:
@@ -450,15 +587,20 @@ def _fit(model, optimizer, task, cfg, device, state, ckpt, logger, echo) -> None
             line += f"  valid {tc.valid_metric} {value:.5f}"
             if _improved(value, state["best"], tc.ties_improve):
                 state.update(best=value, best_epoch=epoch, bad_evals=0)
-                save_weights(model, ckpt / "best")
+                improved = True
                 line += " *"
             else:
                 state["bad_evals"] += 1
+        record.update(_moe_record(model))
         state["epoch"] = epoch
         stop = state["bad_evals"] > tc.patience
         state["stopped"] = stop or epoch == tc.epochs - 1
+        if improved:
+            save_checkpoint(ckpt / "best", model, None, state, ep_size=ep_size)
+        save_checkpoint(ckpt / "last", model, stepper.optimizer, state, ep_size=ep_size)
         logger.log(record)
-        save_last(model, optimizer, state, ckpt / "last")
+        if ctx.report is not None:
+            ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, ckpt / "last")
         echo(line)
         if stop:
             echo(f"early stopping: {state['bad_evals']} evaluations without improvement (best epoch {state['best_epoch']})")
@@ -477,9 +619,11 @@ class _ProgressBar:
         self.progress = Progress(TextColumn(f"epoch {epoch}"), BarColumn(), TextColumn("{task.description}"), TimeRemainingColumn(), transient=True)
         self.progress.start()
         self.task = self.progress.add_task("", total=self.total)
+        self.t0 = time.perf_counter()
 
-    def update(self, done: int, loss: float, parts: dict, rate: float) -> None:
+    def update(self, done: int, loss: float, parts: dict) -> None:
         if self.progress is not None:
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
             desc = f"loss {loss:.3f} " + " ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" | {rate:,.0f} samples/s"
             self.progress.update(self.task, completed=done, description=desc)
 
@@ -506,5 +650,3 @@ def format_results(results: dict, ks) -> str:
     buf = StringIO()
     Console(file=buf, width=12 * (len(cols) + 1), highlight=False).print(t)
     return buf.getvalue().rstrip()
-
-

@@ -1,0 +1,148 @@
+"""Expert-parallel dispatch and combine: send each token to the ranks owning its experts.
+
+Every rank of an expert-parallel (EP) group of size ``P`` holds a contiguous slice of the
+``E`` global experts (``experts_per_rank``, see :func:`moedist.moe.parallel.expert_split`).
+:func:`expert_parallel_apply` takes this rank's tokens ``x [T, in]`` and, for every token, the
+global indices of the experts it must visit ``expert_idx [T, k]``, and returns those experts'
+outputs ``[T, k, out]`` in the same order. Steps (all ranks of the group, in lock step):
+
+1. sort the ``T·k`` (token, expert) pairs by global expert, hence by owning rank;
+2. exchange per-expert pair counts (``all_to_all_single`` on ``[E]`` integers);
+3. send the token rows (autograd ``all_to_all_single`` with variable split sizes);
+4. group the received rows by local expert into ``[E_local, C, in]`` (C = the largest
+   count of any local expert, zero-padded) and run the local experts in **one bmm**;
+5. send the outputs back (the reverse all-to-all) and restore the pairs' original order.
+
+The caller combines (``Σ_j w_tj · y_tj``) on the token's own rank, so gate gradients stay local.
+
+Routing kinds
+-------------
+- **top-k (sparse)**: ``expert_idx = topk_idx [T, k]``: a token reaches only the ranks that
+  own one of its k experts (MAMEX adapters).
+- **dense**: every token must reach every expert (HM4SR's Interactive MoE, whose gates weight
+  all experts): the same exchange with ``expert_idx = arange(E)`` for every token
+  (:func:`dense_expert_idx`), i.e. each rank computes its expert shard on the tokens of the
+  whole EP group and returns ``[T, E, out]``, exactly what ``LinearExperts.forward`` returns
+  without expert parallelism.
+
+Capacity: **dropless**. There is no capacity factor; every (token, expert) pair is computed.
+Split sizes are whatever the routing produced, so uneven batches per rank and ranks with no
+tokens at all work (they still take part in every collective, with zero-length splits). The
+price is the padding in step 4: memory ``E_local · C · in`` on the receiving rank.
+
+Rules that keep the collectives matched (otherwise: a hang):
+- every rank of the EP group calls each expert-parallel layer the same number of times, in
+  the same order, with the same ``torch.is_grad_enabled()`` (evaluation included: a rank with
+  no more batches must still call the model with an empty batch);
+- in training, every rank back-propagates through every EP layer's output (a loss that does
+  not depend on it on one rank skips that rank's all-to-all backward).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd import Function
+
+__all__ = ["all_to_all", "dense_expert_idx", "expert_parallel_apply"]
+
+
+class _AllToAllSingle(Function):
+    """Autograd ``all_to_all_single`` along dim 0 with variable split sizes; the backward is
+    the reverse exchange. Same as ``torch.distributed.nn.functional.all_to_all_single``
+    (works on gloo and NCCL), which torch 2.14 deprecates with a warning on every call."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        x = x.contiguous()
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_out = grad_out.contiguous()
+        grad_in = grad_out.new_empty((sum(ctx.input_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out, ctx.input_splits, ctx.output_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], group=None) -> Tensor:
+    """Differentiable all-to-all of the rows of ``x``: ``input_splits[r]`` rows go to group rank
+    ``r``; ``output_splits[r]`` rows arrive from it. Returns ``[sum(output_splits), ...]``."""
+    return _AllToAllSingle.apply(x, list(output_splits), list(input_splits), group)
+
+
+def dense_expert_idx(num_tokens: int, num_experts: int, device=None) -> Tensor:
+    """``[T, E]`` index for dense routing: every token visits every expert, in global order."""
+    return torch.arange(num_experts, device=device).expand(num_tokens, num_experts)
+
+
+def expert_parallel_apply(
+    x: Tensor,
+    expert_idx: Tensor,
+    *,
+    expert_fn: Callable[[Tensor], Tensor],
+    experts_per_rank: list[int],
+    ep_rank: int,
+    group,
+    out_features: int,
+) -> Tensor:
+    """Outputs of the selected experts for each token, computed on the experts' owners.
+
+    x:          ``[T, in]`` this rank's tokens (T may differ between ranks, and may be 0).
+    expert_idx: ``[T, k]`` int64 *global* expert indices per token (k = E for dense routing).
+    expert_fn:  ``[E_local, C, in] -> [E_local, C, out]``: this rank's experts, one per row of
+                the leading dim (``LinearExperts.forward_grouped``).
+    experts_per_rank: experts held by each rank of ``group`` (sums to E, contiguous slices in
+                rank order); ``ep_rank`` is this rank's index in it.
+    Returns ``[T, k, out]``: ``y[t, j] = Expert_{expert_idx[t, j]}(x[t])``. Collective over
+    ``group``; differentiable w.r.t. ``x`` and the experts' parameters.
+    """
+    T, k = expert_idx.shape
+    P = len(experts_per_rank)
+    E = sum(experts_per_rank)
+    E_local = experts_per_rank[ep_rank]
+    device = x.device
+
+    # 1. (token, expert) pairs sorted by global expert: contiguous slices per owning rank.
+    flat_e = expert_idx.reshape(-1).to(torch.int64)  # (T·k,)
+    order = torch.argsort(flat_e, stable=True)  # (T·k,)
+    send_x = x[order // k]  # (T·k, in): each pair's token row
+    count_per_expert = torch.bincount(flat_e, minlength=E)  # (E,)
+
+    # 2. counts: rank r receives, from every source, the counts of r's own experts.
+    recv_counts = count_per_expert.new_empty(P * E_local)
+    dist.all_to_all_single(recv_counts, count_per_expert, [E_local] * P, experts_per_rank, group=group)
+    recv_counts = recv_counts.view(P, E_local)  # (source rank, local expert)
+    owner = torch.repeat_interleave(
+        torch.arange(P, device=device), torch.tensor(experts_per_rank, device=device)
+    )  # (E,) ep rank owning each global expert
+    send_splits = count_per_expert.new_zeros(P).index_add_(0, owner, count_per_expert).tolist()
+    recv_splits = recv_counts.sum(1).tolist()
+
+    # 3. token rows to the experts' owners (ordered by source rank, then local expert).
+    recv_x = all_to_all(send_x, recv_splits, send_splits, group)  # (R, in)
+
+    # 4. group by local expert: [E_local, C, in], one bmm for all local experts.
+    local_e = torch.arange(E_local, device=device).repeat(P).repeat_interleave(
+        recv_counts.reshape(-1).to(device)
+    )  # (R,) local expert of each received row
+    per_local = recv_counts.sum(0).to(device)  # (E_local,)
+    C = int(per_local.max()) if E_local > 0 else 0
+    by_expert = torch.argsort(local_e, stable=True)
+    starts = per_local.cumsum(0) - per_local  # first slot of each local expert in by_expert
+    pos = torch.empty_like(local_e)
+    pos[by_expert] = torch.arange(local_e.numel(), device=device) - starts[local_e[by_expert]]
+    grouped = x.new_zeros(E_local, C, x.shape[-1]).index_put((local_e, pos), recv_x)
+    y_grouped = expert_fn(grouped)  # (E_local, C, out); always called, so the graph is the
+    # same on every rank (a rank with no tokens still returns a grad-carrying empty tensor)
+    y_recv = y_grouped[local_e, pos]  # (R, out)
+
+    # 5. results back to the tokens' ranks, then undo the sort.
+    y_sorted = all_to_all(y_recv, send_splits, recv_splits, group)  # (T·k, out)
+    y = y_sorted.new_zeros(T * k, out_features).index_copy(0, order, y_sorted)
+    return y.view(T, k, out_features)
