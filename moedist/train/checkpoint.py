@@ -147,8 +147,12 @@ def full_model_state(model: torch.nn.Module, optimizer=None) -> dict[str, torch.
     return state
 
 
-def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *, ep_size: int = 1) -> None:
-    """Collective save of a complete, topology-independent checkpoint to ``directory``."""
+def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *, ep_size: int = 1, keep_previous: bool = False) -> None:
+    """Collective save of a complete, topology-independent checkpoint to ``directory``.
+
+    ``keep_previous`` keeps the checkpoint it replaces as ``<directory>-previous``, the
+    fallback when the newest one turns out unreadable.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -188,6 +192,10 @@ def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
+        if keep_previous and old.exists():
+            prev = previous_of(directory)
+            shutil.rmtree(prev, ignore_errors=True)
+            os.replace(old, prev)
         shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
@@ -254,6 +262,11 @@ def load_checkpoint(directory: str | Path, model, optimizer=None) -> dict:
         torch.set_rng_state(rng[key])
     state["same_topology"] = state.get("world_size") == _world() and state.get("ep_size") is not None
     return state
+
+
+def previous_of(directory: str | Path) -> Path:
+    directory = Path(directory)
+    return directory.parent / f"{directory.name}-previous"
 
 
 def latest_complete(*candidates: str | Path | None) -> Path | None:

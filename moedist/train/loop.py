@@ -41,7 +41,7 @@ import torch.distributed as dist
 from moedist.config import atomic_write_text, save_config
 from moedist.data.dataset import ColdStartData, PreparedDataset, SequentialSamples
 from moedist.errors import CheckpointError, ConfigError, MoedistError
-from moedist.train.checkpoint import latest_complete, load_checkpoint, save_checkpoint
+from moedist.train.checkpoint import latest_complete, load_checkpoint, previous_of, save_checkpoint
 from moedist.train.config import ExperimentConfig
 from moedist.train.evaluate import cold_start_metric_sums, cold_start_ranks, full_sort_ranks, loo_metric_sums, pad_item_lists
 
@@ -461,7 +461,7 @@ def train_one_epoch(stepper, task, cfg: ExperimentConfig, ctx: DistContext, epoc
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
                 raise TrainingDiverged(
-                    f"non-finite loss {float(loss)} at epoch {epoch}, step {steps} (global step {state['global_step']}); "
+                    f"non-finite loss {float(loss.detach())} at epoch {epoch}, step {steps} (global step {state['global_step']}); "
                     f"loss parts: {detail}. The last checkpoint is kept in checkpoints/last."
                 )
             stepper.backward(loss * weight)
@@ -524,9 +524,9 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     ckpt = run_dir / "checkpoints"
     logger = RunLogger(run_dir, enabled=ctx.is_main)
     state = {"epoch": -1, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "stopped": False}
-    source = latest_complete(ctx.resume_from, ckpt / "last") if tc.resume else None
+    candidates = [ctx.resume_from, ckpt / "last", previous_of(ckpt / "last")] if tc.resume else []
+    source, loaded = _resume(candidates, model, stepper, say if ctx.is_main else None)
     if source is not None:
-        loaded = load_checkpoint(source, model, stepper.optimizer if stepper else None)
         state.update({k: loaded[k] for k in state if k in loaded})
         echo(f"resumed from {source} (epoch {state['epoch']}, written by {loaded.get('world_size')} worker(s), ep_size {loaded.get('ep_size')})")
         logger.keep_epochs_upto(state["epoch"])
@@ -559,6 +559,21 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         if ctx.report is None:  # under Ray the driver prints the table
             echo(format_results(results, tc.topk))
     return results
+
+
+def _resume(candidates, model, stepper, warn) -> tuple[Path | None, dict]:
+    """Load the newest readable checkpoint among ``candidates``; a corrupt one is reported
+    (naming the file) and the next older one is used instead."""
+    for c in candidates:
+        source = latest_complete(c)
+        if source is None:
+            continue
+        try:
+            return source, load_checkpoint(source, model, stepper.optimizer if stepper else None)
+        except CheckpointError as e:
+            if warn:
+                warn(f"warning: cannot resume from it: {e}; trying an older checkpoint")
+    return None, {}
 
 
 def _fit(stepper, task, cfg: ExperimentConfig, ctx: DistContext, state: dict, ckpt: Path, logger: RunLogger, echo) -> None:
@@ -594,10 +609,10 @@ def _fit(stepper, task, cfg: ExperimentConfig, ctx: DistContext, state: dict, ck
         record.update(_moe_record(model))
         state["epoch"] = epoch
         stop = state["bad_evals"] > tc.patience
-        state["stopped"] = stop or epoch == tc.epochs - 1
+        state["stopped"] = stop  # early stopping is final; the epoch limit can be raised on resume
         if improved:
             save_checkpoint(ckpt / "best", model, None, state, ep_size=ep_size)
-        save_checkpoint(ckpt / "last", model, stepper.optimizer, state, ep_size=ep_size)
+        save_checkpoint(ckpt / "last", model, stepper.optimizer, state, ep_size=ep_size, keep_previous=True)
         logger.log(record)
         if ctx.report is not None:
             ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, ckpt / "last")

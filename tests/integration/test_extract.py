@@ -1,0 +1,285 @@
+"""Feature extraction end to end: items table with real JPEGs (some missing / corrupt) ->
+Ray Data (2 actors) and the local loop -> WebDataset shards + manifest -> ItemFeatures.
+
+Encoders are tiny and deterministic: a BERT saved with ``save_pretrained`` (text) and an
+open_clip model loaded from a checkpoint file (image), both written by the fixtures.
+One Ray session for the module."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from moedist.errors import DataError
+from moedist.features import store
+from moedist.features.pipeline import extract_features, extract_features_local
+from moedist.features.store import load_item_features
+
+pytestmark = pytest.mark.integration
+
+N_ITEMS = 23
+SHARD = 8  # -> shards of 8, 8, 7 items
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
+WORDS = "red blue green bike car tea lens toy game camera mug lamp".split()
+# item_idx -> what is wrong with its image / text
+NO_IMAGE = {4, 17}  # null
+NOT_FOUND = {6}  # path that does not exist
+GARBAGE = {9}  # not an image
+TRUNCATED = {12}  # JPEG cut in half
+NO_TEXT = {3, 20}
+BAD_IMAGES = NO_IMAGE | NOT_FOUND | GARBAGE | TRUNCATED
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    imgs = root / "images"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(1, N_ITEMS + 1):
+        p = imgs / f"{i}.jpg"
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        if i in NO_IMAGE:
+            image = None
+        elif i in NOT_FOUND:
+            image = str(imgs / "gone.jpg")
+        else:
+            data = buf.getvalue()
+            p.write_bytes(b"<html>oops</html>" if i in GARBAGE else data[: len(data) // 2] if i in TRUNCATED else data)
+            image = str(p) if i % 2 else f"images/{i}.jpg"  # absolute and relative to the data folder
+        text = None if i == 3 else "  " if i == 20 else " ".join(rng.choice(WORDS, size=3 + i % 5))
+        rows.append({"item_idx": i, "item_id": f"B{i:05d}", "text": text, "image": image})
+    # shuffled on disk: the pipeline must order by item_idx
+    pd.DataFrame(rows).sample(frac=1, random_state=1).to_parquet(root / "items.parquet", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    import open_clip
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from moedist.features.encoders import register_open_clip_config
+
+    d = tmp_path_factory.mktemp("models")
+    bert = d / "tiny-bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(bert / "vocab.txt")).save_pretrained(bert)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
+    register_open_clip_config("tiny-clip-it", TINY_CLIP)
+    torch.manual_seed(1)
+    clip, _, _ = open_clip.create_model_and_transforms("tiny-clip-it", pretrained=None)
+    ckpt = d / "tiny-clip-it.pt"
+    torch.save(clip.state_dict(), ckpt)
+    text = {"backend": "transformers", "model": str(bert), "modality": "text"}
+    image = {"backend": "open_clip", "model": "tiny-clip-it", "model_config": TINY_CLIP, "pretrained": str(ckpt), "modality": "image"}
+    return text, image
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _run_local(dataset, encoders, out, **kw):
+    text, image = encoders
+    return extract_features_local(dataset, out, text_encoder=text, image_encoder=image, shard_size=SHARD, batch_size=5, progress=False, **kw)
+
+
+def _run_ray(dataset, encoders, out, **kw):
+    text, image = encoders
+    return extract_features(dataset, out, text_encoder=text, image_encoder=image, shard_size=SHARD, batch_size=5, num_actors=2, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def local_out(dataset, encoders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("feat") / "local"
+    return out, _run_local(dataset, encoders, out)
+
+
+@pytest.fixture(scope="module")
+def ray_out(dataset, encoders, tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("feat") / "ray"
+    return out, _run_ray(dataset, encoders, out)
+
+
+def _mtimes(out):
+    return {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("shard-*.tar"))}
+
+
+def test_shards_and_manifest(ray_out):
+    out, m = ray_out
+    assert m["complete"] and m["n_items"] == N_ITEMS and m["run"]["mode"] == "ray" and m["run"]["num_actors"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert json.loads((out / "manifest.json").read_text()) == m
+    assert [(s["first_item"], s["last_item"], s["count"]) for s in m["shards"]] == [(1, 8, 8), (9, 16, 8), (17, 23, 7)]
+    for s in m["shards"]:
+        assert store.sha256_file(out / s["file"]) == s["sha256"] and (out / s["file"]).stat().st_size == s["bytes"]
+    assert m["dims"] == {"text": 24, "image": 16}
+    assert m["encoders"]["text"]["backend"] == "transformers" and m["encoders"]["image"]["weights"]["source"] == "checkpoint"
+    assert m["item_ids"] == [f"B{i:05d}" for i in range(1, N_ITEMS + 1)]
+    img = m["missing"]["image"]
+    assert img["total"] == len(BAD_IMAGES)
+    assert img["reasons"] == {"no_image": 2, "file_not_found": 1, "not_an_image": 1, "truncated": 1}
+    assert sorted(img["examples"]["no_image"]) == sorted(NO_IMAGE)
+    assert m["missing"]["text"]["reasons"] == {"no_text": 2}
+    # WebDataset layout: <key>.text.npy, <key>.image.npy, <key>.meta.json per item
+    with tarfile.open(out / "shard-000001.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile("000000012.meta.json").read())
+        x = np.load(io.BytesIO(tar.extractfile("000000010.image.npy").read()), allow_pickle=False)
+    assert names[:3] == ["000000009.text.npy", "000000009.image.npy", "000000009.meta.json"] and len(names) == 24
+    assert meta == {"item_idx": 12, "item_id": "B00012", "mask": {"text": True, "image": False}, "missing": {"image": "truncated"}}
+    assert x.shape == (16,) and x.dtype == np.float32
+
+
+def test_webdataset_reads_the_shards(ray_out):
+    wds = pytest.importorskip("webdataset")
+    out, _ = ray_out
+    ds = wds.WebDataset([str(out / "shard-000000.tar")], shardshuffle=False).decode()
+    samples = list(ds)
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(1, 9)]
+    assert samples[0]["text.npy"].shape == (24,) and samples[3]["meta.json"]["mask"]["image"] is False
+
+
+def test_ray_equals_local_and_masks(ray_out, local_out):
+    f_ray = load_item_features(ray_out[0], n_items=N_ITEMS)
+    f_loc = load_item_features(local_out[0], n_items=N_ITEMS)
+    assert f_ray.dims == {"text": 24, "image": 16} and f_ray.n_items == N_ITEMS
+    for m in ("text", "image"):
+        assert f_ray.features[m].shape == (N_ITEMS + 1, f_ray.dims[m]) and f_ray.features[m].dtype == torch.float32
+        torch.testing.assert_close(f_ray.features[m], f_loc.features[m], atol=1e-5, rtol=1e-5)
+        assert torch.equal(f_ray.mask[m], f_loc.mask[m]) and f_ray.mask[m].dtype == torch.bool
+        assert not f_ray.mask[m][0] and f_ray.features[m][0].abs().sum() == 0  # padding row
+    img_mask = f_ray.mask["image"]
+    assert [i for i in range(1, N_ITEMS + 1) if not img_mask[i]] == sorted(BAD_IMAGES)
+    assert f_ray.features["image"][sorted(BAD_IMAGES)].abs().sum() == 0
+    assert f_ray.features["image"][1].abs().sum() > 0 and f_ray.features["image"][2].abs().sum() > 0  # absolute and relative paths
+    assert [i for i in range(1, N_ITEMS + 1) if not f_ray.mask["text"][i]] == sorted(NO_TEXT)
+    assert f_ray.item_ids[1] == "B00001" and f_ray.encoders["image"]["dim"] == 16
+    # the features are the encoders' own outputs
+    from moedist.features.encoders import build_encoder
+
+    enc = build_encoder(json.loads(json.dumps(ray_out[1]["encoder_specs"]["text"])))
+    items = pd.read_parquet(ray_out[1]["data_dir"] + "/items.parquet").set_index("item_idx")
+    np.testing.assert_allclose(f_ray.features["text"][7].numpy(), enc.encode([items.loc[7, "text"]])[0], atol=1e-5)
+
+
+def test_resume_skips_complete_shards_and_rebuilds_a_deleted_one(dataset, encoders, ray_out):
+    out, first = ray_out
+    before = _mtimes(out)
+    m = _run_ray(dataset, encoders, out)  # nothing to do: no actors started
+    assert m["run"]["shards_skipped"] == 3 and m["run"]["shards_built"] == 0 and _mtimes(out) == before
+    (out / "shard-000001.tar").unlink()
+    m = _run_ray(dataset, encoders, out)
+    after = _mtimes(out)
+    assert m["run"]["shards_built"] == 1 and m["run"]["items_encoded"] == 8
+    assert after["shard-000000.tar"] == before["shard-000000.tar"] and after["shard-000002.tar"] == before["shard-000002.tar"]
+    assert after["shard-000001.tar"] != before["shard-000001.tar"]
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in first["shards"]]  # deterministic bytes
+    assert m["missing"] == first["missing"]
+    load_item_features(out, n_items=N_ITEMS)
+
+
+def test_crash_midway_then_resume(dataset, encoders, tmp_path, monkeypatch, local_out):
+    from moedist.features import pipeline
+
+    out = tmp_path / "crash"
+    real = pipeline.encode_rows
+    calls = {"n": 0}
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 10 items encoded: shard 0 written, shard 1 half done
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "encode_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run_local(dataset, encoders, out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] is False and [s["file"] for s in m["shards"]] == ["shard-000000.tar"]
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar"]  # no partial shard visible
+    with pytest.raises(DataError, match="did not finish"):
+        load_item_features(out)
+    (out / "shard-000001.tar.123.tmp").write_bytes(b"partial")  # a crashed writer's leftover
+    monkeypatch.setattr(pipeline, "encode_rows", real)
+    t0 = _mtimes(out)["shard-000000.tar"]
+    m = _run_local(dataset, encoders, out)
+    assert m["complete"] and m["run"]["shards_skipped"] == 1 and m["run"]["items_encoded"] == N_ITEMS - SHARD
+    assert _mtimes(out)["shard-000000.tar"] == t0 and not list(out.glob("*.tmp"))
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in local_out[1]["shards"]]
+
+
+def test_changed_encoder_rebuilds_everything(dataset, encoders, tmp_path):
+    text, image = encoders
+    out = tmp_path / "text-only"
+    m = extract_features_local(dataset, out, text_encoder=text, image_encoder=None, shard_size=SHARD, batch_size=8, progress=False)
+    assert m["modalities"] == ["text"] and "image" not in m["dims"]
+    m = extract_features_local(dataset, out, text_encoder=text, image_encoder=None, shard_size=12, batch_size=8, progress=False)
+    assert m["run"]["shards_built"] == 2 and sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar"]
+    f = load_item_features(out)
+    assert set(f.features) == {"text"}
+
+
+def test_damaged_shards_raise_data_error_naming_them(local_out, tmp_path):
+    import shutil
+
+    src, _ = local_out
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    with pytest.raises(DataError, match="for 23 items but the dataset has 24"):
+        load_item_features(out, n_items=24)
+    shard = out / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # flip a byte inside an .npy payload
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="shard-000001.tar.*corrupt"):
+        load_item_features(out)
+    shard.write_bytes(bytes(data[:3000]))  # truncated; also without the checksum
+    with pytest.raises(DataError, match="shard-000001.tar"):
+        load_item_features(out, verify=False)
+    shard.unlink()
+    with pytest.raises(DataError, match="shard-000001.tar is missing"):
+        load_item_features(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json"):
+        load_item_features(out)
+
+
+def test_cli_extract_local(dataset, encoders, tmp_path, capsys):
+    import argparse
+
+    from moedist.features.cli import add_commands
+
+    parser = argparse.ArgumentParser(prog="moedist")
+    add_commands(parser.add_subparsers(dest="command"))
+    text, image = encoders
+    out = tmp_path / "cli"
+    args = parser.parse_args(
+        ["extract", str(dataset), "--out", str(out), "--local", "--text-encoder", json.dumps(text), "--image-encoder", json.dumps(image), "--shard-size", "10", "--batch-size", "8", "--no-progress"]
+    )
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "items/s" in printed and "missing image" in printed and "not_an_image" in printed
+    assert len(json.loads((out / "manifest.json").read_text())["shards"]) == 3
