@@ -339,3 +339,65 @@ def load_item_features(
         encoders={m: manifest.get("encoders", {}).get(m, {}) for m in dims},
         item_ids=[None, *ids] if ids is not None else None,
     )
+
+
+def write_feature_arrays(
+    out_dir: str | Path,
+    *,
+    item_ids: list[str],
+    arrays: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray] | None = None,
+    shard_size: int = 1000,
+    encoders: dict[str, dict] | None = None,
+) -> dict:
+    """Store precomputed features (``arrays[m]``: ``[n_items, D_m]``, row i = item_idx i+1) as shards.
+
+    For features computed elsewhere (e.g. the authors' ``.npy`` files) and for tests: the
+    result is an ordinary features folder that :func:`load_item_features` reads. Rows with
+    ``masks[m]`` False are stored as zeros (default mask: the row is not all zeros).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(item_ids)
+    if not arrays:
+        raise ValueError("write_feature_arrays: no arrays")
+    arrays = {m: np.asarray(x, dtype=np.float32) for m, x in arrays.items()}
+    for m, x in arrays.items():
+        if x.ndim != 2 or x.shape[0] != n:
+            raise ValueError(f"write_feature_arrays: {m} has shape {x.shape}, expected [{n}, D]")
+    masks = {m: np.asarray(masks[m], bool) if masks and m in masks else np.abs(x).sum(1) > 0 for m, x in arrays.items()}
+    shards = []
+    h = hashlib.sha256()
+    for i in range(n_shards(n, shard_size)):
+        first, last = shard_range(i, shard_size, n)
+        rows = slice(first - 1, last)
+        feats = {m: np.where(masks[m][rows, None], x[rows], 0.0).astype(np.float32) for m, x in arrays.items()}
+        info = write_shard(
+            out_dir / shard_name(i),
+            item_idx=np.arange(first, last + 1),
+            item_ids=list(item_ids[rows]),
+            features=feats,
+            mask={m: masks[m][rows] for m in arrays},
+            missing={m: [None if k else "absent" for k in masks[m][rows]] for m in arrays},
+        )
+        h.update(info["sha256"].encode())
+        shards.append({"file": shard_name(i), "index": i, "first_item": first, "last_item": last, "count": last - first + 1, **info, "missing": {}})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": "arrays:" + h.hexdigest(),
+        "complete": True,
+        "n_items": n,
+        "shard_size": shard_size,
+        "key_digits": KEY_DIGITS,
+        "modalities": list(arrays),
+        "encoder_specs": {},
+        "encoders": {m: (encoders or {}).get(m, {"backend": "arrays", "modality": m, "dim": int(x.shape[1])}) for m, x in arrays.items()},
+        "dims": {m: int(x.shape[1]) for m, x in arrays.items()},
+        "item_ids": [str(x) for x in item_ids],
+        "shards": shards,
+        "missing": {m: {"total": int((~masks[m]).sum()), "reasons": {"absent": int((~masks[m]).sum())} if (~masks[m]).any() else {}, "examples": {}} for m in arrays},
+        "run": {"mode": "arrays"},
+    }
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest

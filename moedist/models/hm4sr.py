@@ -366,7 +366,7 @@ class InteractiveMoE(nn.Module):
     def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """e: ``[B, L, M, d]`` -> (x_inter ``[B, L, M, d]``, gates ``[B, L, M, k1]``)."""
         B, L, M, d = e.shape
-        o = self.experts(e.reshape(B, L, M * d)).view(B, L, -1, M, d)  # o: (B, L, k1, M, d)
+        o = self.experts(e.reshape(B, L, M * d)).view(B, L, self.experts.num_global_experts, M, d)  # o: (B, L, k1, M, d)
         g = torch.stack([gate(e[:, :, m]).weights for m, gate in enumerate(self.gates)], dim=2)  # (B, L, M, k1)
         x = torch.einsum("blmk,blkmd->blmd", g, o)
         return x * self.alpha.to(x.dtype).view(1, 1, M, 1), g
@@ -518,7 +518,7 @@ class HM4SR(nn.Module):
         r = None
         if self.temporal_moe is not None:
             r = self.temporal_moe.time_features(time_seq, seq_mask)  # (B, L, 2d)
-            x_temp, g_temp = self.temporal_moe(e.reshape(B, L, -1), r)
+            x_temp, g_temp = self.temporal_moe(e.flatten(2), r)
             x_temp = x_temp.view_as(e)  # no residual (Eq. 16)
             load, gmean = expert_load(g_temp, mask=seq_mask)
             stats["tmoe/gate_mean"], stats["tmoe/load"] = gmean, load
