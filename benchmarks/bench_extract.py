@@ -8,8 +8,9 @@ Same encoders, batch size and items in every run; each run writes a fresh output
 is timed end to end (model loading included: each Ray actor loads its own encoders, the
 local loop loads them once). Ray is started once before the Ray runs (its start-up is
 reported separately, not counted). Peak memory is the RSS of the whole process tree (this
-process, Ray's GCS / raylet / workers), sampled every 0.1 s during each run, plus the
-driver's own ``ru_maxrss``. Prints one JSON object (and writes it with ``--out``).
+process, Ray's GCS / raylet / workers; RSS counts shared libraries once per process, USS
+does not), sampled every 0.25 s during each run, plus the driver's own ``ru_maxrss``. The
+local loop is also run with ``torch.set_num_threads(1)``, as each Ray actor runs. Prints one JSON object (and writes it with ``--out``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 class TreeRSS:
     """Samples the summed RSS of this process and all its descendants in a thread."""
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.25):
         import psutil
 
         self.psutil = psutil
@@ -40,29 +41,38 @@ class TreeRSS:
         self.peak = 0
         self._stop = threading.Event()
 
-    def sample(self) -> int:
-        total = 0
+    def sample(self) -> tuple[int, int]:
+        """(summed RSS, summed USS): RSS counts shared pages (torch's libraries) once per process."""
+        rss = uss = 0
         for p in [self.root, *self.root.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                m = p.memory_full_info()
+                rss += m.rss
+                uss += m.uss
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 pass
-        return total
+        return rss, uss
+
+    def _update(self):
+        rss, uss = self.sample()
+        self.peak = max(self.peak, rss)
+        self.peak_uss = max(self.peak_uss, uss)
 
     def __enter__(self):
-        self.peak = self.sample()
+        self.peak = self.peak_uss = 0
+        self._update()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.sample())
+            self._update()
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.sample())
+        self._update()
 
 
 def make_items(root: Path, n: int, seed: int = 0) -> Path:
@@ -114,12 +124,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--actors", default="1,2", help="comma-separated actor counts")
+    ap.add_argument("--no-local-1-thread", dest="local_1_thread", action="store_false", help="skip the extra local run with torch.set_num_threads(1)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from moedist.features.pipeline import extract_features, extract_features_local, read_items
 
+    load0 = os.getloadavg()[0]  # other work on the machine skews every number below
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         data = Path(args.data) if args.data else make_items(work / "data", args.items)
@@ -137,6 +149,7 @@ def main(argv=None) -> int:
                 "seconds": round(seconds, 2),
                 "items_per_s": round(n_items / seconds, 2),
                 "peak_rss_mb": round(mem.peak / 2**20, 1),
+                "peak_uss_mb": round(mem.peak_uss / 2**20, 1),
                 "missing_images": manifest["missing"].get("image", {}).get("total"),
                 "dims": manifest["dims"],
             }
@@ -147,6 +160,13 @@ def main(argv=None) -> int:
 
         local_dir = record("local", lambda out: extract_features_local(data, out, **common))
         runs["local"]["torch_threads"] = torch.get_num_threads()
+        if args.local_1_thread and torch.get_num_threads() > 1:
+            # the Ray actors run torch with 1 thread each (num_cpus=0.5): the same loop, like for like
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            record("local_1_thread", lambda out: extract_features_local(data, out, **common))
+            runs["local_1_thread"]["torch_threads"] = 1
+            torch.set_num_threads(threads)
 
         import ray
 
@@ -179,6 +199,7 @@ def main(argv=None) -> int:
             "ray_init_seconds": round(ray_init_s, 2),
             "runs": runs,
             "ratios_vs_local": {k: round(v["items_per_s"] / base, 3) for k, v in runs.items() if k != "local"},
+            "load_average_1m_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
             "driver_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "note": "end-to-end seconds include model loading (per actor for Ray); ray.init is excluded",
         }

@@ -7,7 +7,11 @@ Locally (starts a private Ray instance, 4 logical CPUs, no dashboard)::
 On a running cluster (``ray start --head ...``; with RAY_AUTH_MODE=disabled on a loopback test cluster)::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/extract_features.py --data data/prepared/synthetic-small-2025 --actors 2
+        python jobs/extract_features.py --data $PWD/data/prepared/synthetic-small-2025 --actors 2
+
+(an absolute ``--data``: the job runs in an uploaded copy of the working dir, and ``data/`` is
+git-ignored, so it is not uploaded; the driver reads the items and writes the shards there,
+the actors read the images, so on a multi-node cluster both must be on shared storage.)
 
 On GPUs, one encoder per GPU, CLIP features for MAMEX::
 

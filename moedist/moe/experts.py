@@ -109,7 +109,9 @@ class LinearExperts(nn.Module):
         )
         self.reset_parameters()
         if self.ep_size > 1:
-            mark_expert_params(self.parameters(), self.ep_size)
+            mark_expert_params(
+                self.parameters(), self.ep_size, ep_group=ep.ep_group, experts_per_rank=self.experts_per_rank
+            )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

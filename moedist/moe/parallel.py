@@ -173,12 +173,19 @@ def create_deepspeed_expert_groups(ep_size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def mark_expert_params(params, ep_size: int) -> None:
+def mark_expert_params(params, ep_size: int, *, ep_group=None, experts_per_rank=None) -> None:
     """Tag sharded expert parameters the way DeepSpeed's ``Experts`` does: no all-reduce over
-    the whole world, reduce over the ``ep_size_{E}`` expert-data-parallel group instead."""
+    the whole world, reduce over the ``ep_size_{E}`` expert-data-parallel group instead.
+
+    Also (for ``moedist.train.checkpoint``): ``expert_shard_dim = 0`` (dim 0 indexes local
+    experts), ``ep_group`` (the group holding the other shards, in expert-offset order) and
+    ``experts_per_rank`` (shard lengths; unequal when experts do not divide ``ep_size``)."""
     for p in params:
         p.allreduce = False
         p.group_name = group_name(ep_size)
+        p.expert_shard_dim = 0
+        p.ep_group = ep_group
+        p.experts_per_rank = tuple(experts_per_rank) if experts_per_rank is not None else None
 
 
 def is_expert_param(p: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ none). Checks, with ``L_r`` the loss of rank r's batch:
   (``gather_expert_state``-style) must equal the reference grads.
 - checkpoints: ``gather_expert_state`` of the sharded model is the reference state dict, and
   ``load_sharded_state`` moves weights between ep_size 1 and 2.
-- DeepSpeed (ZeRO 0 and 1) with ``moe_param_groups``: see ``_deepspeed_worker``.
+- DeepSpeed (ZeRO 0, 1 and 2) with ``moe_param_groups``: see ``_deepspeed_worker``.
 
 Collectives use a 60 s gloo timeout, so a mismatched collective fails instead of hanging.
 """
@@ -138,8 +138,13 @@ def _moe_layer_cases(world: int):
 
 
 def _moe_layer_worker(rank: int, world: int) -> None:
-    from moedist.moe import MoELayer, allreduce_gradients, gather_expert_state
+    from moedist.moe import MoELayer, allreduce_gradients, gather_expert_state, init_expert_parallel, load_sharded_state
 
+    with pytest.raises(ValueError, match="does not divide"):
+        init_expert_parallel(world + 1)  # raises on every rank before any new_group: no hang
+    groups = init_expert_parallel(2)
+    assert groups.ep_ranks == tuple(range(rank - rank % 2, rank - rank % 2 + 2))
+    assert groups.edp_ranks == tuple(range(rank % 2, world, 2)) and groups is init_expert_parallel(2)
     din, dgate, dout = 6, 5, 3
     for case_id, (E, k, ep_size, sizes, bias) in enumerate(_moe_layer_cases(world)):
         what = f"case {case_id} (E={E}, k={k}, ep={ep_size}, sizes={sizes})"
@@ -179,6 +184,13 @@ def _moe_layer_worker(rank: int, world: int) -> None:
         # DeepSpeed-style averaging without DeepSpeed: grads of (1/W) Σ_r L_r everywhere
         allreduce_gradients(ep)
         check_grads(ep, ref, what + " after allreduce_gradients", reduced=True, scale=1.0 / world)
+        # an ep_size=1 state loads into the sharded layer (any topology), outputs follow
+        torch.manual_seed(50)  # the same perturbation on every rank
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            load_sharded_state(ep, ref.state_dict())
+            _close(ep(x, gate_input=g)[0], _split(sizes, ref(X, gate_input=G)[0])[0], f"{what}: after load")
         # no grad (evaluation) with a rank that has no tokens: must not hang
         with torch.no_grad():
             empty = ep(torch.zeros(0, din), gate_input=torch.zeros(0, dgate))[0] if rank == 0 else ep(x, gate_input=g)[0]
@@ -191,6 +203,20 @@ def test_moe_layer_ep2_topk_and_dense_match_single_process():
 
 def test_moe_layer_4_processes_ep2_and_ep4_uneven_experts():
     spawn(_moe_layer_worker, 4)
+
+
+def test_single_process_helpers():
+    from moedist.moe import MoELayer, expert_split, load_sharded_state, moe_param_groups
+
+    assert expert_split(4, 2) == [2, 2] and expert_split(5, 2) == [3, 2] and expert_split(3, 4) == [1, 1, 1, 0]
+    layer = MoELayer(in_features=3, out_features=2, num_experts=4, k=2)
+    groups = moe_param_groups(layer, lr=0.1, weight_decay=0.0)  # ep_size 1: nothing to separate
+    assert [g["name"] for g in groups] == ["dense"] and len(groups[0]["params"]) == 4
+    assert not hasattr(layer, "_deepspeed_moe_ep1")
+    load_sharded_state(layer, layer.state_dict())  # ep_size 1: identity
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="torch.distributed"):
+            MoELayer(in_features=3, out_features=2, num_experts=4, k=2, ep_size=2)
 
 
 # ------------------------------------------------------------------------------------ HM4SR
@@ -390,7 +416,7 @@ def _deepspeed_worker(rank: int, world: int) -> None:
         pred, balance = model(x)
         return ((pred - y) ** 2).mean() + 0.1 * balance
 
-    for stage in (0, 1):
+    for stage in (0, 1, 2):
         torch.manual_seed(0)
         model = _TinyMoENet(ep_size=2)
         torch.manual_seed(0)

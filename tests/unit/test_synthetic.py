@@ -391,6 +391,11 @@ def test_no_duplicates_by_default_and_planted_on_request(tmp_path, data):
     for seq in _sequences(reviews).values():  # still chronological per user
         t = [r["unixReviewTime"] for r in seq]
         assert t == sorted(t)
+    # repeats only among regular users/items: the 5-core (with repeats counted) is unchanged
+    truth = load_truth(out)
+    users, items = _kcore([(r["reviewerID"], r["asin"]) for r in reviews])
+    assert users == {u for u, info in truth["users"].items() if not info["rare"]}
+    assert items == {i for i, info in truth["items"].items() if not info["rare"]}
 
 
 def test_small_generation_is_fast(tmp_path):
