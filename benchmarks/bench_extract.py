@@ -6,7 +6,8 @@
 
 Same encoders, batch size and items in every run; each run writes a fresh output folder and
 is timed end to end (model loading included: each Ray actor loads its own encoders, the
-local loop loads them once). Ray is started once before the Ray runs (its start-up is
+local loop loads them once) and in steady state (items after the first result batch / time
+after it, i.e. without start-up). Ray is started once before the Ray runs (its start-up is
 reported separately, not counted). Peak memory is the RSS of the whole process tree (this
 process, Ray's GCS / raylet / workers; RSS counts shared libraries once per process, USS
 does not), sampled every 0.25 s during each run, plus the driver's own ``ru_maxrss``. The
@@ -41,25 +42,30 @@ class TreeRSS:
         self.peak = 0
         self._stop = threading.Event()
 
-    def sample(self) -> tuple[int, int]:
-        """(summed RSS, summed USS): RSS counts shared pages (torch's libraries) once per process."""
+    def sample(self) -> tuple[int, int, list]:
+        """(summed RSS, summed USS, per process): RSS counts shared pages (torch's libraries) once per process."""
         rss = uss = 0
+        per = []
         for p in [self.root, *self.root.children(recursive=True)]:
             try:
                 m = p.memory_full_info()
                 rss += m.rss
                 uss += m.uss
+                per.append((p.name()[:40], round(m.uss / 2**20)))
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 pass
-        return rss, uss
+        return rss, uss, per
 
     def _update(self):
-        rss, uss = self.sample()
+        rss, uss, per = self.sample()
         self.peak = max(self.peak, rss)
-        self.peak_uss = max(self.peak_uss, uss)
+        if uss > self.peak_uss:
+            self.peak_uss = uss
+            self.breakdown = sorted(per, key=lambda x: -x[1])[:8]
 
     def __enter__(self):
         self.peak = self.peak_uss = 0
+        self.breakdown = []
         self._update()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -148,8 +154,12 @@ def main(argv=None) -> int:
             runs[name] = {
                 "seconds": round(seconds, 2),
                 "items_per_s": round(n_items / seconds, 2),
+                # after the first batch came back: without Ray / actor / model start-up
+                "steady_items_per_s": manifest["run"].get("steady_items_per_s"),
+                "first_result_s": manifest["run"].get("first_result_s"),
                 "peak_rss_mb": round(mem.peak / 2**20, 1),
                 "peak_uss_mb": round(mem.peak_uss / 2**20, 1),
+                "largest_processes_at_peak_uss_mb": mem.breakdown,
                 "missing_images": manifest["missing"].get("image", {}).get("total"),
                 "dims": manifest["dims"],
             }
@@ -199,6 +209,11 @@ def main(argv=None) -> int:
             "ray_init_seconds": round(ray_init_s, 2),
             "runs": runs,
             "ratios_vs_local": {k: round(v["items_per_s"] / base, 3) for k, v in runs.items() if k != "local"},
+            "steady_ratios_vs_local": {
+                k: round(v["steady_items_per_s"] / runs["local"]["steady_items_per_s"], 3)
+                for k, v in runs.items()
+                if k != "local" and v.get("steady_items_per_s") and runs["local"].get("steady_items_per_s")
+            },
             "load_average_1m_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
             "driver_ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "note": "end-to-end seconds include model loading (per actor for Ray); ray.init is excluded",

@@ -298,6 +298,7 @@ class ShardAssembler:
     """Collects encoded rows (in any order), writes each shard once all its items are in."""
 
     def __init__(self, plan: Plan, *, on_shard: Callable[[dict], None] = lambda s: None):
+        self.first_batch: tuple[float, int] | None = None  # (perf_counter, rows) of the first result
         self.plan = plan
         self.manifest = plan.manifest
         self.buffers: dict[int, _ShardBuffer] = {}
@@ -316,6 +317,8 @@ class ShardAssembler:
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         item_idx = np.asarray(batch["item_idx"], dtype=np.int64)
+        if self.first_batch is None:
+            self.first_batch = (time.perf_counter(), len(item_idx))
         shard_of = (item_idx - 1) // self.plan.shard_size
         for sid in np.unique(shard_of):
             sid = int(sid)
@@ -434,7 +437,16 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-def _run_record(mode: str, plan: Plan, encoded: int, seconds: float, **extra) -> dict:
+def _run_record(mode: str, plan: Plan, encoded: int, t0: float, asm: "ShardAssembler | None" = None, **extra) -> dict:
+    """Timing of this run. ``steady_items_per_s`` leaves out start-up (Ray, actors, model
+    loading) and the first batch: items after the first batch / time after it."""
+    end = time.perf_counter()
+    seconds = end - t0
+    steady = None
+    if asm is not None and asm.first_batch is not None:
+        t_first, n_first = asm.first_batch
+        if encoded > n_first and end > t_first:
+            steady = round((encoded - n_first) / (end - t_first), 2)
     return {
         "mode": mode,
         "items_encoded": encoded,
@@ -442,6 +454,8 @@ def _run_record(mode: str, plan: Plan, encoded: int, seconds: float, **extra) ->
         "shards_skipped": len(plan.skipped),
         "seconds": round(seconds, 3),
         "items_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else None,
+        "first_result_s": round(asm.first_batch[0] - t0, 3) if asm is not None and asm.first_batch else None,
+        "steady_items_per_s": steady,
         **extra,
     }
 
@@ -481,8 +495,7 @@ def extract_features_local(
         log(f"all {len(plan.skipped)} shard(s) up to date in {plan.out_dir}")
     import torch
 
-    seconds = time.perf_counter() - t0
-    return asm.finish(_run_record("local", plan, asm.rows_done, seconds, batch_size=batch_size, torch_threads=torch.get_num_threads()))
+    return asm.finish(_run_record("local", plan, asm.rows_done, t0, asm, batch_size=batch_size, torch_threads=torch.get_num_threads()))
 
 
 def _ensure_ray(ray_address: str | None) -> bool:
@@ -539,7 +552,7 @@ def extract_features(
     asm = ShardAssembler(plan)
     if not len(todo):
         log(f"all {len(plan.skipped)} shard(s) up to date in {plan.out_dir}")
-        return asm.finish(_run_record("ray", plan, 0, time.perf_counter() - t0, num_actors=num_actors, batch_size=batch_size))
+        return asm.finish(_run_record("ray", plan, 0, t0, num_actors=num_actors, batch_size=batch_size))
 
     import ray
     import ray.data
@@ -582,5 +595,4 @@ def extract_features(
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
         if started:
             ray.shutdown()
-    seconds = time.perf_counter() - t0
-    return asm.finish(_run_record("ray", plan, asm.rows_done, seconds, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu))
+    return asm.finish(_run_record("ray", plan, asm.rows_done, t0, asm, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu))

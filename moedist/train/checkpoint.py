@@ -47,14 +47,29 @@ def expert_shard_info(param: torch.nn.Parameter):
     return dim, group
 
 
+def _split_sizes(param, group) -> list[int]:
+    """Experts held by each rank of ``group`` (uneven splits allowed, a rank may hold 0)."""
+    sizes = getattr(param, "experts_per_rank", None)
+    if sizes is None:
+        sizes = [param.shape[param.expert_shard_dim]] * dist.get_world_size(group)
+    return list(sizes)
+
+
 def _gather_full(param, tensor: torch.Tensor) -> torch.Tensor:
     info = expert_shard_info(param)
     if info is None:
         return tensor
     dim, group = info
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    sizes = _split_sizes(param, group)
+    # all_gather needs equal shapes: pad each shard to the largest, then trim
+    width = max(sizes)
+    moved = tensor.movedim(dim, 0).contiguous()
+    if moved.shape[0] < width:
+        moved = torch.cat([moved, moved.new_zeros((width - moved.shape[0], *moved.shape[1:]))])
+    parts = [torch.empty_like(moved) for _ in sizes]
+    dist.all_gather(parts, moved, group=group)
+    full = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return full.movedim(0, dim)
 
 
 def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
@@ -62,9 +77,9 @@ def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
     if info is None:
         return full
     dim, group = info
-    n = param.shape[dim]
+    sizes = _split_sizes(param, group)
     rank = dist.get_rank(group)
-    return full.narrow(dim, rank * n, n)
+    return full.narrow(dim, sum(sizes[:rank]), sizes[rank])
 
 
 # ----------------------------------------------------------------------------- optimizer state

@@ -167,6 +167,18 @@ def build_model(cfg: ExperimentConfig, data: PreparedDataset, features) -> torch
     raise ConfigError(f"unknown model {cfg.model!r}")
 
 
+def apply_expert_parallel(cfg: ExperimentConfig, ctx: DistContext) -> None:
+    """Carry ``dist.ep_size`` into the model's MoE layers (they shard their experts)."""
+    ep = cfg.dist.ep_size
+    if ep == 1:
+        return
+    if cfg.model not in ("hm4sr", "mamex"):
+        raise ConfigError(f"dist.ep_size={ep}: model {cfg.model} has no MoE layers to shard")
+    if ep < 1 or ctx.world % ep:
+        raise ConfigError(f"dist.ep_size={ep} must divide the number of workers ({ctx.world})")
+    getattr(cfg, cfg.model).ep_size = ep
+
+
 def model_ep_size(cfg: ExperimentConfig) -> int:
     sub = getattr(cfg, cfg.model, None)
     return int(getattr(sub, "ep_size", 1) or 1)
@@ -505,12 +517,13 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    # per-rank seeds: dropout masks differ across workers, as they would across a larger batch
-    seed_everything(tc.seed + 1000003 * ctx.rank)
-
+    seed_everything(tc.seed)  # the same initial weights on every rank, expert shards included
+    apply_expert_parallel(cfg, ctx)
     features = load_features_for(cfg, data, echo)
     task = build_task(cfg, data)
     model = build_model(cfg, data, features).to(ctx.device)
+    # per-rank seeds from here on: dropout masks differ across workers, as across a larger batch
+    seed_everything(tc.seed + 1000003 * ctx.rank)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = n_params > 0
     stepper = None

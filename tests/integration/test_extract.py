@@ -291,3 +291,19 @@ def test_cli_extract_local(dataset, encoders, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "items/s" in printed and "missing image" in printed and "not_an_image" in printed
     assert len(json.loads((out / "manifest.json").read_text())["shards"]) == 3
+
+
+def test_write_feature_arrays_round_trip(tmp_path):
+    from moedist.features.store import write_feature_arrays
+
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(11, 6)).astype(np.float32)
+    image = rng.normal(size=(11, 3)).astype(np.float32)
+    image[4] = 0  # all-zero row -> masked by default
+    m = write_feature_arrays(tmp_path / "arr", item_ids=[f"i{i}" for i in range(1, 12)], arrays={"text": text, "image": image}, shard_size=4)
+    assert [s["file"] for s in m["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    f = load_item_features(tmp_path / "arr", n_items=11)
+    np.testing.assert_array_equal(f.features["text"][1:].numpy(), text)
+    np.testing.assert_array_equal(f.features["image"][1:].numpy(), image)
+    assert f.mask["image"].tolist() == [False] + [i != 4 for i in range(11)] and f.mask["text"][1:].all()
+    assert f.item_ids[1] == "i1" and m["missing"]["image"]["total"] == 1
