@@ -2,7 +2,7 @@
 
     moedist data prepare [--source S] [--input PATH] [--config data.yaml] [key=value ...]
     moedist data summary DATA_DIR
-    moedist features DATA_DIR [--out DIR]
+    moedist extract DATA_DIR [--out DIR] [--actors N] [--local]
     moedist train --model hm4sr|mamex|sasrec|popularity|content --data DATA_DIR [key=value ...]
     moedist demo                          # the embedded default, end to end
 
@@ -117,12 +117,11 @@ def cmd_data_summary(args) -> int:
 
 def cmd_demo(args) -> int:
     """The embedded default end to end (on a local machine, no downloads)."""
-    from moedist.data.api import DataConfig, prepare
+    from moedist.demo import run_demo
 
-    cfg = DataConfig(source="synthetic", size=args.size, seed=args.seed)
-    console.rule("[bold]1. prepare the embedded synthetic dataset")
-    manifest = prepare(cfg, log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
-    print_dataset_summary(manifest, cfg.out_dir())
+    run_demo(size=args.size, seed=args.seed, workers=args.workers, epochs=args.epochs,
+             echo=lambda m: console.print(m, highlight=False, soft_wrap=True),
+             rule=lambda title: console.rule(f"[bold]{title}"))
     return 0
 
 
@@ -155,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     demo.add_argument("--size", default="small")
     demo.add_argument("--seed", type=int, default=2025)
+    demo.add_argument("--workers", type=int, default=2, help="Ray Train workers for HM4SR")
+    demo.add_argument("--epochs", type=int, default=8, help="epochs of the sequential models")
     demo.set_defaults(func=cmd_demo)
 
     _add_optional_commands(sub)
