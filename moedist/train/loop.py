@@ -176,6 +176,14 @@ def apply_expert_parallel(cfg: ExperimentConfig, ctx: DistContext) -> None:
         raise ConfigError(f"dist.ep_size={ep}: model {cfg.model} has no MoE layers to shard")
     if ep < 1 or ctx.world % ep:
         raise ConfigError(f"dist.ep_size={ep} must divide the number of workers ({ctx.world})")
+    if cfg.dist.zero_stage > 0:
+        # DeepSpeed 0.19 maps ZeRO's flat optimizer partitions back to parameters only for the
+        # dense groups (its fragment links of expert groups are empty on all but one rank), so
+        # expert Adam moments could not be saved by global expert index.
+        raise ConfigError(
+            f"dist.ep_size={ep} needs dist.zero_stage=0 (got {cfg.dist.zero_stage}): expert-parallel "
+            "checkpoints must store the experts' optimizer state by global index"
+        )
     getattr(cfg, cfg.model).ep_size = ep
 
 
