@@ -180,3 +180,25 @@ def test_category_multihot_first_appearance_order(tmp_path):
     mh = d.category_multihot()
     assert mh.shape == (d.n_items + 1, len(vocab))
     assert mh[0].sum() == 0 and (mh[1:, 0] == 1).all() and (mh[1:].sum(1) == 2).all()
+
+
+def test_packaged_data_yaml_loads():
+    from moedist.config import load_config, packaged_config
+    from moedist.data.api import DataConfig
+
+    assert load_config(DataConfig, packaged_config("data")) == DataConfig()
+
+
+def test_movielens_100k_prepared_statistics(shared_data, tmp_path):
+    """The spec's numbers for ML-100K after 5-core (MODELS_SPEC addendum)."""
+    from moedist.data.api import DataConfig, prepare
+
+    m = prepare(DataConfig(source="atomic", input=str(shared_data / "movielens-100k"), out=str(tmp_path / "ml")))
+    s = m["stats"]
+    assert (s["users"], s["items"]) == (943, 1349)
+    assert s["loo"]["train_samples"] == 96458
+    assert s["loo"]["valid_users"] == s["loo"]["test_users"] == 943
+    d = PreparedDataset(tmp_path / "ml")
+    assert len(SequentialSamples.build(d, "train", 50)) == 96458
+    again = prepare(DataConfig(source="atomic", input=str(shared_data / "movielens-100k"), out=str(tmp_path / "ml")))
+    assert again["reused"]
