@@ -38,8 +38,8 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 2, epochs:
     try:
         fman = extract_features(data, num_actors=1, batch_size=32, progress=False, log=echo)
         features = default_out_dir(data)
-        echo(f"features: {fman['n_items']} items, dims {fman['dims']}, "
-             f"missing {', '.join(f'{m}: {v['total']}' for m, v in fman.get('missing', {}).items())}")
+        missing = ", ".join(f"{m}: {v['total']}" for m, v in fman.get("missing", {}).items())
+        echo(f"features: {fman['n_items']} items, dims {fman['dims']}, missing {missing}")
 
         from moedist.train.cli import load_experiment_config
         from moedist.train.launch import launch
@@ -54,13 +54,13 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 2, epochs:
             ("sasrec", "sasrec", [f"train.epochs={epochs}"], False),
             ("hm4sr", "hm4sr", [f"train.epochs={epochs}", f"dist.workers={workers}"], True),
         ):
-            c = load_experiment_config(model, None, [*common, f"run_dir={runs}/{name}", *extra])
+            c = load_experiment_config(model, None, [*common, f"run_dir={runs}/{data.name}/{name}", *extra])
             res = launch(c, echo=quiet) if dist else run_training(c, echo=quiet)
             results[name] = res
             echo(f"{name}: test ndcg@10 {res['test']['ndcg@10']:.4f}  hit@10 {res['test']['hit@10']:.4f}  (best epoch {res['best_epoch']})")
         rule("4. cold-start items: MAMEX vs content mapping")
         for name, model in (("content", "content"), ("mamex", "mamex")):
-            c = load_experiment_config(model, None, [*common, f"run_dir={runs}/{name}", f"train.epochs={cold_epochs}", "train.eval_every=5"])
+            c = load_experiment_config(model, None, [*common, f"run_dir={runs}/{data.name}/{name}", f"train.epochs={cold_epochs}", "train.eval_every=5"])
             res = run_training(c, echo=quiet)
             results[name] = res
             echo(f"{name}: test recall@20 {res['test']['recall@20']:.4f}  ndcg@20 {res['test']['ndcg@20']:.4f}  (best epoch {res['best_epoch']})")
@@ -70,5 +70,5 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 2, epochs:
     rule("5. results (test split)")
     for name, res in results.items():
         echo(format_results(res, [10, 20]))
-    echo(f"\nrun directories: {runs}/<model> (config.yaml, metrics.jsonl, tb/, checkpoints/, results.json)")
+    echo(f"\nrun directories: {runs}/{data.name}/<model> (config.yaml, metrics.jsonl, tb/, checkpoints/, results.json)")
     return results

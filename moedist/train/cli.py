@@ -66,3 +66,17 @@ def add_commands(sub) -> None:
             raise
     else:
         add_feature_commands(sub)
+    try:
+        from moedist.tune.cli import add_commands as add_tune_commands
+    except ImportError as e:
+        if "moedist.tune.cli" not in str(e):
+            raise
+    else:
+        add_tune_commands(sub)
+    try:
+        from moedist.report.cli import add_commands as add_report_commands
+    except ImportError as e:
+        if "moedist.report" not in str(e):
+            raise
+    else:
+        add_report_commands(sub)

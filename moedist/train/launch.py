@@ -62,12 +62,9 @@ def _worker_loop(config: dict) -> None:
     run_training(cfg, ctx=ctx)
 
 
-def launch_ray(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    echo = echo or (lambda s: print(s, flush=True))
+def resolve_run_paths(cfg: ExperimentConfig) -> Path:
+    """Make ``run_dir``, ``data`` and ``features`` absolute (Ray workers and Tune trials run in
+    other working directories); returns the run directory."""
     from moedist.data.dataset import PreparedDataset
 
     data_name = PreparedDataset(cfg.data).name if cfg.data else None
@@ -77,47 +74,97 @@ def launch_ray(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = No
     cfg.data = str(Path(cfg.data).resolve())
     if cfg.features:
         cfg.features = str(Path(cfg.features).resolve())
+    return run_dir
 
-    started = False
-    if not ray.is_initialized():
-        address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # a local cluster: logical CPUs oversubscribe small machines so the train
-            # controller and the workers never wait on each other
-            ray.init(
-                num_cpus=max(4, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 2),
-                include_dashboard=True, dashboard_host="127.0.0.1",
-                runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}},
-                log_to_driver=True,
-            )
-        started = True
-    try:
-        use_gpu = cfg.dist.use_gpu
-        if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={"cfg": to_dict(cfg), "threads": max(1, int(cfg.dist.cpus_per_worker))},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.dist.workers, use_gpu=bool(use_gpu),
-                resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-            ),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=run_dir.name,
-                storage_path=cfg.dist.storage_path or str(run_dir.parent / "ray"),
-                failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
+
+def init_ray(cfg: ExperimentConfig, *, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
+    """Connect to ``dist.ray_address`` / ``RAY_ADDRESS``, or start a local Ray instance.
+
+    Returns True when this call initialised Ray (the caller shuts it down); False when Ray
+    was already initialised in this process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        # a local cluster: logical CPUs oversubscribe small machines so the train
+        # controller and the workers never wait on each other; the dashboard stays on
+        # (loopback): Train V2 releases a stopped run's placement group through it
+        ray.init(
+            num_cpus=num_cpus or max(4, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 2),
+            include_dashboard=True, dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}},
+            log_to_driver=log_to_driver,
         )
+    return True
+
+
+def resolve_use_gpu(cfg: ExperimentConfig) -> bool:
+    """``dist.use_gpu``, or whether the connected cluster has GPUs."""
+    import ray
+
+    if cfg.dist.use_gpu is not None:
+        return bool(cfg.dist.use_gpu)
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    *,
+    use_gpu: bool,
+    name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+    failure_config=None,
+):
+    """The ``TorchTrainer`` that runs ``cfg`` on ``dist.workers`` workers (paths already absolute).
+
+    ``name`` / ``storage_path`` place Ray's run snapshot and checkpoints (default: the run
+    directory's name under ``dist.storage_path`` or ``<run_dir>/../ray``); a trainer with the
+    same name and storage resumes from its latest checkpoint. ``callbacks`` are Ray Train
+    ``UserCallback``s (Tune's ``TuneReportCallback`` for a trial).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = Path(cfg.run_dir)
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": to_dict(cfg), "threads": max(1, int(cfg.dist.cpus_per_worker))},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.dist.workers, use_gpu=bool(use_gpu),
+            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name or run_dir.name,
+            storage_path=storage_path or cfg.dist.storage_path or str(run_dir.parent / "ray"),
+            failure_config=failure_config or FailureConfig(max_failures=cfg.dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
+        ),
+    )
+
+
+def launch_ray(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) -> dict:
+    echo = echo or (lambda s: print(s, flush=True))
+    run_dir = resolve_run_paths(cfg)
+    started = init_ray(cfg)
+    try:
+        use_gpu = resolve_use_gpu(cfg)
+        trainer = build_trainer(cfg, use_gpu=use_gpu)
         echo(f"Ray Train: {cfg.dist.workers} worker(s), ep_size {cfg.dist.ep_size}, ZeRO {cfg.dist.zero_stage}, {'GPU' if use_gpu else 'CPU'}")
         result = trainer.fit()
         if result.error is not None:
             raise result.error
     finally:
         if started:
+            import ray
+
             ray.shutdown()
     import json
 

@@ -1,0 +1,439 @@
+"""Ray Tune over Ray Train: each trial is a TorchTrainer run, ASHA stops the poor ones.
+
+    moedist tune --model hm4sr --data data/prepared/synthetic-small-2025 --samples 16 --workers 1
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/tune_hm4sr.py --storage /shared/runs
+
+Ray 2.60 runs Train V2, which refuses ``Tuner(TorchTrainer)``. A trial is therefore a
+*function trainable* (:func:`moedist_trial`) that applies its hyperparameters to the base
+ExperimentConfig and runs a ``TorchTrainer`` (``moedist.train.launch.build_trainer``, the same
+trainer ``moedist train --workers N`` runs); a Train callback forwards each validation
+report to Tune, where ASHA compares trials at its rungs. The trial driver itself takes 0.01
+CPU; its workers take ``dist.workers x dist.cpus_per_worker`` CPUs (+1 GPU each), so at most
+``cluster CPUs / that`` trials run at once: a trial never holds its driver while waiting for
+workers that other trials occupy.
+
+One experiment folder holds everything (``<storage>/<name>``)::
+
+    experiment_state-*.json, tuner.pkl, moedist_trial_*/   Ray Tune's state (resume) and trial logs
+    trials/<trial_id>/         each trial's moedist run directory (config, metrics.jsonl, checkpoints)
+    ray/<trial_id>/            Ray Train's run snapshot and reported checkpoints of each trial
+    results.csv, results.parquet   one row per trial: hyperparameters, best validation metric,
+                               epochs run, status and why it stopped (asha / early_stopping / ...)
+    best.yaml                  the best trial's full ExperimentConfig (``moedist train --config best.yaml``)
+    best/                      that config retrained (resumable run directory) + results.json with test metrics
+
+Running the same command again restores the experiment (``Tuner.restore``): finished trials
+are kept, interrupted and errored ones continue from their last checkpoint, and nothing is
+re-run when everything finished.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from moedist.config import _from_dict, atomic_write_text, read_yaml, save_config, to_dict
+from moedist.errors import ConfigError, MoedistError
+from moedist.train.config import ExperimentConfig
+from moedist.tune.spaces import apply_overrides, describe, resolve_space, searched_keys, to_tune
+
+TRIAL_DRIVER_CPU = 0.01  # Ray refuses a 0-CPU trial; the trial's workers hold the real resources
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def _report_callback(metric: str):
+    """Tune's ``TuneReportCallback``, forwarding only reports that carry ``metric``.
+
+    The loop reports every epoch, but validates only every ``train.eval_every`` epochs (MAMEX:
+    10); Tune requires the metric in every result, so ASHA's time unit is one evaluation.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidationReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValidationReportCallback()
+
+
+def moedist_trial(config: dict, *, base: dict, trials_dir: str, train_storage: str, metric: str,
+                  use_gpu: bool, controller_failure_limit: int) -> None:
+    """One Tune trial: the base config + this trial's values, trained by a TorchTrainer."""
+    from ray import tune
+    from ray.train import FailureConfig
+
+    from moedist.train.launch import build_trainer
+
+    cfg = apply_overrides(_from_dict(ExperimentConfig, base), config)
+    trial_id = tune.get_context().get_trial_id()
+    cfg.run_dir = str(Path(trials_dir) / trial_id)
+    trainer = build_trainer(
+        cfg, use_gpu=use_gpu, name=trial_id, storage_path=train_storage,
+        callbacks=[_report_callback(metric)],
+        # a trial whose workers cannot start fails (and is resumed by a rerun) instead of
+        # retrying forever while holding its share of the cluster
+        failure_config=FailureConfig(max_failures=cfg.dist.max_failures, controller_failure_limit=controller_failure_limit),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def trial_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
+    """What one trial holds while it runs: its driver plus its training workers."""
+    need = {"CPU": TRIAL_DRIVER_CPU + cfg.dist.workers * cfg.dist.cpus_per_worker}
+    if use_gpu:
+        need["GPU"] = float(cfg.dist.workers)
+    return need
+
+
+def max_concurrent_trials(need: Mapping[str, float], available: Mapping[str, float]) -> int:
+    """How many trials fit the cluster at once, each with all its workers (>= 1 or an error)."""
+    fits = min(math.floor(available.get(r, 0.0) / n + 1e-9) for r, n in need.items() if n > 0)
+    if fits < 1:
+        have = ", ".join(f"{r} {available.get(r, 0):g}" for r in need)
+        want = ", ".join(f"{r} {n:g}" for r, n in need.items())
+        raise ConfigError(f"one trial needs {want} (dist.workers x dist.cpus_per_worker + its driver) but the Ray "
+                          f"cluster has {have}; lower dist.workers / dist.cpus_per_worker, or pass max_concurrent "
+                          "on an autoscaling cluster")
+    return fits
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip():
+                out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _trial_records(trial, run_dir: Path, frames: dict) -> list[dict]:
+    """The trial's epoch records: its run directory's metrics.jsonl (complete across resumes),
+    else what Tune received."""
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    if records:
+        return records
+    df = frames.get(trial.trial_id)
+    if df is None or len(df) == 0:
+        return []
+    return df.to_dict("records")
+
+
+def _first_line(err: Any) -> str | None:
+    if err is None:
+        return None
+    text = str(err).strip().splitlines()
+    tail = [ln for ln in text if ln.strip()]
+    return tail[-1][:300] if tail else type(err).__name__
+
+
+def results_rows(grid, *, keys: list[str], metric: str, mode: str, trials_dir: Path, cfg: ExperimentConfig) -> list[dict]:
+    """One row per trial: its searched values, best validation metric, epochs, status, stop reason."""
+    analysis = grid._experiment_analysis  # Trial objects carry the status the Result lacks
+    frames = getattr(analysis, "trial_dataframes", {}) or {}
+    rows = []
+    for trial in analysis.trials:
+        run_dir = trials_dir / trial.trial_id
+        records = _trial_records(trial, run_dir, frames)
+        scored = [r for r in records if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])]
+        pick = max if mode == "max" else min
+        best = pick(scored, key=lambda r: r[metric]) if scored else None
+        epochs_run = int(max((r.get("epoch", -1) for r in records), default=-1)) + 1
+        last = trial.last_result or {}
+        status = str(trial.status)
+        if status == "ERROR":
+            stopped_by = "error"
+        elif status != "TERMINATED":
+            stopped_by = status.lower()  # PENDING / RUNNING / PAUSED: an interrupted search
+        elif last.get("done"):
+            stopped_by = "max_epochs" if epochs_run >= cfg.train.epochs else "early_stopping"
+        else:
+            stopped_by = "asha"  # terminated by the scheduler before the function returned
+        error = None
+        if status == "ERROR":
+            try:
+                error = _first_line(trial.get_pickled_error() or trial.get_error())
+            except Exception:  # the error file may live on another node
+                error = "error"
+        row = {"trial_id": trial.trial_id}
+        for k in keys:
+            row[k] = trial.config.get(k)
+        row.update({
+            f"best_{metric}": float(best[metric]) if best else float("nan"),
+            "best_epoch": int(best["epoch"]) if best and "epoch" in best else None,
+            f"last_{metric}": float(scored[-1][metric]) if scored else float("nan"),
+            "epochs_run": epochs_run,
+            "evaluations": len(scored),
+            "iterations": int(last.get("training_iteration", 0) or 0),  # ASHA's time unit (evaluations)
+            "status": status,
+            "stopped_by": stopped_by,
+            "asha_stopped": stopped_by == "asha",
+            "early_stopped": stopped_by == "early_stopping",
+            "error": error,
+            "run_dir": str(run_dir),
+        })
+        rows.append(row)
+    return rows
+
+
+def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    """results.csv + results.parquet (atomic: a reader never sees half a table)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    csv, parquet = out_dir / "results.csv", out_dir / "results.parquet"
+    atomic_write_text(csv, df.to_csv(index=False))
+    tmp = out_dir / ".results.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, parquet)
+    return csv, parquet
+
+
+def format_table(rows: list[dict], *, keys: list[str], metric: str, mode: str, best_id: str | None) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"trials ({metric}, best {'max' if mode == 'max' else 'min'}; * = best)")
+    cols = ["trial_id", *keys, f"best_{metric}", "epochs_run", "stopped_by"]
+    for c in cols:
+        t.add_column(c.replace("hm4sr.", "").replace("mamex.", ""), justify="left" if c in ("trial_id", "stopped_by") else "right")
+    key = f"best_{metric}"
+    order = sorted(rows, key=lambda r: (math.isnan(r[key]), -r[key] if mode == "max" else r[key]))
+    for r in order:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.5f}" if c == key and isinstance(v, float) else ("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)))
+        if r["trial_id"] == best_id:
+            cells[0] += " *"
+        t.add_row(*cells)
+    buf = StringIO()
+    Console(file=buf, width=max(100, 14 * len(cols)), highlight=False).print(t)
+    return buf.getvalue().rstrip()
+
+
+def pick_best(rows: list[dict], metric: str, mode: str) -> dict | None:
+    key = f"best_{metric}"
+    scored = [r for r in rows if isinstance(r[key], float) and not math.isnan(r[key])]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda r: r[key])
+
+
+def _same_config(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        return read_yaml(path) == json.loads(json.dumps(to_dict(cfg)))
+    except MoedistError:
+        return False
+
+
+def _upload(local_dir: Path, uri: str, names: list[str]) -> None:
+    """Copy the experiment's tables and best config next to Tune's state on remote storage."""
+    import pyarrow.fs as pafs
+
+    for name in names:
+        src = local_dir / name
+        if src.is_dir():
+            for f in ("config.yaml", "results.json", "metrics.jsonl"):
+                if (src / f).is_file():
+                    pafs.copy_files(str(src / f), f"{uri}/{name}/{f}")
+        elif src.is_file():
+            pafs.copy_files(str(src), f"{uri}/{name}")
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def run_tune(
+    base_cfg: ExperimentConfig,
+    *,
+    space: str | Path | Mapping[str, Any] | None = None,
+    num_samples: int = 8,
+    max_concurrent: int | None = None,
+    metric: str | None = None,
+    mode: str = "max",
+    grace_period: int = 1,
+    reduction_factor: float = 2,
+    experiment_name: str | None = None,
+    storage_path: str | Path = "runs",
+    local_dir: str | Path | None = None,
+    resume: bool = True,
+    retrain_best: bool = True,
+    seed: int | None = None,
+    controller_failure_limit: int = 0,
+    verbose: int = 1,
+    echo: Callable[[str], None] | None = None,
+) -> dict:
+    """Search ``space`` around ``base_cfg`` with ASHA; write the results table and ``best.yaml``;
+    retrain the best configuration into ``<experiment>/best``. Returns a summary dict.
+
+    ``space``: a YAML path or mapping overriding the model's default space (see
+    :mod:`moedist.tune.spaces`); ``metric``: default ``valid_<train.valid_metric>`` (mode
+    max); ``grace_period``: evaluations before ASHA may stop a trial; ``max_concurrent``:
+    default, as many trials as the cluster's CPUs/GPUs hold with all their workers;
+    ``storage_path``: a local folder or a URI (``s3://...``) Ray writes the experiment to (with
+    a URI the tables, ``best.yaml`` and the trials' run directories are written under
+    ``local_dir`` — default ``runs/<name>`` — and the tables and best config copied there too);
+    ``resume``: restore the experiment when it exists (else refuse to overwrite it).
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from moedist.train.launch import init_ray, launch, resolve_run_paths, resolve_use_gpu
+    from moedist.train.loop import format_results
+
+    echo = echo or (lambda s: print(s, flush=True))
+    cfg = copy.deepcopy(base_cfg)
+    if not cfg.data:
+        raise ConfigError("data= is required (a directory written by `moedist data prepare`)")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
+    if num_samples < 1 or grace_period < 1:
+        raise ConfigError(f"num_samples and grace_period must be >= 1 (got {num_samples}, {grace_period})")
+    if cfg.dist.workers < 1:
+        cfg.dist.workers = 1  # a trial is a TorchTrainer run: at least one Ray Train worker
+    cfg.train.progress = False
+    resolved = resolve_space(space, cfg)
+    keys = searched_keys(resolved)
+    metric = metric or f"valid_{cfg.train.valid_metric}"
+    seed = cfg.train.seed if seed is None else seed
+
+    from moedist.data.dataset import PreparedDataset
+
+    name = experiment_name or f"tune-{cfg.model}-{PreparedDataset(cfg.data).name}"
+    storage = str(storage_path)
+    remote = _is_uri(storage)
+    if remote:
+        storage = storage.rstrip("/")
+        exp_path = f"{storage}/{name}"
+        local_exp = Path(local_dir or "runs").resolve() / name
+    else:
+        storage = str(Path(storage).resolve())
+        exp_path = str(Path(storage) / name)
+        local_exp = Path(local_dir).resolve() / name if local_dir else Path(exp_path)
+    cfg.run_dir = str(local_exp / "trials" / "_")  # resolve_run_paths makes data/features absolute
+    resolve_run_paths(cfg)
+    cfg.run_dir = None
+    trials_dir = local_exp / "trials"
+    train_storage = f"{exp_path}/ray"
+
+    started = init_ray(cfg, num_cpus=max(4, os.cpu_count() or 1))
+    try:
+        use_gpu = resolve_use_gpu(cfg)
+        cfg.dist.use_gpu = use_gpu  # every trial and the retrain alike
+        need = trial_resources(cfg, use_gpu)
+        if max_concurrent is None:
+            max_concurrent = max_concurrent_trials(need, ray.cluster_resources())
+        n_evals = len(range(0, cfg.train.epochs, max(1, cfg.train.eval_every)))
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                moedist_trial, base=to_dict(cfg), trials_dir=str(trials_dir), train_storage=train_storage,
+                metric=metric, use_gpu=use_gpu, controller_failure_limit=controller_failure_limit,
+            ),
+            {"cpu": TRIAL_DRIVER_CPU},
+        )
+        restored = bool(resume) and tune.Tuner.can_restore(exp_path)
+        if restored:
+            echo(f"restoring the experiment at {exp_path} (its stored search space and settings are used; "
+                 "interrupted and errored trials continue from their checkpoints)")
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        else:
+            if tune.Tuner.can_restore(exp_path):
+                raise ConfigError(f"experiment {exp_path} exists; resume it (the default) or choose another name")
+            echo(f"search space ({cfg.model}, {num_samples} sample(s), metric {metric} {mode}):\n{describe(resolved)}")
+            echo(f"each trial: {cfg.dist.workers} worker(s) x {cfg.dist.cpus_per_worker:g} CPU"
+                 f"{' + 1 GPU' if use_gpu else ''}; up to {max_concurrent} trial(s) at once; ASHA grace period "
+                 f"{grace_period} of {n_evals} evaluation(s), reduction factor {reduction_factor:g}")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=to_tune(resolved, seed=seed),
+                tune_config=tune.TuneConfig(
+                    metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(n_evals, grace_period),
+                                            grace_period=grace_period, reduction_factor=reduction_factor),
+                    search_alg=BasicVariantGenerator(random_state=seed),
+                ),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage, verbose=verbose,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+        grid = tuner.fit()
+
+        local_exp.mkdir(parents=True, exist_ok=True)
+        rows = results_rows(grid, keys=keys, metric=metric, mode=mode, trials_dir=trials_dir, cfg=cfg)
+        csv, parquet = write_table(rows, local_exp)
+        best_row = pick_best(rows, metric, mode)
+        echo(format_table(rows, keys=keys, metric=metric, mode=mode, best_id=best_row["trial_id"] if best_row else None))
+        summary: dict[str, Any] = {
+            "experiment": name, "experiment_path": exp_path, "experiment_dir": str(local_exp),
+            "restored": restored, "metric": metric, "mode": mode, "max_concurrent": max_concurrent,
+            "searched_keys": keys, "trials": rows, "results_csv": str(csv), "results_parquet": str(parquet),
+            "best": None, "best_config": None, "best_results": None,
+        }
+        if best_row is None:
+            echo("no trial reported a validation result; nothing to retrain")
+            return summary
+
+        trial = next(t for t in grid._experiment_analysis.trials if t.trial_id == best_row["trial_id"])
+        best_cfg = apply_overrides(cfg, dict(trial.config))
+        best_cfg.run_dir = str(local_exp / "best")
+        if remote or local_dir:  # else launch's default, <experiment>/ray, is train_storage already
+            best_cfg.dist.storage_path = train_storage
+        best_yaml = local_exp / "best.yaml"
+        save_config(best_cfg, best_yaml)
+        summary["best"] = {"trial_id": best_row["trial_id"], "config": {k: best_row[k] for k in keys},
+                           metric: best_row[f"best_{metric}"], "epochs_run": best_row["epochs_run"]}
+        summary["best_config"] = str(best_yaml)
+        echo(f"best trial {best_row['trial_id']}: {metric} {best_row[f'best_{metric}']:.5f}; config {best_yaml}")
+
+        if retrain_best:
+            best_dir = local_exp / "best"
+            if (best_dir / "results.json").is_file() and _same_config(best_dir, best_cfg):
+                results = json.loads((best_dir / "results.json").read_text())
+                echo(f"best config already retrained in {best_dir}")
+                echo(format_results(results, best_cfg.train.topk))
+            else:
+                if best_dir.exists() and not _same_config(best_dir, best_cfg):
+                    # an earlier best of this experiment: never resume one config's checkpoint into another
+                    shutil.rmtree(best_dir)
+                    if not remote:
+                        shutil.rmtree(Path(best_cfg.dist.storage_path or local_exp / "ray") / "best", ignore_errors=True)
+                echo(f"retraining the best config into {best_dir}")
+                results = launch(best_cfg, echo=echo)
+            summary["best_results"] = results
+        if remote:
+            _upload(local_exp, exp_path, ["results.csv", "results.parquet", "best.yaml", "best"])
+        return summary
+    finally:
+        if started:
+            ray.shutdown()
