@@ -12,8 +12,6 @@ records exactly what produced it.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from moedist.errors import ConfigError
+from moedist.io import atomic_write_text  # noqa: F401  (re-exported: older imports use moedist.config)
 
 T = TypeVar("T")
 
@@ -214,22 +213,6 @@ def to_dict(cfg: Any) -> dict:
         return v
 
     return convert(cfg)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -31,6 +31,7 @@ import pandas as pd
 from moedist import __version__
 from moedist.data.schema import RawSource
 from moedist.errors import DataError
+from moedist.io import sha256_file
 
 PREPARE_FORMAT = 1
 
@@ -126,13 +127,6 @@ def leave_one_out_labels(seq_pos: np.ndarray, user_len: np.ndarray) -> np.ndarra
 
 # ----------------------------------------------------------------------------- pipeline
 
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fingerprint(raw_files: list[str], options: PrepareOptions) -> str:

@@ -55,6 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from moedist.errors import ConfigError
+from moedist.io import sha256_file
 
 MODALITIES = ("text", "image")
 
@@ -65,13 +66,6 @@ def _pkg_version(name: str) -> str | None:
     except metadata.PackageNotFoundError:
         return None
 
-
-def _sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _force_offline() -> None:
@@ -340,7 +334,7 @@ class EfficientNetLite0ImageEncoder(Encoder):
 
     def describe(self) -> dict:
         if self._sha256 is None:
-            self._sha256 = _sha256_file(self.weights_path)
+            self._sha256 = sha256_file(self.weights_path)
         return self._base_description(
             model="efficientnet_lite0",
             architecture="timm efficientnet_lite0 (bn_eps=1e-3)",

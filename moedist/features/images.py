@@ -34,7 +34,6 @@ import http.client
 import io
 import os
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
+from moedist.io import atomic_write_bytes
 
 REASONS = (
     "no_image",
@@ -101,21 +101,6 @@ def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
         return None, "truncated" if "truncat" in str(e).lower() else "decode_error"
     except Exception:  # noqa: BLE001 - a corrupt file must never stop the extraction
         return None, "decode_error"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 @dataclass
@@ -218,7 +203,7 @@ class ImageFetcher:
                 return None, reason
             if cached is not None:
                 try:
-                    _write_atomic(cached, data)
+                    atomic_write_bytes(cached, data)
                 except OSError:
                     pass  # a read-only cache is not an error
             return img, None

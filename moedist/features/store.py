@@ -42,6 +42,7 @@ from typing import Iterable
 import numpy as np
 
 from moedist.errors import DataError
+from moedist.io import atomic_write_json, sha256_file
 
 FORMAT = "moedist-item-features"
 FORMAT_VERSION = 1
@@ -63,13 +64,6 @@ def shard_range(index: int, shard_size: int, n_items: int) -> tuple[int, int]:
 def n_shards(n_items: int, shard_size: int) -> int:
     return (n_items + shard_size - 1) // shard_size
 
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def item_key(item_idx: int) -> str:
@@ -157,21 +151,7 @@ def write_shard(
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_json(path, obj)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -1,7 +1,6 @@
 """``moedist train`` (and the other torch-side commands), registered lazily by moedist.cli."""
 from __future__ import annotations
 
-from pathlib import Path
 
 MODELS = ("hm4sr", "mamex", "sasrec", "popularity", "content")
 

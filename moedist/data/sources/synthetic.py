@@ -556,7 +556,7 @@ def _draw_gaps(n: int, activity: np.ndarray, rng: np.random.Generator) -> np.nda
 
 def _make_interactions(spec: SyntheticSpec, items: dict, rng: np.random.Generator):
     U, I, T, S = spec.n_users, spec.n_items, spec.n_topics, spec.n_subtopics
-    topic, sub, group = items["topic"], items["sub"], items["group"]
+    topic, group = items["topic"], items["group"]
     weight, rare_item, chain_next = items["weight"], items["rare"], items["chain_next"]
     sub_sampler = _GroupSampler(weight, group, T * S)
     topic_sampler = _GroupSampler(weight, topic, T)
