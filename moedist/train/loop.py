@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from moedist.config import atomic_write_text, save_config
 from moedist.data.dataset import ColdStartData, PreparedDataset, SequentialSamples
-from moedist.errors import CheckpointError, ConfigError, MoedistError
+from moedist.errors import CheckpointError, ConfigError, DataError, MoedistError
 from moedist.train.checkpoint import latest_complete, load_checkpoint, previous_of, save_checkpoint
 from moedist.train.config import ExperimentConfig
 from moedist.train.evaluate import cold_start_metric_sums, cold_start_ranks, full_sort_ranks, loo_metric_sums, pad_item_lists
@@ -208,6 +208,7 @@ class SequentialTask:
 
     def __init__(self, data: PreparedDataset, cfg: ExperimentConfig, max_len: int):
         self.cfg = cfg
+        self.n_item_rows, self.n_user_rows = data.n_item_rows, data.n_users + 1
         self.splits = {s: SequentialSamples.build(data, s, max_len) for s in ("train", "valid", "test")}
 
     def n_train(self) -> int:
@@ -242,6 +243,7 @@ class ColdStartTask:
 
     def __init__(self, data: PreparedDataset, cfg: ExperimentConfig):
         self.cfg = cfg
+        self.n_item_rows, self.n_user_rows = data.n_item_rows, data.n_users + 1
         self.cold = ColdStartData(data)
         self.candidates = torch.from_numpy(self.cold.candidates)
         self.heldout = {s: self.cold.heldout(s) for s in ("valid", "test")}
@@ -314,6 +316,22 @@ def evaluate_split(model, task, split: str, ctx: DistContext, batch_size: int) -
     sums = task.metric_sums(ranks)
     count = float(sums.pop("count"))
     return {k: float(v) / max(count, 1.0) for k, v in sums.items()}
+
+
+_ITEM_FIELDS = ("item_seq", "target", "pos_item", "neg_item")
+
+
+def check_batch_ids(batch: dict[str, torch.Tensor], n_item_rows: int, n_user_rows: int, where: str) -> None:
+    """A clear error for ids outside the embedding tables, instead of an IndexError deep in
+    torch (or, on GPU, a device-side assert that kills the process)."""
+    for name, limit in [(f, n_item_rows) for f in _ITEM_FIELDS] + [("user", n_user_rows)]:
+        t = batch.get(name)
+        if t is None or t.numel() == 0:
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= limit:
+            bad = hi if hi >= limit else lo
+            raise DataError(f"{where}: batch field {name!r} holds id {bad}, outside 0..{limit - 1}")
 
 
 def _cat_ranks(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -476,7 +494,9 @@ def train_one_epoch(stepper, task, cfg: ExperimentConfig, ctx: DistContext, epoc
             weight = len(sub) * ctx.world * micro / n_global  # share of the global batch
             if len(sub) == 0:  # more ranks than samples: a zero-weight dummy keeps collectives in step
                 sub, weight = gidx[:1], 0.0
-            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in task.make_batch(sub).items()}
+            batch = task.make_batch(sub)
+            check_batch_ids(batch, task.n_item_rows, task.n_user_rows, f"epoch {epoch}, step {steps}")
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
             loss, parts = model.calculate_loss(batch)
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
