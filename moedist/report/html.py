@@ -36,7 +36,6 @@ from moedist.errors import MoedistError
 from moedist.report import plots
 from moedist.report.runs import (
     ExpertSeries,
-    ReportError,
     RunInfo,
     child_runs,
     classify,
@@ -47,6 +46,7 @@ from moedist.report.runs import (
     read_run,
     read_tuning_table,
     series,
+    trial_runs,
     valid_keys,
 )
 
@@ -93,7 +93,7 @@ class _Builder:
         except MoedistError as e:
             self.skip(sec, caption.split(":")[0], str(e))
             return False
-        except Exception as e:  # a figure must never sink the whole report
+        except Exception as e:  # noqa: BLE001 - a figure must never sink the whole report
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             self.skip(sec, caption.split(":")[0], f"drawing failed ({detail})")
             return False
@@ -133,17 +133,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, embe
         t0 = time.perf_counter()
         if kind == "run":
             run = read_run(run_dir)
-            _run_sections(b, run, prefix="", probe=probe_models)
-            _comparison_section(b, comparison_runs(run_dir, kind), current=run_dir)
-            title = f"{run.model or 'run'} — {run_dir.name}"
+            _run_sections(b, run, prefix="", probe=probe_models, siblings=comparison_runs(run_dir, kind))
+            title = f"{run.model or 'run'} report: {run_dir.name}"
         elif kind == "collection":
             runs = comparison_runs(run_dir, kind)
             _comparison_section(b, runs, current=None)
             _collection_curves(b, [read_run(p) for p in child_runs(run_dir)])
-            title = f"runs in {run_dir.name}"
+            title = f"runs report: {run_dir.name}"
         else:
             _tuning_sections(b, tuning, probe=probe_models)
-            title = f"tuning — {run_dir.name}"
+            title = f"tuning report: {run_dir.name}"
         page = _page(title, run_dir, kind, b, time.perf_counter() - t0)
         (tmp / "index.html").write_text(page, encoding="utf-8")
         _install(tmp, out)
@@ -154,26 +153,30 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, embe
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Move the finished report into place. A previous report (recognised by its index.html)
-    is replaced whole; any other existing folder only gets our files added or overwritten."""
-    ours = out.is_dir() and (out / "index.html").is_file() and GENERATOR in (out / "index.html").read_text(errors="ignore")[:2000]
+    """Move the finished report into place, file by file (each replace is atomic, index.html
+    last). PNGs of an earlier report in ``out`` (recognised by its index.html) that this one
+    no longer draws are removed; nothing else in ``out`` is touched."""
     if not out.exists():
         os.replace(tmp, out)
-    elif ours:
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
+        return
+    index = out / "index.html"
+    ours = index.is_file() and GENERATOR in index.read_text(errors="ignore")[:2000]
+    new = {f.name for f in tmp.iterdir()}
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "index.html"):
+        os.replace(f, out / f.name)
+    if ours:
+        for old in out.glob("*.png"):
+            if old.name not in new:
+                old.unlink()
 
 
 # ----------------------------------------------------------------------------- run sections
 
 
 def _fmt(v) -> str:
-    if isinstance(v, bool) or v is None:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
         return html.escape(str(v))
     if isinstance(v, int):
         return f"{v:,}"
@@ -190,8 +193,10 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _run_sections(b: _Builder, run: RunInfo, prefix: str, probe: bool) -> None:
+def _run_sections(b: _Builder, run: RunInfo, prefix: str, probe: bool, siblings: list[RunInfo] | None = None) -> None:
     _summary_section(b, run)
+    if siblings:
+        _comparison_section(b, siblings, current=run.path)
     _curves_section(b, run, prefix)
     _moe_section(b, run, prefix)
     if probe:
@@ -405,7 +410,7 @@ def _tuning_sections(b: _Builder, t, probe: bool) -> None:
              f"<b>{html.escape(str(t.metric))}</b> ({'higher' if t.mode == 'max' else 'lower'} is better)"
              + (f"; {failed} trial(s) without a metric (failed or stopped before evaluation)" if failed else "") + ".")
     hcols = list(t.hparams)
-    extra = [c for c in ("trial_id",) if c in frame.columns and c not in hcols]
+    extra = [c for c in ("trial_id", "status", "stopped_by", "epochs_run") if c in frame.columns and c not in hcols]
     shown = ordered.head(MAX_TABLE_ROWS)
     rows = [[_fmt(r.get(c)) for c in extra + hcols] + [f"<b>{_fmt(r[t.metric])}</b>" if i == best_pos else _fmt(r[t.metric])]
             for i, r in shown.iterrows()]
@@ -438,7 +443,7 @@ def _tuning_sections(b: _Builder, t, probe: bool) -> None:
         if d is not None:
             trial_dirs[i] = d
     if not trial_dirs:
-        trial_dirs = {f"dir:{p.name}": p for p in child_runs(t.path)}
+        trial_dirs = {f"dir:{p.name}": p for p in trial_runs(t.path)}
     sec = b.section("Validation curves of the trials")
     curve_key = "valid_" + str(t.metric).removeprefix("best_").removeprefix("valid_")
     curves, best_name = [], None

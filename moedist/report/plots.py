@@ -199,8 +199,8 @@ def temporal_gate(tg, path: Path) -> Path:
         ax.plot(x, tg.weights[:, e], color=_color(e), lw=2, label=f"expert {e}")
     ax.axhline(1.0 / tg.weights.shape[1], color="0.4", ls="--", lw=1, label="uniform")
     ax.axvline(tg.max_interval, color="black", ls=":", lw=1)
-    ax.annotate(" dataset's longest gap\n (longer ones share its bucket)", (tg.max_interval, 0.98),
-                xycoords=("data", "axes fraction"), va="top", fontsize=8)
+    ax.annotate("dataset's longest gap \n(longer ones share its bucket) ", (tg.max_interval, 0.98),
+                xycoords=("data", "axes fraction"), va="top", ha="right", fontsize=8)
     ax.set_xscale("log")
     ticks = [(zero_x, "0")] + [(s, n) for n, s in NAMED_INTERVALS if s <= x.max()]
     ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks], rotation=30)
@@ -232,7 +232,7 @@ def fusion(f, path: Path) -> Path:
     ax1 = fig.add_subplot(1, 2, 1)
     ax2 = fig.add_subplot(1, 2, 2)
     split = np.array(f.split)
-    bins = np.linspace(0, 1, 101)
+    bins = np.linspace(0, 1, 51)
     m0 = f.modalities[0]
     for label, sel, color in (("warm (train) items", (split == "train") & present, _color(0)),
                               ("cold (valid/test) items", (split != "train") & present, _color(1))):

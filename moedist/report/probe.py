@@ -155,7 +155,9 @@ def score_contributions(model, batch: dict) -> dict:
     return terms
 
 
-def hm4sr_score_contributions(tm: TrainedModel, max_users: int = 512) -> Contributions:
+def hm4sr_score_contributions(tm: TrainedModel, max_users: int = 512, chunk: int = 128) -> Contributions:
+    """Statistics of the per-modality score terms over (up to) ``max_users`` validation users,
+    in chunks of ``chunk`` users (a chunk's terms are ``[chunk, N]`` per modality)."""
     import torch
 
     from moedist.data.dataset import SequentialSamples
@@ -166,20 +168,31 @@ def hm4sr_score_contributions(tm: TrainedModel, max_users: int = 512) -> Contrib
     samples = SequentialSamples.build(data, "valid", tm.cfg.hm4sr.max_seq_len)
     if len(samples) == 0:
         raise ProbeSkipped("the dataset has no validation samples")
-    idx = np.arange(min(len(samples), max_users))
-    batch = samples.batch(idx)
-    terms = score_contributions(model, batch)
-    err = float(terms.pop("_error"))
-    target = batch["target"]
-    items = slice(1, None)  # pad row 0 is never a candidate
-    total_top = sum(terms.values())[:, items].argmax(1)
-    out = Contributions(list(terms), {}, {}, {}, {}, len(idx), err)
-    for m, t in terms.items():
-        out.target_mean[m] = float(t.gather(1, target[:, None]).mean())
-        out.all_mean[m] = float(t[:, items].mean())
-        out.spread[m] = float(t[:, items].std(dim=1).mean())
-        out.top1_agree[m] = float((t[:, items].argmax(1) == total_top).to(torch.float32).mean())
-    return out
+    n = min(len(samples), max_users)
+    sums: dict[str, dict[str, float]] = {}
+    err = 0.0
+    for lo in range(0, n, chunk):
+        batch = samples.batch(np.arange(lo, min(lo + chunk, n)))
+        terms = score_contributions(model, batch)
+        err = max(err, float(terms.pop("_error")))
+        target = batch["target"]
+        items = slice(1, None)  # pad row 0 is never a candidate
+        total_top = sum(terms.values())[:, items].argmax(1)
+        for m, t in terms.items():
+            acc = sums.setdefault(m, {"target": 0.0, "all": 0.0, "spread": 0.0, "top1": 0.0})
+            acc["target"] += float(t.gather(1, target[:, None]).sum())
+            acc["all"] += float(t[:, items].mean(dim=1).sum())
+            acc["spread"] += float(t[:, items].std(dim=1).sum())
+            acc["top1"] += float((t[:, items].argmax(1) == total_top).to(torch.float32).sum())
+    return Contributions(
+        modalities=list(sums),
+        target_mean={m: a["target"] / n for m, a in sums.items()},
+        all_mean={m: a["all"] / n for m, a in sums.items()},
+        spread={m: a["spread"] / n for m, a in sums.items()},
+        top1_agree={m: a["top1"] / n for m, a in sums.items()},
+        n_users=n,
+        max_abs_error=err,
+    )
 
 
 @dataclass

@@ -264,7 +264,7 @@ def normalise_hparam(col: str) -> str | None:
 @dataclass
 class TuningTable:
     path: Path
-    frame: "object"  # pandas.DataFrame
+    frame: object  # pandas.DataFrame
     metric: str  # column holding the metric
     mode: str  # "max" | "min"
     hparams: dict[str, str]  # column -> config key
@@ -277,7 +277,9 @@ class TuningTable:
         if not isinstance(raw, str) or not raw:
             return None
         p = Path(raw.removeprefix("file://"))
-        for cand in (p, self.path / p, self.path / p.name):
+        # as written, relative to the experiment, or moved with it (``moedist tune`` keeps
+        # trials under ``<experiment>/trials/<trial_id>``)
+        for cand in (p, self.path / p, self.path / "trials" / p.name, self.path / p.name):
             if is_run_dir(cand):
                 return cand
         return None
@@ -292,7 +294,7 @@ def read_tuning_table(path: Path, metric: str | None = None, mode: str | None = 
     csv = path / "results.csv"
     try:
         frame = pd.read_csv(csv)
-    except Exception as e:  # pandas raises several types for malformed CSV
+    except Exception as e:  # noqa: BLE001 - pandas raises several types for malformed CSV
         raise ReportError(f"{csv}: cannot read the tuning table ({type(e).__name__}: {e})") from None
     if frame.empty:
         raise ReportError(f"{csv}: the tuning table has no rows")
@@ -307,13 +309,18 @@ def read_tuning_table(path: Path, metric: str | None = None, mode: str | None = 
     return TuningTable(path=path, frame=frame, metric=metric, mode=mode, hparams=hparams, trial_col=trial_col)
 
 
+def trial_runs(path: Path) -> list[Path]:
+    """Run directories of a tuning folder's trials: ``trials/*`` (``moedist tune``) or direct subfolders."""
+    return child_runs(path / "trials") or child_runs(path)
+
+
 def _guess_metric(frame, hparams: dict, path: Path) -> str:
     import pandas as pd
 
     numeric = [c for c in frame.columns if c not in hparams and pd.api.types.is_numeric_dtype(frame[c])]
     # the valid_metric the trials were selected on, when a trial's config.yaml says so
     wanted = []
-    for sub in child_runs(path)[:1]:
+    for sub in trial_runs(path)[:1]:
         vm = read_run(sub).valid_metric
         if vm:
             wanted += [f"best_valid_{vm}", f"valid_{vm}", vm, f"best_{vm}"]

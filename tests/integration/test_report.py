@@ -116,7 +116,7 @@ def test_moved_data_and_torn_metrics_degrade_gracefully(runs, tmp_path):
 def test_folder_of_runs_gives_one_results_table(runs, tmp_path):
     index = write_report(runs, tmp_path / "all")
     page = index.read_text()
-    tables = re.findall(r'<table class="results">.*?</table>', page, flags=re.S)
+    tables = re.findall(r'<table class="results">.*?</table>', page, flags=re.DOTALL)
     assert len(tables) == 2  # one per protocol: leave-one-out (hm4sr, popularity), cold start (mamex)
     loo = next(t for t in tables if "hm4sr" in t)
     assert "popularity" in loo and "test ndcg@10" in loo
@@ -164,25 +164,31 @@ def _fake_trial(root: Path, name: str, template: Path, curve: list[float]) -> Pa
     d = root / name
     d.mkdir(parents=True)
     shutil.copy(template / "config.yaml", d / "config.yaml")
-    with open(d / "metrics.jsonl", "w") as f:
-        for e, v in enumerate(curve):
-            f.write(json.dumps({"epoch": e, "loss": 5.0 - v, "loss_ce": 4.0 - v, "valid_ndcg@20": v}) + "\n")
+    records = [{"epoch": e, "loss": 5.0 - v, "loss_ce": 4.0 - v, "valid_ndcg@20": v} for e, v in enumerate(curve)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return d
 
 
 def test_tuning_folder_report(runs, tmp_path):
+    """The layout of ``moedist tune``: trials/<trial_id>/ run directories and results.csv with
+    the searched keys, best_valid_<metric>, status columns and each trial's run_dir."""
     exp = tmp_path / "tune-hm4sr"
-    exp.mkdir()
+    trials = exp / "trials"
+    trials.mkdir(parents=True)
     # the best trial is a real run (its full report is included); the others are hand-written
-    shutil.copytree(runs / "hm4sr", exp / "trial_0", ignore=shutil.ignore_patterns("report"))
-    best = json.loads((exp / "trial_0" / "results.json").read_text())["valid"]["ndcg@20"]
-    rows = [("trial_0", 4, 1e-3, True, best)]
+    shutil.copytree(runs / "hm4sr", trials / "t0", ignore=shutil.ignore_patterns("report"))
+    best = json.loads((trials / "t0" / "results.json").read_text())["valid"]["ndcg@20"]
+    rows = [("t0", 4, 1e-3, True, best)]
     for i, (k1, lr, imoe, v) in enumerate([(2, 1e-4, False, 0.1), (8, 3e-2, True, 0.2), (4, 1e-2, False, 0.05)], start=1):
-        _fake_trial(exp, f"trial_{i}", runs / "hm4sr", [v * 0.5, v * 0.8, v])
-        rows.append((f"trial_{i}", k1, lr, imoe, min(v, best / 2)))
-    lines = ["trial_id,hm4sr.k1,config/train.lr,hm4sr.use_imoe,hm4sr.mu,valid_ndcg@20,run_dir"]
-    lines += [f"{t},{k1},{lr},{imoe},100.0,{v},{t}" for t, k1, lr, imoe, v in rows]
-    lines.append("trial_4,16,0.001,True,100.0,,trial_4")  # a failed trial: no metric, no directory
+        _fake_trial(trials, f"t{i}", runs / "hm4sr", [v * 0.5, v * 0.8, v])
+        rows.append((f"t{i}", k1, lr, imoe, min(v, best / 2)))
+    header = ("trial_id,hm4sr.k1,config/train.lr,hm4sr.use_imoe,hm4sr.mu,best_valid_ndcg@20,last_valid_ndcg@20,"
+              "epochs_run,status,stopped_by,run_dir")
+    lines = [header]
+    # run_dir as written by the tuner: a path where the experiment was (it has moved since)
+    lines += [f"{t},{k1},{lr},{imoe},100.0,{v},{v},3,TERMINATED,max_epochs,/elsewhere/tune-hm4sr/trials/{t}"
+              for t, k1, lr, imoe, v in rows]
+    lines.append("t4,16,0.001,True,100.0,,,0,ERROR,error,/elsewhere/tune-hm4sr/trials/t4")  # failed: no metric, no dir
     (exp / "results.csv").write_text("\n".join(lines) + "\n")
 
     index = write_report(exp)
@@ -191,10 +197,11 @@ def test_tuning_folder_report(runs, tmp_path):
         "best_learning_curves.png", "best_expert_load.png", "best_moe_scalars.png",
         "best_modality_contributions.png", "best_temporal_gate.png",
     })
+    assert "<b>best_valid_ndcg@20</b> (higher is better)" in page
     assert "hm4sr.mu = 100.0 in every trial: not searched" in page
     assert "1 trial(s) without a metric" in page
-    assert "Best trial: trial_0" in page
-    for t in ("trial_0", "trial_1", "trial_2", "trial_3"):
+    assert "Best trial: t0" in page
+    for t in ("t0", "t1", "t2", "t3"):
         assert f"<td>{t}</td>" in page
 
 
