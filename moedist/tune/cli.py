@@ -23,7 +23,7 @@ def add_tune_arguments(p: argparse.ArgumentParser, *, model_required: bool = Tru
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--features", help="feature shards directory (default: the one under <data>/features)")
     p.add_argument("--config", help="YAML with ExperimentConfig keys (the base of every trial)")
-    p.add_argument("--samples", type=int, default=8, help="trials to sample (with grid keys: repeats of the grid); default 8")
+    p.add_argument("--samples", type=int, help="trials to sample (with grid keys: repeats of the grid); default 8")
     p.add_argument("--space", help="YAML overriding the search space (key: {grid|choice|uniform|quniform|loguniform: [...]})")
     p.add_argument("--workers", type=int, help="Ray Train workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, help="Ray CPUs per worker")
@@ -62,7 +62,7 @@ def tune_from_args(args, model: str, *, echo=print) -> dict:
 
     cfg = config_from_args(args, model)
     return run_tune(
-        cfg, space=args.space, num_samples=args.samples, max_concurrent=args.max_concurrent, metric=args.metric,
+        cfg, space=args.space, num_samples=args.samples or 8, max_concurrent=args.max_concurrent, metric=args.metric,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, experiment_name=args.name,
         storage_path=args.storage, resume=args.resume, retrain_best=args.retrain, seed=args.seed, echo=echo,
     )
@@ -73,7 +73,7 @@ def cmd_tune(args) -> int:
 
     out = tune_from_args(args, args.model, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
     console.print(f"results: {out['results_csv']}" + (f"\nbest config: {out['best_config']}" if out["best_config"] else ""))
-    return 0
+    return 0 if out["complete"] else 130  # interrupted: the CLI's convention (a rerun resumes)
 
 
 def add_commands(sub) -> None:

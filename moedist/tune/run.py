@@ -36,7 +36,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from moedist.config import _from_dict, atomic_write_text, read_yaml, save_config, to_dict
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from moedist.config import _from_dict, atomic_write_text, load_config, read_yaml, save_config, to_dict
 from moedist.errors import ConfigError, MoedistError
 from moedist.train.config import ExperimentConfig
 from moedist.tune.spaces import apply_overrides, describe, resolve_space, searched_keys, to_tune
@@ -49,6 +51,32 @@ def _is_uri(path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- the trial
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that notes which trials it stopped early (``asha_stopped.jsonl`` beside the table).
+
+    Tune marks a trial the scheduler stops ``done`` and TERMINATED, exactly like one whose
+    training ended by itself, so the results table learns the difference from this record.
+    """
+
+    def __init__(self, *, record_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self._record_path = record_path
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+            Path(self._record_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self._record_path, "a") as f:
+                f.write(json.dumps({"trial_id": trial.trial_id, self._time_attr: result.get(self._time_attr),
+                                    self._metric: result.get(self._metric)}) + "\n")
+        return action
+
+
+def asha_stopped_trials(path: Path) -> set[str]:
+    return {r["trial_id"] for r in _read_jsonl(path) if "trial_id" in r}
+
 
 
 def _report_callback(metric: str):
@@ -149,12 +177,31 @@ def _first_line(err: Any) -> str | None:
     return tail[-1][:300] if tail else type(err).__name__
 
 
-def results_rows(grid, *, keys: list[str], metric: str, mode: str, trials_dir: Path, cfg: ExperimentConfig) -> list[dict]:
+def saved_statuses(exp_path: str) -> dict[str, str]:
+    """Trial statuses as Tune last saved them. After an interrupt (Ctrl+C) the trials that
+    were running are TERMINATED in memory but RUNNING in the saved state, and a rerun
+    resumes them: the saved state is the truth about what is finished."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: str(t.status) for t in ExperimentAnalysis(exp_path).trials}
+    except Exception:  # no state file (yet): fall back to the in-memory statuses
+        return {}
+
+
+def expected_trials(space: Mapping[str, Any], num_samples: int) -> int:
+    grids = [len(s["grid"]) for s in space.values() if isinstance(s, Mapping) and "grid" in s]
+    return num_samples * math.prod(grids)
+
+
+def results_rows(grid, *, keys: list[str], metric: str, mode: str, trials_dir: Path, cfg: ExperimentConfig,
+                 asha_stopped: set[str] = frozenset(), statuses: Mapping[str, str] | None = None) -> list[dict]:
     """One row per trial: its searched values, best validation metric, epochs, status, stop reason."""
     analysis = grid._experiment_analysis  # Trial objects carry the status the Result lacks
     frames = getattr(analysis, "trial_dataframes", {}) or {}
+    statuses = statuses or {}
     rows = []
-    for trial in analysis.trials:
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):  # restore reorders them
         run_dir = trials_dir / trial.trial_id
         records = _trial_records(trial, run_dir, frames)
         scored = [r for r in records if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])]
@@ -162,15 +209,18 @@ def results_rows(grid, *, keys: list[str], metric: str, mode: str, trials_dir: P
         best = pick(scored, key=lambda r: r[metric]) if scored else None
         epochs_run = int(max((r.get("epoch", -1) for r in records), default=-1)) + 1
         last = trial.last_result or {}
-        status = str(trial.status)
+        status = statuses.get(trial.trial_id, str(trial.status))
+        # Tune marks a scheduler-stopped trial done and TERMINATED too: the ASHA record tells
         if status == "ERROR":
             stopped_by = "error"
         elif status != "TERMINATED":
-            stopped_by = status.lower()  # PENDING / RUNNING / PAUSED: an interrupted search
-        elif last.get("done"):
-            stopped_by = "max_epochs" if epochs_run >= cfg.train.epochs else "early_stopping"
+            stopped_by = "interrupted"  # PENDING / RUNNING / PAUSED: a rerun resumes it
+        elif trial.trial_id in asha_stopped:
+            stopped_by = "asha"
+        elif epochs_run >= cfg.train.epochs:
+            stopped_by = "max_epochs"
         else:
-            stopped_by = "asha"  # terminated by the scheduler before the function returned
+            stopped_by = "early_stopping"  # train.patience evaluations without improvement
         error = None
         if status == "ERROR":
             try:
@@ -305,7 +355,6 @@ def run_tune(
     """
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from moedist.train.launch import init_ray, launch, resolve_run_paths, resolve_use_gpu
@@ -345,6 +394,7 @@ def run_tune(
     cfg.run_dir = None
     trials_dir = local_exp / "trials"
     train_storage = f"{exp_path}/ray"
+    asha_record = local_exp / "asha_stopped.jsonl"
 
     started = init_ray(cfg, num_cpus=max(4, os.cpu_count() or 1))
     try:
@@ -353,6 +403,17 @@ def run_tune(
         need = trial_resources(cfg, use_gpu)
         if max_concurrent is None:
             max_concurrent = max_concurrent_trials(need, ray.cluster_resources())
+        plan_path, base_path = local_exp / "tune_plan.json", local_exp / "base_config.yaml"
+        restored = bool(resume) and tune.Tuner.can_restore(exp_path)
+        plan = json.loads(plan_path.read_text()) if restored and plan_path.is_file() else {}
+        if restored and base_path.is_file():
+            # a resumed search keeps the base config, metric and space it started with
+            stored = load_config(ExperimentConfig, base_path)
+            if to_dict(stored) != to_dict(cfg):
+                echo(f"note: resuming with the experiment's stored base config {base_path}, not this call's")
+            cfg = stored
+            metric, mode = plan.get("metric", metric), plan.get("mode", mode)
+            keys = list(plan.get("searched_keys", keys))
         n_evals = len(range(0, cfg.train.epochs, max(1, cfg.train.eval_every)))
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -361,7 +422,6 @@ def run_tune(
             ),
             {"cpu": TRIAL_DRIVER_CPU},
         )
-        restored = bool(resume) and tune.Tuner.can_restore(exp_path)
         if restored:
             echo(f"restoring the experiment at {exp_path} (its stored search space and settings are used; "
                  "interrupted and errored trials continue from their checkpoints)")
@@ -373,14 +433,21 @@ def run_tune(
             echo(f"each trial: {cfg.dist.workers} worker(s) x {cfg.dist.cpus_per_worker:g} CPU"
                  f"{' + 1 GPU' if use_gpu else ''}; up to {max_concurrent} trial(s) at once; ASHA grace period "
                  f"{grace_period} of {n_evals} evaluation(s), reduction factor {reduction_factor:g}")
+            save_config(cfg, base_path)
+            atomic_write_text(plan_path, json.dumps({
+                "model": cfg.model, "num_samples": num_samples, "expected_trials": expected_trials(resolved, num_samples),
+                "space": resolved, "searched_keys": keys, "metric": metric, "mode": mode}, indent=1, default=str))
             tuner = tune.Tuner(
                 trainable,
                 param_space=to_tune(resolved, seed=seed),
                 tune_config=tune.TuneConfig(
-                    metric=metric, mode=mode, num_samples=num_samples, max_concurrent_trials=max_concurrent,
-                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max(n_evals, grace_period),
-                                            grace_period=grace_period, reduction_factor=reduction_factor),
-                    search_alg=BasicVariantGenerator(random_state=seed),
+                    metric=metric, mode=mode, num_samples=num_samples,
+                    scheduler=RecordingASHA(record_path=str(asha_record), time_attr="training_iteration",
+                                            max_t=max(n_evals, grace_period), grace_period=grace_period,
+                                            reduction_factor=reduction_factor),
+                    # the generator itself caps concurrency (Tune ignores max_concurrent_trials
+                    # next to a SearchGenerator)
+                    search_alg=BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed),
                 ),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, verbose=verbose,
@@ -390,16 +457,27 @@ def run_tune(
         grid = tuner.fit()
 
         local_exp.mkdir(parents=True, exist_ok=True)
-        rows = results_rows(grid, keys=keys, metric=metric, mode=mode, trials_dir=trials_dir, cfg=cfg)
+        plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+        rows = results_rows(grid, keys=keys, metric=metric, mode=mode, trials_dir=trials_dir, cfg=cfg,
+                            asha_stopped=asha_stopped_trials(asha_record), statuses=saved_statuses(exp_path))
         csv, parquet = write_table(rows, local_exp)
+        finished = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
+        complete = finished == len(rows) and finished >= int(plan.get("expected_trials", 0))
         best_row = pick_best(rows, metric, mode)
         echo(format_table(rows, keys=keys, metric=metric, mode=mode, best_id=best_row["trial_id"] if best_row else None))
         summary: dict[str, Any] = {
             "experiment": name, "experiment_path": exp_path, "experiment_dir": str(local_exp),
-            "restored": restored, "metric": metric, "mode": mode, "max_concurrent": max_concurrent,
-            "searched_keys": keys, "trials": rows, "results_csv": str(csv), "results_parquet": str(parquet),
+            "restored": restored, "complete": complete, "metric": metric, "mode": mode,
+            "max_concurrent": max_concurrent, "searched_keys": keys, "trials": rows,
+            "results_csv": str(csv), "results_parquet": str(parquet),
             "best": None, "best_config": None, "best_results": None,
         }
+        if not complete:
+            echo(f"the search was interrupted ({finished} of {max(len(rows), int(plan.get('expected_trials', 0)))} "
+                 "trials finished); run the same command again to resume it")
+            if remote:
+                _upload(local_exp, exp_path, ["results.csv", "results.parquet"])
+            return summary
         if best_row is None:
             echo("no trial reported a validation result; nothing to retrain")
             return summary
