@@ -119,7 +119,7 @@ def cmd_demo(args) -> int:
     """The embedded default end to end (on a local machine, no downloads)."""
     from moedist.demo import run_demo
 
-    run_demo(size=args.size, seed=args.seed, workers=args.workers, epochs=args.epochs,
+    run_demo(size=args.size, seed=args.seed, workers=args.workers, epochs=args.epochs, samples=args.samples,
              echo=lambda m: console.print(m, highlight=False, soft_wrap=True),
              rule=lambda title: console.rule(f"[bold]{title}"))
     return 0
@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded default end to end")
     demo.add_argument("--size", default="small")
     demo.add_argument("--seed", type=int, default=2025)
-    demo.add_argument("--workers", type=int, default=2, help="Ray Train workers for HM4SR")
+    demo.add_argument("--workers", type=int, default=1, help="Ray Train workers per HM4SR trial")
+    demo.add_argument("--samples", type=int, default=4, help="HM4SR tuning trials")
     demo.add_argument("--epochs", type=int, default=8, help="epochs of the sequential models")
     demo.set_defaults(func=cmd_demo)
 

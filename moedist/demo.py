@@ -2,9 +2,11 @@
 
 1. generate the synthetic dataset (raw Amazon-2018 files + JPEG images) and prepare it;
 2. extract text (MiniLM) and image (EfficientNet-Lite0) features with Ray Data;
-3. train HM4SR with Ray Train + DeepSpeed workers, and popularity / SASRec for reference;
-4. train MAMEX on the cold-start split against the content-mapping baseline;
-5. print both comparison tables.
+3. tune HM4SR with Ray Tune (the paper's search space, ASHA early stopping): every trial is a
+   Ray Train run with a DeepSpeed engine; the best configuration is retrained and tested;
+4. train popularity and SASRec for reference on the same split;
+5. train MAMEX on the cold-start split against the content-mapping baseline;
+6. print the comparison tables.
 
 Every step is resumable: a second ``moedist demo`` reuses what is already complete.
 """
@@ -15,7 +17,7 @@ from typing import Callable
 from moedist.data.api import DataConfig, prepare
 
 
-def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 2, epochs: int = 8,
+def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 1, epochs: int = 8, samples: int = 4,
              cold_epochs: int = 60, runs: str = "runs/demo", echo: Callable[[str], None] = print,
              rule: Callable[[str], None] | None = None) -> dict:
     rule = rule or (lambda title: echo(f"\n== {title}"))
@@ -42,23 +44,29 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 2, epochs:
         echo(f"features: {fman['n_items']} items, dims {fman['dims']}, missing {missing}")
 
         from moedist.train.cli import load_experiment_config
-        from moedist.train.launch import launch
         from moedist.train.loop import format_results, run_training
 
         quiet = lambda s: None  # noqa: E731
         results: dict[str, dict] = {}
-        rule(f"3. sequential recommendation: HM4SR on {workers} Ray Train workers (DeepSpeed) vs baselines")
+        rule(f"3. tune HM4SR with Ray Tune + ASHA ({samples} trials of up to {epochs} epochs, Ray Train + DeepSpeed each)")
+        from moedist.tune.run import run_tune
+
         common = [f"data={data}", f"features={features}", "train.progress=false"]
-        for name, model, extra, dist in (
-            ("popularity", "popularity", [], False),
-            ("sasrec", "sasrec", [f"train.epochs={epochs}"], False),
-            ("hm4sr", "hm4sr", [f"train.epochs={epochs}", f"dist.workers={workers}"], True),
-        ):
+        base = load_experiment_config("hm4sr", None, [*common, f"train.epochs={epochs}", f"dist.workers={workers}"])
+        tuned = run_tune(base, num_samples=samples, experiment_name=f"tune-hm4sr-{data.name}",
+                         storage_path=runs, seed=seed, echo=quiet, verbose=0)
+        best = tuned["best_results"]
+        results["hm4sr (tuned)"] = best
+        echo(f"best trial {tuned['best']['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in tuned["best"]["config"].items()))
+        echo(f"hm4sr (best config retrained): test ndcg@10 {best['test']['ndcg@10']:.4f}  hit@10 {best['test']['hit@10']:.4f}")
+        echo(f"trials table: {tuned['results_csv']}; best config: {tuned['best_config']}")
+        rule("4. baselines on the same split: popularity, SASRec")
+        for name, model, extra in (("popularity", "popularity", []), ("sasrec", "sasrec", [f"train.epochs={epochs}"])):
             c = load_experiment_config(model, None, [*common, f"run_dir={runs}/{data.name}/{name}", *extra])
-            res = launch(c, echo=quiet) if dist else run_training(c, echo=quiet)
+            res = run_training(c, echo=quiet)
             results[name] = res
             echo(f"{name}: test ndcg@10 {res['test']['ndcg@10']:.4f}  hit@10 {res['test']['hit@10']:.4f}  (best epoch {res['best_epoch']})")
-        rule("4. cold-start items: MAMEX vs content mapping")
+        rule("5. cold-start items: MAMEX vs content mapping")
         for name, model in (("content", "content"), ("mamex", "mamex")):
             c = load_experiment_config(model, None, [*common, f"run_dir={runs}/{data.name}/{name}", f"train.epochs={cold_epochs}", "train.eval_every=5"])
             res = run_training(c, echo=quiet)
@@ -67,7 +75,7 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 2, epochs:
     finally:
         if started:
             ray.shutdown()
-    rule("5. results (test split)")
+    rule("6. results (test split)")
     for name, res in results.items():
         echo(format_results(res, [10, 20]))
     echo(f"\nrun directories: {runs}/{data.name}/<model> (config.yaml, metrics.jsonl, tb/, checkpoints/, results.json)")
