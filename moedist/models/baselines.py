@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
+from moedist.models.common import modality_table
 from moedist.models.hm4sr import TransformerEncoder, causal_padding_mask, gather_last, init_bert_weights
 
 
@@ -207,16 +208,7 @@ class ContentMapping(nn.Module):
         self.n_items = n_items
         feats, masks = [], []
         for m in cfg.modalities:
-            if item_features is None or m not in item_features.features:
-                raise ConfigError(f"content_mapping.modalities includes {m!r} but item_features has no {m!r} table")
-            table = item_features.features[m].detach().to(torch.float32)
-            if table.dim() != 2 or table.shape[0] != n_items:
-                raise ConfigError(
-                    f"item_features[{m!r}] has shape {tuple(table.shape)}, expected [n_items={n_items}, D]"
-                )
-            mask = item_features.mask.get(m) if item_features.mask is not None else None
-            present = torch.ones(n_items, dtype=torch.bool) if mask is None else mask.detach().to(torch.bool).cpu().clone()
-            present[0] = False
+            table, present = modality_table(item_features, m, n_items, owner="content")
             feats.append(F.normalize(table, dim=-1) * present[:, None])
             masks.append(present)
         # one frozen [N, Σ D_m] input table and its [N, M] presence bits (non-persistent:

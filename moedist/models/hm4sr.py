@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
+from moedist.models.common import modality_table
 from moedist.moe import DenseGate, LinearExperts, expert_load
 
 MODALITIES = ("id", "text", "image")
@@ -423,14 +424,7 @@ class HM4SR(nn.Module):
         # and move with .to(device). Not persistent: they are data, reloaded from the shards.
         feat_dims: dict[str, int] = {}
         for m in self.content_modalities:
-            if item_features is None or m not in item_features.features:
-                raise ConfigError(
-                    f"hm4sr.modalities includes {m!r} but item_features has no {m!r} table; "
-                    f"drop it from hm4sr.modalities (e.g. modalities=['id', 'text'])"
-                )
-            table = item_features.features[m].detach().to(torch.float32)
-            if table.shape[0] != n_items:
-                raise ConfigError(f"item_features[{m!r}] has {table.shape[0]} rows, expected n_items={n_items}")
+            table, _ = modality_table(item_features, m, n_items, owner="hm4sr", hint=" (e.g. modalities=['id', 'text'])")
             feat_dims[m] = table.shape[1]
             self.register_buffer(f"feat_{m}", table.clone(), persistent=False)
 

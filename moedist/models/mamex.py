@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
+from moedist.models.common import modality_table
 from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, expert_load, kl_balance_loss
 
 AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
@@ -265,19 +266,7 @@ class MAMEX(nn.Module):
         # not copied into every checkpoint (they are data, reloaded from the shards).
         in_dims: dict[str, int] = {}
         for m in self.modalities:
-            if item_features is None or m not in item_features.features:
-                raise ConfigError(
-                    f"mamex.modalities includes {m!r} but item_features has no {m!r} table; "
-                    f"drop it from mamex.modalities"
-                )
-            table = item_features.features[m].detach().to(torch.float32)
-            if table.dim() != 2 or table.shape[0] != n_items:
-                raise ConfigError(
-                    f"item_features[{m!r}] has shape {tuple(table.shape)}, expected [n_items={n_items}, D]"
-                )
-            mask = item_features.mask.get(m) if item_features.mask is not None else None
-            present = torch.ones(n_items, dtype=torch.bool) if mask is None else mask.detach().to(torch.bool).cpu().clone()
-            present[0] = False  # padding row: never an item
+            table, present = modality_table(item_features, m, n_items, owner="mamex")
             # G-MX-7: rows are L2-normalised (zero rows stay zero: F.normalize clamps the norm)
             table = F.normalize(table, dim=-1) * present[:, None]
             self.register_buffer(f"feat_{m}", table.contiguous(), persistent=False)
