@@ -174,3 +174,11 @@ def test_expert_parallel_with_zero_is_refused_up_front(toy_data, toy_features, t
     c = hm4sr_cfg(toy_data, toy_features, tmp_path, "dist.workers=3", "dist.ep_size=2")
     with pytest.raises(ConfigError, match="must divide"):
         apply_expert_parallel(c, DistContext(rank=0, world=3))
+
+
+def test_two_worker_runs_are_deterministic(toy_data, tmp_path, two_workers, ray_local):
+    """The same seed and worker count give identical losses and metrics, not just close ones."""
+    d = tmp_path / "again"
+    res = launch(cfg(toy_data, d, "train.epochs=3", "dist.workers=2"), echo=lambda s: None)
+    assert losses(d) == losses(two_workers[0])
+    assert res["test"] == two_workers[1]["test"] and res["valid"] == two_workers[1]["valid"]
