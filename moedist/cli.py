@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moedist.errors import MoedistError
@@ -94,7 +95,7 @@ def cmd_data_prepare(args) -> int:
         task = bar.add_task("parse", total=None)
         manifest = prepare(
             cfg,
-            log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+            log=lambda m: err_console.print(f"[dim]{escape(str(m))}[/dim]"),
             progress=lambda n: bar.update(task, completed=n),
         )
     out = cfg.out_dir()
@@ -120,7 +121,7 @@ def cmd_demo(args) -> int:
     from moedist.demo import run_demo
 
     run_demo(size=args.size, seed=args.seed, workers=args.workers, epochs=args.epochs, samples=args.samples,
-             echo=lambda m: console.print(m, highlight=False, soft_wrap=True),
+             echo=lambda m: console.print(m, highlight=False, soft_wrap=True, markup=False),
              rule=lambda title: console.rule(f"[bold]{title}"))
     return 0
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MoedistError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted; completed outputs are kept and a rerun resumes")

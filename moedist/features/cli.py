@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(highlight=False)
@@ -77,7 +78,7 @@ def cmd_extract(args) -> int:
         image_cache_dir=args.image_cache,
         fetch_workers=args.fetch_workers,
         fetch_timeout=args.fetch_timeout,
-        log=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        log=lambda m: err_console.print(f"[dim]{escape(str(m))}[/dim]"),
     )
     if args.local:
         manifest = extract_features_local(args.data_dir, args.out, **common)

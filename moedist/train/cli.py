@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
 
         model = read_yaml(args.config).get("model")
     cfg = load_experiment_config(model or "hm4sr", args.config, overrides + [f"model={model or 'hm4sr'}"])
-    launch(cfg, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    launch(cfg, echo=lambda s: console.print(s, highlight=False, soft_wrap=True, markup=False))
     return 0
 
 

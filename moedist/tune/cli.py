@@ -71,7 +71,7 @@ def tune_from_args(args, model: str, *, echo=print) -> dict:
 def cmd_tune(args) -> int:
     from moedist.cli import console
 
-    out = tune_from_args(args, args.model, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    out = tune_from_args(args, args.model, echo=lambda s: console.print(s, highlight=False, soft_wrap=True, markup=False))
     console.print(f"results: {out['results_csv']}" + (f"\nbest config: {out['best_config']}" if out["best_config"] else ""))
     return 0 if out["complete"] else 130  # interrupted: the CLI's convention (a rerun resumes)
 

@@ -186,6 +186,22 @@ def _snippet(raw: bytes, n: int = 60) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
+def check_text(value: str | None, field: str, *, url: bool = False) -> None:
+    """BadLine unless ``value`` can be stored as text: a lone surrogate (from a ``\\ud800``-style
+    escape; UTF-8 cannot encode it) is ``bad_encoding``; a NUL in a URL/path is ``bad_field``."""
+    if value is None:
+        return
+    if url and "\x00" in value:
+        raise BadLine("bad_field", f"field {field!r} contains a NUL character: {value[:60]!r}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadLine(
+                "bad_encoding", f"field {field!r} is not valid Unicode (a lone surrogate): {value[:60]!r}"
+            ) from None
+
+
 def parse_id(value: Any) -> str | None:
     """A non-empty string id (ints are accepted and converted); None if missing/invalid."""
     if isinstance(value, str):
@@ -565,6 +581,8 @@ def _read_reviews(path: Path, version: str, policy: LinePolicy, progress: Progre
                     break
             if item is None:
                 raise BadLine("missing_item", f"missing or empty item id field {ikeys[0]!r}")
+            check_text(user, ukey)
+            check_text(item, k)
             t = parse_timestamp(rec.get(tkey), tkey, divisor=divisor)
             r = parse_rating(rec.get(rkey), rkey)
         except BadLine as e:
@@ -626,6 +644,11 @@ def _read_meta(
             if item in seen or item not in wanted:  # duplicates: first wins; unreviewed: dropped
                 continue
             title, brand, cats, url = _meta_fields(rec, version)
+            check_text(title, "title")
+            check_text(brand, "brand")
+            for c in cats:
+                check_text(c, "categories")
+            check_text(url, "image", url=True)
         except BadLine as e:
             policy.bad(e, path, lineno, prefix="meta")
             continue
