@@ -56,6 +56,11 @@ class _Server:
                 try:
                     if path.startswith("/good"):
                         time.sleep(0.05)  # long enough for concurrent requests to overlap
+                        # stop counting before the reply: once the client has the body it may
+                        # send its next request before this thread would reach `finally`
+                        with server.lock:
+                            server.inflight -= counted
+                            counted = False
                         self._send(200, GOOD)
                     elif path == "/other.jpg":
                         self._send(200, OTHER)
