@@ -26,43 +26,15 @@ WebDataset shards and ``manifest.json``; re-running resumes (complete shards are
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moedist.features.cli import add_extract_arguments, cmd_extract
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="prepared dataset folder (items.parquet)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--text-encoder", default="minilm")
-    p.add_argument("--image-encoder", default="efficientnet_lite0")
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--ray-address", default=None)
-    args = p.parse_args(argv)
-
-    from moedist.features.pipeline import extract_features
-
-    manifest = extract_features(
-        args.data,
-        args.out,
-        text_encoder=args.text_encoder,
-        image_encoder=args.image_encoder,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        num_actors=args.actors,
-        use_gpu=args.gpu,
-        ray_address=args.ray_address,
-        progress=sys.stderr.isatty(),
-        log=lambda m: print(m, file=sys.stderr),
-    )
-    summary = {k: manifest[k] for k in ("n_items", "dims", "run")}
-    summary["missing"] = {m: v["reasons"] for m, v in manifest["missing"].items()}
-    summary["shards"] = len(manifest["shards"])
-    print(json.dumps(summary, indent=1))
-    return 0
+    add_extract_arguments(p, data_option=True)
+    return cmd_extract(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,16 @@ def add_commands(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("data_dir", help="prepared dataset folder (with items.parquet)")
+    add_extract_arguments(p)
+    p.set_defaults(func=cmd_extract)
+
+
+def add_extract_arguments(p: argparse.ArgumentParser, *, data_option: bool = False) -> None:
+    """The options of ``moedist extract`` (also used by ``jobs/extract_features.py``)."""
+    if data_option:  # the job recipes' convention: --data DIR
+        p.add_argument("--data", dest="data_dir", required=True, help="prepared dataset folder (with items.parquet)")
+    else:
+        p.add_argument("data_dir", help="prepared dataset folder (with items.parquet)")
     p.add_argument("--out", help="output folder (default <DATA_DIR>/features/<text>+<image>)")
     p.add_argument("--text-encoder", dest="text_encoder", default="minilm", help="name, JSON spec or JSON file; 'none' to skip (default minilm)")
     p.add_argument("--image-encoder", dest="image_encoder", default="efficientnet_lite0", help="name, JSON spec or JSON file; 'none' to skip (default efficientnet_lite0)")
@@ -41,7 +50,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--fetch-workers", dest="fetch_workers", type=int, default=8, help="concurrent image downloads per actor")
     p.add_argument("--fetch-timeout", dest="fetch_timeout", type=float, default=10.0, help="seconds per image request")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=cmd_extract)
 
 
 def print_extract_summary(manifest: dict, out_dir) -> None:
