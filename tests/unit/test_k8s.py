@@ -111,7 +111,9 @@ def k8s_files() -> list[Path]:
 
 
 def resource_files() -> list[Path]:
-    return [p for p in k8s_files() if p.name not in {"kustomization.yaml", "kustomization.yml"}]
+    """What `kubectl apply -f k8s/` reads: every *.yaml / *.yml (the kustomization is named
+    `Kustomization`, no extension, precisely so that -f skips it)."""
+    return k8s_files()
 
 
 @functools.cache
@@ -293,7 +295,8 @@ def test_every_manifest_parses_into_named_objects():
 
 
 def test_kustomization_lists_exactly_the_files_present():
-    kust = _load((K8S / "kustomization.yaml").read_text())
+    assert not (K8S / "kustomization.yaml").exists(), "`kubectl apply -f k8s/` would try to create it"
+    kust = _load((K8S / "Kustomization").read_text())
     assert kust["kind"] == "Kustomization"
     listed = kust.get("resources") or []
     assert len(listed) == len(set(listed)), "a resource is listed twice"
