@@ -481,13 +481,18 @@ def find_meta_beside(reviews_path: str | Path) -> Path | None:
     return None
 
 
+def list_files(d: Path) -> list[str]:
+    """Sorted names of the visible regular files in folder ``d`` (a clear error if unreadable)."""
+    try:
+        return sorted(e.name for e in os.scandir(d) if e.is_file() and not e.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"cannot list directory: {e.strerror or e}", path=d) from None
+
+
 def find_amazon_files(directory: str | Path) -> tuple[Path, Path | None]:
     """(reviews file, metadata file or None) in a folder of raw Amazon files."""
     d = Path(directory)
-    try:
-        names = sorted(e.name for e in os.scandir(d) if e.is_file() and not e.name.startswith("."))
-    except OSError as e:
-        raise DataError(f"cannot list directory: {e.strerror or e}", path=d) from None
+    names = list_files(d)
     data = [n for n in names if _DATA_FILE_RE.search(n)]
     metas = [n for n in data if n.startswith("meta_")]
     reviews = [n for n in data if not n.startswith("meta_")]

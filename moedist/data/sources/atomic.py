@@ -10,7 +10,6 @@ other columns are not used.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from moedist.data.sources.amazon import (
     interactions_frame,
     items_frame,
     iter_lines,
+    list_files,
     make_image_index,
     new_item_columns,
     parse_rating,
@@ -202,10 +202,7 @@ def load_atomic(
 def find_atomic_files(directory: str | Path) -> tuple[Path, Path | None]:
     """(``<name>.inter``, ``<name>.item`` or None) in a folder of RecBole atomic files."""
     d = Path(directory)
-    try:
-        names = sorted(e.name for e in os.scandir(d) if e.is_file() and not e.name.startswith("."))
-    except OSError as e:
-        raise DataError(f"cannot list directory: {e.strerror or e}", path=d) from None
+    names = list_files(d)
     inters = [n for n in names if n.endswith(".inter") and not _SPLIT_INTER_RE.search(n)]
     if len(inters) > 1:
         inters = [n for n in inters if n == f"{d.name}.inter"] or inters
