@@ -10,6 +10,8 @@ Variants (each the real training loop on real batches, ``--steps`` timed steps a
 * ``ds-1``       one worker with a DeepSpeed engine
 * ``dp-2``       two workers, data parallel (DeepSpeed, gloo on CPU / NCCL on GPU)
 * ``ep-2``       two workers, experts sharded with ep_size=2 (all-to-all dispatch)
+* ``local-torch-dropout``  ``local`` with ``F.dropout`` on CPU instead of moedist's cheaper
+                 CPU dropout mask (``moedist.models.common.dropout``)
 
 Models run at the papers' defaults (HM4SR: hidden 64, batch 1024, max length 50; MAMEX:
 d 128, batch 2048) unless overridden. Reported per variant: samples/s over the whole global
@@ -31,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True)}
+VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
+            "local-torch-dropout": (1, 1, False)}
 
 
 def _worker(rank, world, port, model, variant, args, queue):
@@ -40,6 +43,10 @@ def _worker(rank, world, port, model, variant, args, queue):
     from moedist.train.loop import (DeepSpeedStepper, DistContext, TorchStepper, apply_expert_parallel, build_model,
                                     build_task, load_features_for, train_one_epoch)
 
+    if variant == "local-torch-dropout":
+        import moedist.models.common
+
+        moedist.models.common.FAST_CPU_DROPOUT = False
     threads = max(1, args.threads // world)
     torch.set_num_threads(threads)
     world_, ep, use_ds = VARIANTS[variant]

@@ -2,6 +2,9 @@
 
     python benchmarks/quality.py --data data/prepared/movielens-100k --features .../minilm+none \
         --models popularity sasrec hm4sr --out bench_results/quality-ml100k.json [key=value ...]
+    # cold start, averaged over 3 item splits (datasets prepared with split_seed=...) x 2 seeds
+    python benchmarks/quality.py --data DATA DATA-split1 DATA-split2 --features DATA/features/minilm+none \
+        --models content mamex "mamex w/o MoE" --seeds 2 --out bench_results/quality-cold.json
 
 Every run is an ordinary ``moedist train`` run (its run directory under ``--runs``, resumed
 if interrupted); this script only chooses the variants and collects their ``results.json``
@@ -39,39 +42,70 @@ VARIANTS = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, nargs="+",
+                   help="prepared dataset(s); several = the same data under other split seeds, averaged")
     p.add_argument("--features")
     p.add_argument("--models", nargs="+", default=["popularity", "sasrec", "hm4sr"], help=f"from {list(VARIANTS)}")
     p.add_argument("--runs", default="runs/quality")
     p.add_argument("--out", required=True)
     p.add_argument("--seq-overrides", nargs="*", default=[], help="key=value for sequential models")
     p.add_argument("--cold-overrides", nargs="*", default=[], help="key=value for cold-start models")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train each variant with seeds 0..N-1 (train.seed) and report mean ± std; "
+                        "on small test sets one seed's ranking of close variants is mostly noise")
     a = p.parse_args()
     out = Path(a.out)
     table = json.loads(out.read_text()) if out.is_file() else {}
     for name in a.models:
         model, extra = VARIANTS[name]
         common = a.seq_overrides if model in ("popularity", "sasrec", "hm4sr") else a.cold_overrides
-        run_dir = Path(a.runs) / f"{Path(a.data).name}-{name.replace(' ', '').replace('/', '')}"
-        overrides = [f"data={a.data}", f"run_dir={run_dir}", "train.progress=false", *common, *extra]
-        if a.features:
-            overrides.append(f"features={a.features}")
-        cfg = load_experiment_config(model, None, overrides)
-        t0 = time.time()
-        res = run_training(cfg, echo=lambda s: print(f"[{name}] {s}", flush=True))
-        res["seconds"] = round(time.time() - t0, 1)
-        res["overrides"] = overrides
-        table[name] = res
+        runs = []
+        for data, seed in [(d, s) for d in a.data for s in range(a.seeds)]:
+            tag = f"{Path(data).name}-{name.replace(' ', '').replace('/', '')}" + (f"-seed{seed}" if a.seeds > 1 else "")
+            overrides = [f"data={data}", f"run_dir={Path(a.runs) / tag}", "train.progress=false", *common, *extra]
+            if a.seeds > 1:
+                overrides.append(f"train.seed={seed}")
+            if a.features:
+                overrides.append(f"features={a.features}")
+            cfg = load_experiment_config(model, None, overrides)
+            t0 = time.time()
+            res = run_training(cfg, echo=lambda s, n=name: print(f"[{n}] {s}", flush=True))
+            res["seconds"] = round(time.time() - t0, 1)
+            res["overrides"] = overrides
+            runs.append(res)
+        table[name] = summarize(runs)
         atomic_write_text(out, json.dumps(table, indent=2))
     print(markdown(table))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One variant's result: the first run, plus per-run (dataset split x seed) test metrics with
+    their mean and (population) standard deviation when there are several runs."""
+    import numpy as np
+
+    res = dict(runs[0])
+    if len(runs) > 1:
+        res["per_seed"] = [{"run_dir": r["overrides"][1].split("=", 1)[1], "best_epoch": r["best_epoch"],
+                            "test": r["test"], "valid": r["valid"]} for r in runs]
+        for split in ("test", "valid"):
+            res[split] = {k: float(np.mean([r[split][k] for r in runs])) for k in runs[0][split]}
+            res[f"{split}_std"] = {k: float(np.std([r[split][k] for r in runs])) for k in runs[0][split]}
+        res["seconds"] = round(sum(r["seconds"] for r in runs), 1)
+    return res
 
 
 def markdown(table: dict) -> str:
     first = next(iter(table.values()))
     cols = ["ndcg@10", "ndcg@20", "mrr@10", "hit@10"] if first["protocol"] == "loo" else ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
+
+    def cell(r: dict, c: str) -> str:
+        std = r.get("test_std")
+        return f"{r['test'][c]:.4f}" + (f" ± {std[c]:.4f}" if std else "")
+
     lines = ["| model | " + " | ".join(f"test {c}" for c in cols) + " | best epoch | seconds |", "|---" * (len(cols) + 3) + "|"]
     for name, r in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['test'][c]:.4f}" for c in cols) + f" | {r['best_epoch']} | {r.get('seconds', '')} |")
+        best = "/".join(str(x["best_epoch"]) for x in r["per_seed"]) if "per_seed" in r else r["best_epoch"]
+        lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + f" | {best} | {r.get('seconds', '')} |")
     return "\n".join(lines)
 
 

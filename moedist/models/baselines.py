@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import modality_table
+from moedist.models.common import Dropout, modality_table
 from moedist.models.hm4sr import TransformerEncoder, causal_padding_mask, gather_last, init_bert_weights
 
 
@@ -56,7 +56,7 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(n_items, cfg.hidden_size, padding_idx=0)
         self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
         self.encoder = TransformerEncoder(
             n_layers=cfg.n_layers, hidden_size=cfg.hidden_size, n_heads=cfg.n_heads, inner_size=cfg.inner_size,
             hidden_dropout_prob=cfg.hidden_dropout_prob, attn_dropout_prob=cfg.attn_dropout_prob,

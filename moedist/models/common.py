@@ -26,3 +26,47 @@ def modality_table(item_features, modality: str, n_items: int, *, owner: str, hi
     present = torch.ones(n_items, dtype=torch.bool) if mask is None else mask.detach().to(torch.bool).cpu().clone()
     present[0] = False
     return table, present
+
+
+# False = use F.dropout on CPU too (benchmarks/bench_train.py compares the two)
+FAST_CPU_DROPOUT = True
+
+
+def fast_cpu_dropout(x: Tensor) -> bool:
+    return FAST_CPU_DROPOUT and x.device.type == "cpu"
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout`` with a cheaper mask on CPU; identical in distribution.
+
+    On CPU, ``F.dropout`` draws its mask with ``bernoulli_``, which costs ~3-7x a uniform draw
+    plus a compare; in HM4SR (dropout 0.5 on every ``[B, L, d]`` activation and every
+    ``[B, h, L, L]`` attention map) it was about a third of a CPU training step. Here the mask
+    is ``U(0, 1) >= p`` and kept values are scaled by ``1 / (1 - p)``, exactly as
+    ``F.dropout`` does. Other devices use ``F.dropout`` (fused there). Reproducible under
+    ``torch.manual_seed`` like any other draw, but not the same stream as ``F.dropout``.
+    """
+    if not training or p == 0.0:
+        return x
+    if not fast_cpu_dropout(x):
+        return torch.nn.functional.dropout(x, p, True)
+    if p >= 1.0:
+        return x * 0.0
+    keep = torch.rand_like(x) >= p
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype))
+
+
+class Dropout(torch.nn.Module):
+    """``nn.Dropout`` using :func:`dropout` (the cheaper CPU mask)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import modality_table
+from moedist.models.common import Dropout, dropout, fast_cpu_dropout, modality_table
 from moedist.moe import DenseGate, LinearExperts, expert_load
 
 MODALITIES = ("id", "text", "image")
@@ -164,7 +164,7 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size)
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.attn_dropout_prob = attn_dropout_prob
-        self.out_dropout = nn.Dropout(hidden_dropout_prob)
+        self.out_dropout = Dropout(hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
@@ -174,11 +174,16 @@ class MultiHeadAttention(nn.Module):
             return t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        # softmax(q·kᵀ/√(d/h) + mask) → dropout → ·v, fused. The mask must match q's dtype
-        # (bf16 under autocast).
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=self.attn_dropout_prob if self.training else 0.0,
-        )  # ctx: (B, h, L, d/h)
+        p = self.attn_dropout_prob if self.training else 0.0
+        if p > 0.0 and fast_cpu_dropout(q):
+            # CPU training: SDPA with dropout runs the unfused math path anyway, whose
+            # bernoulli_ mask is the slow part; the same computation with the cheaper mask
+            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + attn_mask.to(q.dtype), dim=-1)
+            ctx = dropout(probs, p, True) @ v  # ctx: (B, h, L, d/h)
+        else:
+            # softmax(q·kᵀ/√(d/h) + mask) → dropout → ·v, fused. The mask must match q's dtype
+            # (bf16 under autocast).
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=p)  # (B, h, L, d/h)
         ctx = ctx.transpose(1, 2).reshape(B, L, d)
         return self.layer_norm(self.out_dropout(self.dense(ctx)) + x)
 
@@ -190,7 +195,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.dense_1 = nn.Linear(hidden_size, inner_size)
         self.dense_2 = nn.Linear(inner_size, hidden_size)
-        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.dropout = Dropout(hidden_dropout_prob)
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -439,7 +444,7 @@ class HM4SR(nn.Module):
         self.encoders = nn.ModuleDict({m: TransformerEncoder(**encoder_kw) for m in self.modalities})
         self.layer_norms = nn.ModuleDict({m: nn.LayerNorm(d, eps=cfg.layer_norm_eps) for m in self.modalities})
         self.projections = nn.ModuleDict({m: nn.Linear(feat_dims[m], d) for m in self.content_modalities})
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
         self.temporal_moe: TemporalMoE | None = None
         if cfg.use_tmoe:
             self.temporal_moe = TemporalMoE(

@@ -37,6 +37,7 @@ def _worker_loop(config: dict) -> None:
     from moedist.config import _from_dict
 
     cfg = _from_dict(ExperimentConfig, config["cfg"])
+    _quiet_ray_train_reports()
     ctx_ray = ray.train.get_context()
     rank, world = ctx_ray.get_world_rank(), ctx_ray.get_world_size()
     local_rank = ctx_ray.get_local_rank()
@@ -60,6 +61,22 @@ def _worker_loop(config: dict) -> None:
 
     ctx = DistContext(rank=rank, world=world, local_rank=local_rank, device=device, report=report, resume_from=resume)
     run_training(cfg, ctx=ctx)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report's full metrics dict and checkpoint path at INFO from each
+    worker; the epoch line the loop prints already says it all. Keep Ray's warnings."""
+    import importlib
+    import logging
+
+    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another Ray version: nothing to quieten
+            continue
+        for logger_name in (name, getattr(module, "__file__", None)):  # context.py logs under its file path
+            if logger_name:
+                logging.getLogger(logger_name).setLevel(logging.WARNING)
 
 
 def resolve_run_paths(cfg: ExperimentConfig) -> Path:

@@ -182,3 +182,51 @@ def test_two_worker_runs_are_deterministic(toy_data, tmp_path, two_workers, ray_
     res = launch(cfg(toy_data, d, "train.epochs=3", "dist.workers=2"), echo=lambda s: None)
     assert losses(d) == losses(two_workers[0])
     assert res["test"] == two_workers[1]["test"] and res["valid"] == two_workers[1]["valid"]
+
+
+def _wait_for_epochs(run_dir: Path, n: int, proc, timeout: float) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the driver exited (rc {proc.returncode}) before epoch {n} finished")
+        time.sleep(0.2)
+    pytest.fail(f"no epoch {n} in {metrics} after {timeout:.0f} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_interrupted_driver_rerun_resumes_in_ray_mode(toy_data, tmp_path, two_workers, ray_local, sig):
+    """``moedist train --workers 2`` interrupted after its first epoch (Ctrl-C, or the driver
+    killed outright), then the same command again: it resumes from the last checkpoint, and the
+    run ends with each epoch exactly once and the uninterrupted run's losses and weights."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "run"
+    cmd = [sys.executable, "-m", "moedist.cli", "train", "--model", "sasrec", "--data", str(toy_data),
+           "--run-dir", str(d), "--workers", "2", *BASE, "train.epochs=3"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = tmp_path / "first.log"
+    with log.open("w") as out:  # a file, not a pipe: Ray's worker logs would fill a pipe and block
+        first = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_epochs(d, 1, first, timeout=600)
+            first.send_signal(sig)
+            first.wait(timeout=120)
+        finally:
+            if first.poll() is None:
+                first.kill()
+    assert first.returncode != 0, f"the interrupted driver reported success:\n{log.read_text()[-2000:]}"
+    done = [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert done and done[-1] < 2, f"the driver was interrupted too late to test a resume: epochs {done}"
+
+    again = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "resumed from" in again.stdout
+    assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert losses(d) == pytest.approx(losses(two_workers[0]), rel=1e-5)
+    assert_same_weights(two_workers[0], d)
+    res = json.loads((d / "results.json").read_text())
+    assert res["test"] == pytest.approx(two_workers[1]["test"], abs=1e-9)

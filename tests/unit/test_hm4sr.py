@@ -434,3 +434,42 @@ def test_config_validation():
         tiny_config(hidden_size=15)
     cfg = replace(tiny_config(), modalities=["id", "image"])  # lists are normalised
     assert cfg.modalities == ("id", "image")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 1.0])
+def test_cpu_dropout_matches_f_dropout_in_distribution(p):
+    from moedist.models.common import dropout
+
+    torch.manual_seed(0)
+    x = torch.rand(400, 500) + 0.5  # no zeros in the input: zeros in the output are dropped entries
+    x.requires_grad_(True)
+    y = dropout(x, p, True)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(1.0 - p, abs=0.005)
+    if p < 1.0:
+        torch.testing.assert_close(y[kept], x[kept] / (1.0 - p))  # the F.dropout scaling
+    y.sum().backward()
+    expected = torch.where(kept, torch.full_like(x, 1.0 / (1.0 - p) if p < 1 else 0.0), torch.zeros_like(x))
+    torch.testing.assert_close(x.grad, expected)  # gradient flows through kept entries only
+    assert dropout(x, p, False) is x  # eval: identity
+    torch.manual_seed(3)
+    a = dropout(x, 0.5, True)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout(x, 0.5, True))  # reproducible under the seed
+
+
+def test_cpu_attention_path_equals_sdpa_without_dropout():
+    """The CPU training path (used when attention dropout is on) computes the same attention as
+    SDPA: with a dropout probability so small that no entry is dropped, outputs agree."""
+    from moedist.models.hm4sr import MultiHeadAttention, causal_padding_mask
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(hidden_size=16, n_heads=2, attn_dropout_prob=1e-12, hidden_dropout_prob=0.0,
+                             layer_norm_eps=1e-12)
+    x = torch.randn(3, 7, 16)
+    seq = torch.tensor([[1, 2, 3, 0, 0, 0, 0], [4, 5, 6, 7, 8, 9, 1], [2, 0, 0, 0, 0, 0, 0]])
+    mask = causal_padding_mask(seq)
+    mha.train()
+    manual = mha(x, mask)
+    mha.attn_dropout_prob = 0.0  # -> the fused SDPA branch
+    torch.testing.assert_close(manual, mha(x, mask), atol=1e-5, rtol=1e-5)
