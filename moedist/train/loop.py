@@ -532,10 +532,17 @@ def train_one_epoch(stepper, task, cfg: ExperimentConfig, ctx: DistContext, epoc
     return out
 
 
+def _write_line(s: str) -> None:
+    """Default progress output: straight to stdout. Not ``print``: Ray Train workers patch
+    ``print`` to log *and* tee to stdout, so every line would reach the driver twice."""
+    sys.stdout.write(s + "\n")
+    sys.stdout.flush()
+
+
 def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None, ctx: DistContext | None = None) -> dict:
     """Train ``cfg.model`` on ``cfg.data``; returns the results dict (on every rank)."""
     ctx = ctx or DistContext(device=resolve_device(cfg.train.device))
-    say = echo or (lambda s: print(s, flush=True))
+    say = echo or _write_line
     echo = say if ctx.is_main else (lambda s: None)
     tc = cfg.train
     if not cfg.data:
