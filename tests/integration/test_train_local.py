@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from moedist.errors import ConfigError
 from moedist.train.cli import load_experiment_config
@@ -92,3 +93,20 @@ def test_popularity_and_trained_models_share_protocol(toy_data, tmp_path):
 def test_unknown_override_is_a_config_error(toy_data, tmp_path):
     with pytest.raises(ConfigError, match="hm4sr.kk1"):
         cfg_for("hm4sr", toy_data, tmp_path / "r", "hm4sr.kk1=3")
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(toy_data, tmp_path):
+    """A run that diverges after good epochs stops naming the step, and leaves the last good
+    checkpoint (and the per-epoch log) exactly as they were: a rerun can resume from it."""
+    from safetensors.torch import load_file
+
+    run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=2", *SMALL_SEQ), echo=lambda s: None)
+    last = tmp_path / "r" / "checkpoints" / "last"
+    before = {p.name: p.read_bytes() for p in last.iterdir()}
+    log_before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    diverging = cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=4", "train.lr=1e30", *SMALL_SEQ)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+.*ce="):
+        run_training(diverging, echo=lambda s: None)
+    assert {p.name: p.read_bytes() for p in last.iterdir()} == before
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == log_before
