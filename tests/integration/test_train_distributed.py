@@ -196,6 +196,30 @@ def _wait_for_epochs(run_dir: Path, n: int, proc, timeout: float) -> None:
     pytest.fail(f"no epoch {n} in {metrics} after {timeout:.0f} s")
 
 
+def _pause_train_workers() -> list:
+    """SIGSTOP every Ray Train worker process; returns their psutil handles."""
+    import psutil
+
+    paused = []
+    for p in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+            try:
+                p.suspend()
+                paused.append(p)
+            except psutil.NoSuchProcess:
+                pass
+    return paused
+
+
+def _kill_quietly(p) -> None:
+    import psutil
+
+    try:
+        p.kill()  # SIGKILL also ends a stopped process
+    except psutil.NoSuchProcess:
+        pass
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_interrupted_driver_rerun_resumes_in_ray_mode(toy_data, tmp_path, two_workers, ray_local, sig):
     """``moedist train --workers 2`` interrupted after its first epoch (Ctrl-C, or the driver
@@ -211,13 +235,26 @@ def test_interrupted_driver_rerun_resumes_in_ray_mode(toy_data, tmp_path, two_wo
     log = tmp_path / "first.log"
     with log.open("w") as out:  # a file, not a pipe: Ray's worker logs would fill a pipe and block
         first = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        paused = []
         try:
             _wait_for_epochs(d, 1, first, timeout=600)
+            # freeze the workers first, so that on a fast machine no further epoch can finish
+            # between seeing epoch 0 and the driver going down
+            paused += _pause_train_workers()
+            assert paused, "no training worker was found to pause"
             first.send_signal(sig)
-            first.wait(timeout=120)
+            try:
+                first.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
         finally:
-            if first.poll() is None:
-                first.kill()
+            for p in paused:
+                _kill_quietly(p)
+            try:
+                first.wait(timeout=120)
+            finally:
+                if first.poll() is None:
+                    first.kill()
     assert first.returncode != 0, f"the interrupted driver reported success:\n{log.read_text()[-2000:]}"
     done = [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert done and done[-1] < 2, f"the driver was interrupted too late to test a resume: epochs {done}"
