@@ -75,7 +75,38 @@ def main() -> None:
             runs.append(res)
         table[name] = summarize(runs)
         atomic_write_text(out, json.dumps(table, indent=2))
+    paired = paired_across_splits({n: table[n] for n in a.models if "per_seed" in table[n]})
+    if paired:
+        table["paired"] = paired
+        atomic_write_text(out, json.dumps(table, indent=2))
     print(markdown(table))
+
+
+def paired_across_splits(variants: dict, metric: str = "ndcg@10") -> dict:
+    """Every pair of variants, compared on the same users: per dataset split the test-metric
+    difference (B minus A, averaged over seeds), then a two-sided sign-flip test over the splits
+    (exact; the splits are the independent units, seeds within a split share its test users)."""
+    from itertools import combinations
+
+    import numpy as np
+
+    from moedist.report.compare import load_run_ranks, paired_compare, sign_flip_p_value
+
+    out = {}
+    for a, b in combinations(variants, 2):
+        by_split: dict[str, list[float]] = {}
+        for ra, rb in zip(variants[a]["per_seed"], variants[b]["per_seed"]):
+            x, y = load_run_ranks(ra["run_dir"]), load_run_ranks(rb["run_dir"])
+            r = paired_compare(x, y, metric=metric, resamples=1000)
+            by_split.setdefault(x.dataset, []).append(r.diff)
+        diffs = np.array([np.mean(v) for v in by_split.values()])
+        p, exact = sign_flip_p_value(diffs, resamples=100_000, rng=np.random.default_rng(0))
+        out[f"{b} vs {a}"] = {
+            "metric": f"test {metric}", "splits": len(diffs), "mean_diff": float(diffs.mean()),
+            "splits_won": int((diffs > 0).sum()), "splits_lost": int((diffs < 0).sum()), "p_value": p, "exact": exact,
+            "per_split_diff": {k: float(np.mean(v)) for k, v in by_split.items()},
+        }
+    return out
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -95,7 +126,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(table: dict) -> str:
-    first = next(iter(table.values()))
+    first = next(v for k, v in table.items() if k != "paired")
     cols = ["ndcg@10", "ndcg@20", "mrr@10", "hit@10"] if first["protocol"] == "loo" else ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
 
     def cell(r: dict, c: str) -> str:
@@ -103,9 +134,17 @@ def markdown(table: dict) -> str:
         return f"{r['test'][c]:.4f}" + (f" ± {std[c]:.4f}" if std else "")
 
     lines = ["| model | " + " | ".join(f"test {c}" for c in cols) + " | best epoch | seconds |", "|---" * (len(cols) + 3) + "|"]
+    paired = table.get("paired", {})
     for name, r in table.items():
+        if name == "paired":
+            continue
         best = "/".join(str(x["best_epoch"]) for x in r["per_seed"]) if "per_seed" in r else r["best_epoch"]
         lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + f" | {best} | {r.get('seconds', '')} |")
+    if paired:
+        lines += ["", "| comparison | mean difference | splits won / lost | p (sign-flip over splits) |", "|---|---|---|---|"]
+        for name, r in paired.items():
+            lines.append(f"| {name} ({r['metric']}) | {r['mean_diff']:+.4f} | {r['splits_won']} / {r['splits_lost']} "
+                         f"| {r['p_value']:.3f} |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@
     moedist data summary DATA_DIR
     moedist extract DATA_DIR [--out DIR] [--actors N] [--local]
     moedist train --model hm4sr|mamex|sasrec|popularity|content --data DATA_DIR [key=value ...]
+    moedist tune ...  /  moedist report RUN_DIR
+    moedist compare BASELINE_RUN RUN [RUN ...]   # paired significance tests on the same users
     moedist demo                          # the embedded default, end to end
 
 Bad input and bad configuration print one ``error:`` line naming the file, row or key and

@@ -64,6 +64,9 @@ ScoreFn = Callable[[int, int], Tensor]  # (col_start, col_end) -> scores [B, col
 # --------------------------------------------------------------------------------------
 
 
+EVAL_RANKS = "eval_ranks.npz"  # per-run file of final ranks (see moedist.train.loop.write_eval_ranks)
+
+
 def _check_ties(ties: str) -> None:
     if ties not in TIE_POLICIES:
         raise ValueError(f"ties must be one of {TIE_POLICIES}, got {ties!r}")
@@ -276,24 +279,30 @@ def chunked_full_sort_ranks(
     return ranks[:, 0]
 
 
-def loo_metric_sums(ranks: Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Tensor]:
-    """Per-batch sums of one-positive metrics from ``ranks [B]`` (1-based).
+def loo_metric_values(ranks: Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Tensor]:
+    """Per-sample one-positive metrics from ``ranks [B]`` (1-based), float64 ``[B]`` each.
 
     NDCG@K = 1/log2(rank+1), MRR@K = 1/rank, Recall@K = Hit@K = [rank <= K],
-    Precision@K = [rank <= K]/K — each 0 when rank > K. Returns float64 scalars keyed
-    ``"ndcg@10"`` etc. plus ``"count"`` (= B).
+    Precision@K = [rank <= K]/K — each 0 when rank > K.
     """
     ks = _check_ks(ks)
     r = ranks.to(torch.float64)
     out: dict[str, Tensor] = {}
     for k in ks:
         hit = (r <= k).to(torch.float64)
-        out[f"ndcg@{k}"] = (hit / torch.log2(r + 1.0)).sum()
-        out[f"mrr@{k}"] = (hit / r).sum()
-        out[f"recall@{k}"] = hit.sum()
-        out[f"hit@{k}"] = hit.sum()
-        out[f"precision@{k}"] = hit.sum() / k
-    out["count"] = torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)
+        out[f"ndcg@{k}"] = hit / torch.log2(r + 1.0)
+        out[f"mrr@{k}"] = hit / r
+        out[f"recall@{k}"] = hit
+        out[f"hit@{k}"] = hit
+        out[f"precision@{k}"] = hit / k
+    return out
+
+
+def loo_metric_sums(ranks: Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Tensor]:
+    """Per-batch sums of :func:`loo_metric_values` (float64 scalars keyed ``"ndcg@10"`` etc.)
+    plus ``"count"`` (= B)."""
+    out = {n: v.sum() for n, v in loo_metric_values(ranks, ks=ks).items()}
+    out["count"] = torch.tensor(float(ranks.numel()), dtype=torch.float64, device=ranks.device)
     return out
 
 
@@ -397,12 +406,13 @@ def chunked_cold_start_ranks(
     )
 
 
-def cold_start_metric_sums(ranks: Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Tensor]:
-    """Per-batch sums of multi-positive metrics from ``ranks [B, P]`` (0 = padding slot).
+def cold_start_metric_values(ranks: Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-user multi-positive metrics from ``ranks [B, P]`` (0 = padding slot).
 
-    Per user with |T_u| = number of nonzero ranks >= 1 (users with none are skipped and
-    not counted): Recall@K = hits/|T_u|; NDCG@K = Σ_hits 1/log2(rank+1) ÷
-    Σ_{r=1..min(K,|T_u|)} 1/log2(r+1); Hit@K = [hits >= 1]; Precision@K = hits/K.
+    Per user with |T_u| = number of nonzero ranks >= 1: Recall@K = hits/|T_u|; NDCG@K =
+    Σ_hits 1/log2(rank+1) ÷ Σ_{r=1..min(K,|T_u|)} 1/log2(r+1); Hit@K = [hits >= 1];
+    Precision@K = hits/K. Returns ``(values, users)``: float64 ``[B]`` per metric, and the
+    ``[B]`` mask of rows that are users (rows without positives are 0 and must be skipped).
     """
     ks = _check_ks(ks)
     valid = ranks > 0  # [B, P]
@@ -421,10 +431,18 @@ def cold_start_metric_sums(ranks: Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> 
         dcg = torch.where(in_top, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)).sum(dim=1)
         ideal_m = torch.minimum(n_pos, torch.tensor(float(k), dtype=torch.float64, device=r.device))
         idcg = idcg_cum[(ideal_m.long() - 1).clamp(min=0)]
-        out[f"ndcg@{k}"] = torch.where(users, dcg / idcg, torch.zeros_like(dcg)).sum()
-        out[f"recall@{k}"] = torch.where(users, hits / safe_n, torch.zeros_like(hits)).sum()
-        out[f"hit@{k}"] = (users & (hits > 0)).to(torch.float64).sum()
-        out[f"precision@{k}"] = torch.where(users, hits / k, torch.zeros_like(hits)).sum()
+        out[f"ndcg@{k}"] = torch.where(users, dcg / idcg, torch.zeros_like(dcg))
+        out[f"recall@{k}"] = torch.where(users, hits / safe_n, torch.zeros_like(hits))
+        out[f"hit@{k}"] = (users & (hits > 0)).to(torch.float64)
+        out[f"precision@{k}"] = torch.where(users, hits / k, torch.zeros_like(hits))
+    return out, users
+
+
+def cold_start_metric_sums(ranks: Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> dict[str, Tensor]:
+    """Per-batch sums of :func:`cold_start_metric_values` over the rows that are users, plus
+    ``"count"`` (the number of such users; rows without positives are not counted)."""
+    values, users = cold_start_metric_values(ranks, ks=ks)
+    out = {n: v.sum() for n, v in values.items()}
     out["count"] = users.to(torch.float64).sum()
     return out
 

@@ -39,11 +39,19 @@ import torch
 import torch.distributed as dist
 
 from moedist.config import atomic_write_text, save_config
+from moedist.io import atomic_write_bytes
 from moedist.data.dataset import ColdStartData, PreparedDataset, SequentialSamples
 from moedist.errors import CheckpointError, ConfigError, DataError, MoedistError
 from moedist.train.checkpoint import latest_complete, load_checkpoint, previous_of, save_checkpoint
 from moedist.train.config import ExperimentConfig
-from moedist.train.evaluate import cold_start_metric_sums, cold_start_ranks, full_sort_ranks, loo_metric_sums, pad_item_lists
+from moedist.train.evaluate import (
+    EVAL_RANKS,
+    cold_start_metric_sums,
+    cold_start_ranks,
+    full_sort_ranks,
+    loo_metric_sums,
+    pad_item_lists,
+)
 
 SEQUENTIAL_MODELS = {"hm4sr", "sasrec", "popularity"}
 COLD_START_MODELS = {"mamex", "content"}
@@ -225,6 +233,10 @@ class SequentialTask:
     def eval_units(self, split: str) -> int:
         return len(self.splits[split])
 
+    def eval_users(self, split: str) -> np.ndarray:
+        """The user of each evaluation unit, in unit order."""
+        return self.splits[split].users
+
     def eval_ranks(self, model, split: str, idx: np.ndarray, device) -> torch.Tensor:
         """Rank of each sample's target, ``[B]`` (exact, see evaluate.py)."""
         batch = {k: v.to(device) for k, v in self.splits[split].batch(idx).items()}
@@ -265,6 +277,10 @@ class ColdStartTask:
     def eval_units(self, split: str) -> int:
         return len(self.heldout[split][0])
 
+    def eval_users(self, split: str) -> np.ndarray:
+        """The user of each evaluation unit, in unit order."""
+        return self.heldout[split][0]
+
     def eval_ranks(self, model, split: str, idx: np.ndarray, device) -> torch.Tensor:
         """Ranks of each user's held-out items among the cold candidates, ``[B, P]`` (0 = pad)."""
         users, items = self.heldout[split]
@@ -285,8 +301,11 @@ def build_task(cfg: ExperimentConfig, data: PreparedDataset):
 
 
 @torch.no_grad()
-def evaluate_split(model, task, split: str, ctx: DistContext, batch_size: int) -> dict[str, float]:
+def evaluate_split(model, task, split: str, ctx: DistContext, batch_size: int, *, ranks_out: dict | None = None) -> dict[str, float]:
     """Exact metrics over all users of ``split``; each rank ranks its share of them.
+
+    ``ranks_out``, when given, receives ``ranks_out[split]`` = the gathered ranks (one row per
+    evaluation unit, in :meth:`eval_users` order), from which per-user metrics follow.
 
     Ranks are integers, so gathering them and computing the metrics once over the whole
     split gives the single-process numbers exactly, whatever the number of workers. Every
@@ -313,6 +332,8 @@ def evaluate_split(model, task, split: str, ctx: DistContext, batch_size: int) -
         gathered: list = [None] * ctx.world
         dist.all_gather_object(gathered, ranks)
         ranks = _cat_ranks([g for g in gathered if g is not None and g.shape[0] > 0])
+    if ranks_out is not None:
+        ranks_out[split] = ranks
     sums = task.metric_sums(ranks)
     count = float(sums.pop("count"))
     return {k: float(v) / max(count, 1.0) for k, v in sums.items()}
@@ -599,14 +620,31 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         "epochs_run": state["epoch"] + 1,
         "trainable_parameters": n_params,
         "workers": ctx.world,
-        "valid": evaluate_split(model, task, "valid", ctx, bs),
-        "test": evaluate_split(model, task, "test", ctx, bs),
     }
+    ranks: dict = {}
+    results["valid"] = evaluate_split(model, task, "valid", ctx, bs, ranks_out=ranks)
+    results["test"] = evaluate_split(model, task, "test", ctx, bs, ranks_out=ranks)
     if ctx.is_main:
+        write_eval_ranks(run_dir / EVAL_RANKS, task, ranks)
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
         if ctx.report is None:  # under Ray the driver prints the table
             echo(format_results(results, tc.topk))
     return results
+
+
+def write_eval_ranks(path: Path, task, ranks: dict) -> None:
+    """The final model's rank of every held-out item, per split: ``<split>_users [U]`` and
+    ``<split>_ranks`` (``[U]`` one-positive, or ``[U, P]`` with 0 = padding for cold start).
+    ``moedist compare`` turns them into per-user metrics for paired significance tests."""
+    import io
+
+    arrays = {"protocol": np.array(task.protocol)}
+    for split, r in ranks.items():
+        arrays[f"{split}_users"] = np.asarray(task.eval_users(split), dtype=np.int64)
+        arrays[f"{split}_ranks"] = r.cpu().numpy().astype(np.int64)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _resume(candidates, model, stepper, warn) -> tuple[Path | None, dict]:
