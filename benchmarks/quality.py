@@ -83,28 +83,39 @@ def main() -> None:
 
 
 def paired_across_splits(variants: dict, metric: str = "ndcg@10") -> dict:
-    """Every pair of variants, compared on the same users: per dataset split the test-metric
-    difference (B minus A, averaged over seeds), then a two-sided sign-flip test over the splits
-    (exact; the splits are the independent units, seeds within a split share its test users)."""
+    """Every pair of variants, compared on the same users (B minus A, test ``metric``).
+
+    * per dataset split: the mean per-user difference, averaged over seeds;
+    * ``p_value``: a two-sided sign-flip test over the split-level differences (exact; the
+      splits are the independent units, seeds within a split share its test users), which
+      needs 6 or more splits to go below 0.05;
+    * ``p_value_users``: the same test over every (split, user) difference (seeds averaged
+      per user), i.e. a paired test stratified by split, with far more power.
+    """
     from itertools import combinations
 
     import numpy as np
 
-    from moedist.report.compare import load_run_ranks, paired_compare, sign_flip_p_value
+    from moedist.report.compare import check_comparable, load_run_ranks, per_user_metric, sign_flip_p_value
 
     out = {}
     for a, b in combinations(variants, 2):
-        by_split: dict[str, list[float]] = {}
+        by_split: dict[str, list[np.ndarray]] = {}
         for ra, rb in zip(variants[a]["per_seed"], variants[b]["per_seed"]):
             x, y = load_run_ranks(ra["run_dir"]), load_run_ranks(rb["run_dir"])
-            r = paired_compare(x, y, metric=metric, resamples=1000)
-            by_split.setdefault(x.dataset, []).append(r.diff)
-        diffs = np.array([np.mean(v) for v in by_split.values()])
-        p, exact = sign_flip_p_value(diffs, resamples=100_000, rng=np.random.default_rng(0))
+            check_comparable(x, y)
+            by_split.setdefault(x.dataset, []).append(per_user_metric(y, metric) - per_user_metric(x, metric))
+        per_user = {k: np.mean(v, axis=0) for k, v in by_split.items()}  # seeds averaged per user
+        diffs = np.array([d.mean() for d in per_user.values()])
+        pooled = np.concatenate(list(per_user.values()))
+        rng = np.random.default_rng(0)
+        p, exact = sign_flip_p_value(diffs, resamples=100_000, rng=rng)
+        p_users, _ = sign_flip_p_value(pooled, resamples=100_000, rng=rng)
         out[f"{b} vs {a}"] = {
             "metric": f"test {metric}", "splits": len(diffs), "mean_diff": float(diffs.mean()),
             "splits_won": int((diffs > 0).sum()), "splits_lost": int((diffs < 0).sum()), "p_value": p, "exact": exact,
-            "per_split_diff": {k: float(np.mean(v)) for k, v in by_split.items()},
+            "users": int(pooled.size), "p_value_users": p_users,
+            "per_split_diff": {k: float(v) for k, v in zip(per_user, diffs)},
         }
     return out
 
@@ -141,10 +152,11 @@ def markdown(table: dict) -> str:
         best = "/".join(str(x["best_epoch"]) for x in r["per_seed"]) if "per_seed" in r else r["best_epoch"]
         lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + f" | {best} | {r.get('seconds', '')} |")
     if paired:
-        lines += ["", "| comparison | mean difference | splits won / lost | p (sign-flip over splits) |", "|---|---|---|---|"]
+        lines += ["", "| comparison | mean difference | splits won / lost | p (over splits) | p (over split x user) |",
+                  "|---|---|---|---|---|"]
         for name, r in paired.items():
             lines.append(f"| {name} ({r['metric']}) | {r['mean_diff']:+.4f} | {r['splits_won']} / {r['splits_lost']} "
-                         f"| {r['p_value']:.3f} |")
+                         f"| {r['p_value']:.3f} | {r.get('p_value_users', float('nan')):.4f} |")
     return "\n".join(lines)
 
 

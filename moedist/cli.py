@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser("prepare", help="raw source -> prepared Parquet tables + dataset.json")
     prep.add_argument("--config", help="YAML file with DataConfig keys")
-    prep.add_argument("--source", help="synthetic | amazon | amazon2014 | amazon2018 | amazon2023 | atomic")
+    prep.add_argument("--source", help="synthetic | amazon | amazon2014 | amazon2018 | amazon2023 | atomic | atomic-seq")
     prep.add_argument("--input", help="raw file or folder")
     prep.add_argument("--meta", help="Amazon metadata file (default: found beside the reviews)")
     prep.add_argument("--image-root", dest="image_root", help="folder with <item_id>/<image> files")

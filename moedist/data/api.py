@@ -8,7 +8,7 @@ from typing import Callable, Literal
 from moedist.data.prepare import PrepareOptions, prepare_dataset
 from moedist.errors import ConfigError
 
-SourceKind = Literal["synthetic", "amazon", "amazon2014", "amazon2018", "amazon2023", "atomic"]
+SourceKind = Literal["synthetic", "amazon", "amazon2014", "amazon2018", "amazon2023", "atomic", "atomic-seq"]
 
 DEFAULT_DATA_ROOT = Path("data")
 

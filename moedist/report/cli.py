@@ -28,12 +28,12 @@ def cmd_compare(args) -> int:
     t = Table(title=f"{args.split} {args.metric} against {Path(args.runs[0]).name} "
                     f"(mean {base.baseline_mean:.5f}, {base.users:,} users), paired per user")
     for c in ("run", "model", "mean", "diff", "rel.", f"{pct} CI", "p", "wins/losses"):
-        t.add_column(c, justify="left" if c in ("run", "model") else "right")
+        t.add_column(c, justify="left" if c in ("run", "model") else "right", no_wrap=c != "run", overflow="fold")
     for r in results:
         t.add_row(Path(r.run).name, r.model, f"{r.mean:.5f}", f"{r.diff:+.5f}", f"{r.relative:+.1%}",
                   f"{r.ci_low:+.4f}..{r.ci_high:+.4f}", f"{r.p_value:.4f}" + ("" if r.exact else "*"),
                   f"{r.wins}/{r.losses}")
-    Console(highlight=False).print(t)
+    Console(highlight=False, width=max(Console().width, 132)).print(t)  # numbers are never cut
     if not all(r.exact for r in results):
         print(f"p: two-sided paired sign-flip test; * = from {args.resamples:,} random sign assignments")
     if args.json:

@@ -6,6 +6,9 @@
 - ``"amazon"``: the same, version detected from the fields / file names;
 - ``"atomic"``: RecBole atomic files (:func:`load_atomic` for a ``.inter`` file,
   :func:`load_atomic_dir` for a folder);
+- ``"atomic-seq"``: a folder of RecBole pre-split sequential benchmark files
+  (``<name>.train/valid/test.inter`` + ``.item2index`` / ``.user2index`` / ``.text``, as
+  UniSRec publishes Amazon data; :func:`load_atomic_seq`; order only, no timestamps);
 - ``"auto"``: :func:`detect_source` first.
 
 ``path`` is a file or a folder. Options: ``meta_path`` (Amazon metadata file; for atomic
@@ -26,9 +29,10 @@ from moedist.data.sources.amazon import (
     load_amazon,
 )
 from moedist.data.sources.atomic import find_atomic_files, load_atomic, load_atomic_dir
+from moedist.data.sources.atomic_seq import is_seq_dir, load_atomic_seq
 from moedist.errors import ConfigError, DataError
 
-SOURCE_KINDS = ("amazon", "amazon2014", "amazon2018", "amazon2023", "atomic", "auto")
+SOURCE_KINDS = ("amazon", "amazon2014", "amazon2018", "amazon2023", "atomic", "atomic-seq", "auto")
 
 __all__ = [
     "SOURCE_KINDS",
@@ -36,6 +40,7 @@ __all__ = [
     "load_amazon",
     "load_atomic",
     "load_atomic_dir",
+    "load_atomic_seq",
     "load_source",
 ]
 
@@ -43,7 +48,8 @@ _AMAZON_FILE_RE = re.compile(r"\.(json|jsonl)(\.gz)?$", re.IGNORECASE)
 
 
 def detect_source(path: str | Path) -> str:
-    """The source kind of a file or folder: ``"atomic"`` (a ``<name>.inter`` file), else
+    """The source kind of a file or folder: ``"atomic"`` (a ``<name>.inter`` file),
+    ``"atomic-seq"`` (a folder of ``<name>.train/valid/test.inter`` benchmark files), else
     ``"amazon2014"`` / ``"amazon2018"`` / ``"amazon2023"`` (``*.json[l][.gz]`` files, the
     version from their fields and names). Raises DataError when it cannot tell."""
     p = Path(path)
@@ -65,11 +71,14 @@ def detect_source(path: str | Path) -> str:
             return "atomic"
         except DataError:
             pass
+        if is_seq_dir(p):
+            return "atomic-seq"
     if any(_AMAZON_FILE_RE.search(n) for n in names):
         reviews, meta = find_amazon_files(p)
         return "amazon" + detect_amazon_version(reviews, meta)
     raise DataError(
-        "cannot tell the source format of this directory (expected <name>.inter or Amazon *.json[l][.gz] files)",
+        "cannot tell the source format of this directory (expected <name>.inter, <name>.train.inter benchmark "
+        "files or Amazon *.json[l][.gz] files)",
         path=p,
     )
 
@@ -87,6 +96,11 @@ def load_source(kind: str, path: str | Path, **opts) -> RawSource:
         version = k.removeprefix("amazon") or opts.pop("version", None)
         opts.pop("version", None)
         return load_amazon(path, meta, version=version, **opts)
+    if k == "atomic-seq":
+        for unused in ("meta_path", "item_path", "version"):
+            if opts.pop(unused, None) is not None:
+                raise ConfigError(f"{unused} does not apply to atomic-seq sources (their files are found by name)")
+        return load_atomic_seq(path, **opts)
     item = opts.pop("item_path", None)
     meta = opts.pop("meta_path", None)
     item = item if item is not None else meta
