@@ -136,6 +136,10 @@ def summarize(runs: list[dict]) -> dict:
     return res
 
 
+def _p(p: float) -> str:
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
 def markdown(table: dict) -> str:
     first = next(v for k, v in table.items() if k != "paired")
     cols = ["ndcg@10", "ndcg@20", "mrr@10", "hit@10"] if first["protocol"] == "loo" else ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
@@ -156,7 +160,7 @@ def markdown(table: dict) -> str:
                   "|---|---|---|---|---|"]
         for name, r in paired.items():
             lines.append(f"| {name} ({r['metric']}) | {r['mean_diff']:+.4f} | {r['splits_won']} / {r['splits_lost']} "
-                         f"| {r['p_value']:.3f} | {r.get('p_value_users', float('nan')):.4f} |")
+                         f"| {r['p_value']:.3f} | {_p(r.get('p_value_users', float('nan')))} |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ Every run writes one run directory::
     run_dir/checkpoints/best/    weights of the best validation epoch (topology-independent)
     run_dir/checkpoints/last/    weights + Adam moments + RNG + loop position, for resume
     run_dir/results.json         validation and test metrics of the best model
+    run_dir/eval_ranks.npz       its rank of every held-out item per split and user (moedist compare)
 
 The loop knows nothing model-specific beyond ``calculate_loss`` / ``full_sort_predict``
 (docs/contracts.md); the two protocols differ only in the ``*Task`` classes below.
