@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moedist.config import atomic_write_text, save_config
-from moedist.io import atomic_write_bytes
+from moedist.config import save_config
 from moedist.data.dataset import ColdStartData, PreparedDataset, SequentialSamples
 from moedist.errors import CheckpointError, ConfigError, DataError, MoedistError
+from moedist.io import atomic_write_bytes, atomic_write_text
 from moedist.train.checkpoint import latest_complete, load_checkpoint, previous_of, save_checkpoint
 from moedist.train.config import ExperimentConfig
 from moedist.train.evaluate import (
