@@ -13,6 +13,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from pathlib import Path
+
     from rich.console import Console
     from rich.table import Table
 
@@ -21,8 +23,6 @@ def cmd_compare(args) -> int:
 
     results = compare_runs(args.runs, metric=args.metric, split=args.split, resamples=args.resamples,
                            confidence=args.confidence, seed=args.seed)
-    from pathlib import Path
-
     pct = f"{args.confidence:.0%}"
     base = results[0]
     t = Table(title=f"{args.split} {args.metric} against {Path(args.runs[0]).name} "
