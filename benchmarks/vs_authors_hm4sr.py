@@ -1,0 +1,530 @@
+"""HM4SR side by side with the authors' released code, on identical data, features and batches.
+
+    python benchmarks/vs_authors_hm4sr.py --authors /path/to/HM4SR --extra-path /tmp/authors-deps \\
+        --data data/prepared/movielens-100k --features data/prepared/movielens-100k/features/minilm+none \\
+        --epochs 3 --out benchmarks/results/vs-authors-hm4sr-ml100k.json
+
+``--authors`` is a checkout of github.com/SStarCCat/HM4SR (checked at f1c0a15). Its bundled
+RecBole imports colorlog, colorama, texttable and thop; install those *beside* moedist's
+environment, not into it: ``pip install --no-deps --target /tmp/authors-deps colorlog colorama
+texttable thop``, then pass ``--extra-path /tmp/authors-deps``.
+
+Two parts, both in one process:
+
+1. **equivalence.** moedist's HM4SR is built (seeded) and every weight is copied into the
+   authors' model. On ``--check-batches`` real training batches, with dropout off, both compute
+   the full score matrix, CE, IDCL, CP and PCL (PCL on the same placeholder positions: the
+   authors' ``random.sample`` is handed moedist's mask), the total loss, and its gradient with
+   respect to every mapped parameter. Reported: the largest absolute and relative differences.
+2. **training.** Both models start from those same weights and train on the same batches in the
+   same order (Adam, the authors' configuration), one epoch at a time; after each epoch both are
+   evaluated on valid and test with moedist's exact full-ranking evaluator, and each code's
+   seconds per training step are recorded. Dropout and PCL draw from each code's own random
+   stream, so the two curves are two samples of the same process, not bitwise twins. Every
+   epoch's result is written (atomically) to ``--out`` and both models' state to
+   ``<out>.state.pt``; rerunning the same command continues after the last finished epoch.
+
+Adaptations of the authors' code, applied to its source text as it is loaded (each must apply
+exactly as expected, so a different commit fails loudly instead of silently):
+
+* ``.to('cuda')`` becomes the chosen device (the released code runs only on CUDA);
+* the feature projections ``nn.Linear(768, d)`` take the width of the features given;
+* the text, image and category tables and the interval-table size are passed in, instead of
+  being read from ``./dataset/<name>/*.pt`` and pickles;
+* CP (MODELS_SPEC G-HM-18): the ``[B·L, C]`` score and target matrices are viewed as
+  ``[B, L, C]`` before they are indexed with the (b, l) pairs of non-padding positions, i.e. the per-item multi-label BCE
+  the code means (with 19 MovieLens genres and 50 positions the released indexing crashes).
+
+Inputs are what RecBole would hand the authors' model: ``timestamp_list`` as float32 seconds,
+except that padding positions repeat the last real time; the released code takes log2 of the
+negative gap to the first pad (NaN) and, on CPU, fails when indexing with it. Real positions are
+untouched, and nothing at a real position reads a pad. The authors' model always has an image
+branch: when the features have no image table (MovieLens), both models get the text table as
+their image table as well. moedist runs with ``temporal_experts_trainable=false`` (the released
+code never optimises the temporal experts, G-HM-1); everything else is the moedist default,
+which is the authors' Games configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+AUTHORS_COMMIT = "f1c0a15f0193846e6af71c2a02ae324fd647eeaf"
+
+
+# ------------------------------------------------------------------------ the authors' model
+
+
+def _patch(src: str, old: str, new: str, count: int) -> str:
+    found = src.count(old)
+    if found != count:
+        raise SystemExit(f"authors' HM4SR.py: expected {count} occurrence(s) of {old!r}, found {found}; "
+                         f"this script was checked against commit {AUTHORS_COMMIT}")
+    return src.replace(old, new)
+
+
+def load_authors_module(repo: Path, device: torch.device) -> types.ModuleType:
+    """The authors' ``recbole_model/HM4SR.py`` with the adaptations listed in the module docstring."""
+    path = repo / "recbole_model" / "HM4SR.py"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: --authors must be a checkout of github.com/SStarCCat/HM4SR")
+    sys.path.insert(0, str(repo))  # its bundled recbole package
+    src = path.read_text(encoding="utf-8")
+    src = _patch(src, ".to('cuda')", ".to(_DEVICE)", 5)
+    src = _patch(src, "nn.Linear(768, self.hidden_size)", "nn.Linear(_TABLES[_NEXT_DIM()].shape[1], self.hidden_size)", 2)
+    src = _patch(src, "torch.load(f'./dataset/{self.data_name}/txt_emb.pt')", "_TABLES['txt']", 1)
+    src = _patch(src, "torch.load(f'./dataset/{self.data_name}/img_emb.pt')", "_TABLES['img']", 1)
+    src = _patch(src, "torch.load(f'./dataset/{self.data_name}/cat.pt')", "_TABLES['cat']", 1)
+    src = _patch(src, "with open(f'./dataset/{self.data_name}/interval_num', 'rb') as f: return pickle.load(f)",
+                 "return _INTERVAL_NUM", 1)
+    for name in ("item_attribute_score", "item_attribute_target"):
+        src = _patch(src, f"{name}[nonzero_idx]", f"{name}.view(*input_idx.shape, -1)[nonzero_idx]", 1)
+    module = types.ModuleType("authors_hm4sr")
+    module.__file__ = str(path)
+    module.__dict__["_DEVICE"] = device
+    exec(compile(src, str(path), "exec"), module.__dict__)
+    return module
+
+
+class _AuthorsConfig(dict):
+    """What the authors' constructor reads from RecBole's Config (config/data.yaml + Games.yaml)."""
+
+    def __init__(self, moedist_cfg, device, name: str):
+        c = moedist_cfg
+        super().__init__(
+            USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list", ITEM_LIST_LENGTH_FIELD="item_length",
+            NEG_PREFIX="neg_", MAX_ITEM_LIST_LENGTH=c.max_seq_len, device=device, dataset=name,
+            n_layers=c.n_layers, n_heads=c.n_heads, hidden_size=c.hidden_size, inner_size=c.inner_size,
+            hidden_dropout_prob=c.hidden_dropout_prob, attn_dropout_prob=c.attn_dropout_prob, hidden_act="gelu",
+            layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range, initializer_weight=list(c.alpha_init),
+            loss_type="CE", temperature=c.tau_idcl, beta=c.beta_pcl, phcl_temperature=c.tau_pcl, phcl_weight=c.lambda_pcl,
+            expert_num=c.k1, gate_selection="softmax", start_expert_num=c.k1, start_gate_selection="softmax",
+            temporal_expert_num=c.k2, temporal_gate_selection="softmax", interval_scale=c.mu,
+        )
+
+
+class _AuthorsDataset:
+    def __init__(self, n_items: int):
+        self._n = n_items
+
+    def num(self, field: str) -> int:
+        return self._n
+
+
+def build_authors_model(module, moedist_cfg, *, n_items: int, tables: dict, max_interval_seconds: int, device):
+    order = iter(["txt", "img"])
+    module.__dict__.update(
+        _TABLES=tables, _NEXT_DIM=lambda: next(order),
+        # the pickle the released preprocessing writes: log2(largest gap + 1), a float
+        _INTERVAL_NUM=float(torch.log2(torch.tensor(float(max_interval_seconds)) + 1).item()),
+    )
+    model = module.HM4SR(_AuthorsConfig(moedist_cfg, device, "moedist"), _AuthorsDataset(n_items))
+    return model.to(device)
+
+
+def authors_interaction(batch: dict) -> dict:
+    """moedist batch -> the RecBole interaction the authors' model reads."""
+    item_seq, lengths = batch["item_seq"], batch["item_seq_len"]
+    times = batch["time_seq"].clone()
+    last = times.gather(1, (lengths - 1).clamp_min(0)[:, None])  # [B, 1]
+    pad = torch.arange(item_seq.shape[1], device=item_seq.device)[None, :] >= lengths[:, None]
+    times = torch.where(pad, last.expand_as(times), times)
+    return {"item_id_list": item_seq, "item_length": lengths, "timestamp_list": times.to(torch.float32),
+            "item_id": batch["target"]}
+
+
+class AuthorsAdapter(torch.nn.Module):
+    """The authors' model behind moedist's model contract (for moedist's evaluator)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def full_sort_predict(self, batch: dict) -> torch.Tensor:
+        return self.net.full_sort_predict(authors_interaction(batch))
+
+    def calculate_loss(self, batch: dict) -> torch.Tensor:
+        return self.net.calculate_loss(authors_interaction(batch))
+
+
+# ------------------------------------------------------------------------ weight mapping
+
+
+def parameter_map(ours, theirs) -> list[tuple]:
+    """``(name, ours, theirs, grad_of_ours)`` for every weight: ``ours`` is moedist's tensor in the
+    authors' layout (transposed where needed), ``grad_of_ours()`` its gradient in that layout."""
+    pairs = []
+
+    def add(name, a, b, leaf=None, index=None, transpose=False):
+        def grad(a=a, leaf=leaf, index=index, transpose=transpose):
+            g = a.grad if leaf is None else (None if leaf.grad is None else leaf.grad[index])
+            return None if g is None else (g.T if transpose else g)
+        pairs.append((name, a.T if transpose else a, b, grad))
+
+    add("item_embedding", ours.item_embedding.weight, theirs.item_embedding.weight)
+    add("position_embedding", ours.position_embedding.weight, theirs.position_embedding.weight)
+    enc = {"id": theirs.item_seq, "text": theirs.txt_seq, "image": theirs.img_seq}
+    ln = {"id": theirs.item_ln, "text": theirs.txt_ln, "image": theirs.img_ln}
+    proj = {"text": theirs.txt_projection, "image": theirs.img_projection}
+    gates = {"id": theirs.start_moe.gate_id, "text": theirs.start_moe.gate_txt, "image": theirs.start_moe.gate_img}
+
+    def add_module(name, a, b):
+        for pname, param in a.named_parameters():
+            add(f"{name}.{pname}", param, b.get_parameter(pname))
+
+    for m in ours.modalities:
+        for i, layer in enumerate(ours.encoders[m].layers):
+            tl = enc[m].layer[i]
+            a, fa = layer.attention, tl.multi_head_attention
+            for sub in ("query", "key", "value", "dense"):
+                add_module(f"{m}.l{i}.{sub}", getattr(a, sub), getattr(fa, sub))
+            add_module(f"{m}.l{i}.attn_ln", a.layer_norm, fa.LayerNorm)
+            f, ff = layer.feed_forward, tl.feed_forward
+            for sub in ("dense_1", "dense_2"):
+                add_module(f"{m}.l{i}.{sub}", getattr(f, sub), getattr(ff, sub))
+            add_module(f"{m}.l{i}.ffn_ln", f.layer_norm, ff.LayerNorm)
+        add_module(f"{m}.ln", ours.layer_norms[m], ln[m])
+        if m != "id":
+            add_module(f"{m}.projection", ours.projections[m], proj[m])
+            ph = {"text": theirs.placeholder_txt, "image": theirs.placeholder_img}[m]
+            add_module(f"{m}.placeholder", ours.placeholders[m], ph)
+    imoe = ours.interactive_moe
+    for k, m in enumerate(ours.modalities):
+        add_module(f"imoe.gate_{m}", imoe.gates[k].proj, gates[m])
+    for e, expert in enumerate(theirs.start_moe.expert):
+        add(f"imoe.expert{e}.weight", imoe.experts.weight[e], expert.weight, leaf=imoe.experts.weight, index=e, transpose=True)
+        add(f"imoe.expert{e}.bias", imoe.experts.bias[e], expert.bias, leaf=imoe.experts.bias, index=e)
+    add("imoe.alpha", imoe.alpha, theirs.start_moe.weight)
+    tm = ours.temporal_moe
+    add_module("tmoe.gate", tm.gate.proj, theirs.time_moe.gate)
+    add_module("tmoe.absolute_w", tm.absolute_w, theirs.time_moe.absolute_w)
+    add("tmoe.time_embedding", tm.time_embedding.weight, theirs.time_moe.time_embedding.weight)
+    for e, vec in enumerate(theirs.time_moe.expert):  # frozen in both: no gradient to compare
+        pairs.append((f"tmoe.expert{e}", tm.experts[e : e + 1], vec, lambda: None))
+    add_module("cp", ours.cat_linear, theirs.cat_linear)
+    return pairs
+
+
+def copy_weights(pairs) -> None:
+    with torch.no_grad():
+        for name, a, b, _ in pairs:
+            if a.shape != b.shape:
+                raise SystemExit(f"{name}: moedist {tuple(a.shape)} vs authors {tuple(b.shape)}")
+            b.copy_(a)
+
+
+# ------------------------------------------------------------------------ part 1: equivalence
+
+
+class _GivenPositions:
+    """Stands in for the ``random`` module inside the authors' PCL: ``sample`` returns the
+    placeholder positions moedist chose for the same row."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.rows = [torch.nonzero(r).flatten().tolist() for r in mask.cpu()]
+        self.i = 0
+
+    def sample(self, population, k):
+        row = self.rows[self.i]
+        self.i += 1
+        if len(row) != k or any(p not in population for p in row):
+            raise AssertionError(f"row {self.i - 1}: authors want {k} of {population}, moedist chose {row}")
+        return row
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    diff = (a.double() - b.double()).abs().max().item()
+    return diff, diff / max(b.double().abs().max().item(), 1e-30)
+
+
+def placeholder_positions(lengths: torch.Tensor, seq_len: int, beta: float, gen: torch.Generator) -> torch.Tensor:
+    """floor(beta·len) distinct real positions per row (bool ``[B, L]``), from ``gen``."""
+    real = torch.arange(seq_len)[None, :] < lengths[:, None]
+    num = torch.floor(lengths.to(torch.float32) * beta).long()
+    keys = torch.rand(real.shape, generator=gen).masked_fill(~real, float("inf"))
+    return keys.argsort(1).argsort(1) < num[:, None]
+
+
+def check_equivalence(ours, theirs, module, task, batches, seed: int) -> dict:
+    """Both models on the same batches, dropout off, moedist's weights in both."""
+    from moedist.models.hm4sr import interval_bucket
+
+    ours.eval()
+    theirs.eval()
+    pairs = parameter_map(ours, theirs)
+    worst: dict[str, list] = {}
+    grad_worst = [0.0, 0.0, ""]
+    compared = 0
+    buckets = {"positions": 0, "differ_raw_seconds": 0}
+    gen = torch.Generator().manual_seed(seed)
+    for idx in batches:
+        batch = task.make_batch(idx)
+        inter = authors_interaction(batch)
+        # RecBole stores the time field as float32, so the authors' model sees seconds rounded to
+        # float32 (64 s steps around 1e9). How many interval buckets that moves is reported;
+        # moedist is then given the same rounded seconds so the comparison is of the code alone.
+        real = torch.arange(batch["item_seq"].shape[1])[None, :] < batch["item_seq_len"][:, None]
+        rounded = inter["timestamp_list"].to(torch.float64).round().to(torch.int64).masked_fill(~real, 0)
+        b_raw = interval_bucket(batch["time_seq"], batch["item_seq_len"], ours.config.mu)
+        b_f32 = interval_bucket(rounded, batch["item_seq_len"], ours.config.mu)
+        buckets["positions"] += int(real.sum())
+        buckets["differ_raw_seconds"] += int(((b_raw != b_f32) & real).sum())
+        batch = {**batch, "time_seq": rounded}
+        mask = placeholder_positions(batch["item_seq_len"], batch["item_seq"].shape[1], ours.config.beta_pcl, gen)
+
+        for prm in ours.parameters():
+            prm.grad = None
+        ours.placeholder_mask = lambda lengths, L, _m=mask: _m
+        try:
+            out = ours._forward(batch["item_seq"], batch["item_seq_len"], batch["time_seq"])
+            s_o = ours._scores(out["hidden"], out["tables"])
+            parts_o = {
+                "ce": F.cross_entropy(s_o, batch["target"]),
+                "idcl": ours.idcl_loss(out["hidden"][:, 0], batch["target"]),
+                "cp": ours.cp_loss(batch["item_seq"], out["tables"]),
+                "pcl": ours.pcl_loss(out, batch["item_seq_len"], batch["target"]),
+            }
+        finally:
+            del ours.placeholder_mask
+        total_o = sum(parts_o.values())
+        total_o.backward()
+
+        for prm in theirs.parameters():
+            prm.grad = None
+        module.random = _GivenPositions(mask)
+        try:
+            emb_seq, seq_vec, s_t = theirs.forward(inter["item_id_list"], inter["item_length"], inter["timestamp_list"])
+            parts_t = {
+                "ce": theirs.loss_fct(s_t, inter["item_id"]),
+                "idcl": theirs.IDCL(seq_vec[0], inter),
+                "cp": theirs.CP(inter["item_id_list"]),
+                "pcl": theirs.PCL(inter, emb_seq, seq_vec),
+            }
+        finally:
+            module.random = random
+        total_t = sum(parts_t.values())
+        total_t.backward()
+
+        for key, (x, y) in {"scores": (s_o, s_t), "total": (total_o, total_t),
+                            **{k: (parts_o[k], parts_t[k]) for k in parts_o}}.items():
+            d, r = _rel(x.detach(), y.detach())
+            w = worst.setdefault(key, [0.0, 0.0, None])
+            w[0], w[1] = max(w[0], d), max(w[1], r)
+            if y.dim() == 0:
+                w[2] = [float(x.detach()), float(y.detach())]
+        # Relative to the parameter's own largest gradient, floored at 1e-6 of the largest
+        # gradient anywhere: some gradients are zero in exact arithmetic (the attention key bias
+        # shifts a whole softmax row), and their float noise is not a difference.
+        grads = []
+        for name, _, b, grad_of_ours in pairs:
+            if name.startswith("tmoe.expert"):
+                continue  # the authors' code computes a gradient here but never applies it (G-HM-1)
+            ga, gb = grad_of_ours(), b.grad
+            if ga is None and gb is None:
+                continue
+            if ga is None or gb is None:
+                raise SystemExit(f"{name}: a gradient only in {'the authors code' if ga is None else 'moedist'}")
+            grads.append((name, ga, gb))
+        scale = max(g.abs().max().item() for _, _, g in grads)
+        compared = len(grads)
+        for name, ga, gb in grads:
+            d = (ga.double() - gb.double()).abs().max().item()
+            r = d / max(gb.abs().max().item(), 1e-6 * scale)
+            if r > grad_worst[1]:
+                grad_worst = [d, r, name]
+    return {
+        "batches": len(batches), "batch_size": int(len(batches[0])),
+        "interval_buckets": buckets,
+        "max_abs_diff": {k: v[0] for k, v in worst.items()},
+        "max_rel_diff": {k: v[1] for k, v in worst.items()},
+        "last_batch_moedist_vs_authors": {k: v[2] for k, v in worst.items() if v[2] is not None},
+        "gradients": {"parameters_compared": compared, "parameters_mapped": len(pairs),
+                      "max_rel_diff": grad_worst[1], "max_abs_diff": grad_worst[0], "worst_parameter": grad_worst[2]},
+    }
+
+
+# ------------------------------------------------------------------------ part 2: training
+
+
+def _write_json(path: Path, obj) -> None:
+    from moedist.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> None:
+    from moedist.train.loop import DistContext, evaluate_split
+
+    state_path = out.with_suffix(".state.pt")
+    opt_o = torch.optim.Adam(ours.parameters(), lr=args.lr)
+    opt_t = torch.optim.Adam(theirs.parameters(), lr=args.lr)
+    adapter = AuthorsAdapter(theirs)
+    ctx = DistContext()
+    epochs = result.setdefault("epochs", [])
+    if state_path.is_file() and epochs:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state["epoch"] != len(epochs):
+            raise SystemExit(f"{state_path} is at epoch {state['epoch']} but {out} records {len(epochs)}; delete both to restart")
+        ours.load_state_dict(state["ours"])
+        theirs.load_state_dict(state["theirs"])
+        with torch.no_grad():  # the authors' temporal experts are not registered parameters
+            for vec, saved in zip(theirs.time_moe.expert, state["theirs_time_experts"]):
+                vec.copy_(saved)
+        opt_o.load_state_dict(state["opt_ours"])
+        opt_t.load_state_dict(state["opt_theirs"])
+        print(f"resuming after epoch {len(epochs) - 1} from {state_path}", flush=True)
+    for epoch in range(len(epochs), args.epochs):
+        ours.train()
+        theirs.train()
+        torch.manual_seed(args.seed + epoch)
+        random.seed(args.seed + epoch)
+        rng = np.random.default_rng(args.seed + epoch)
+        secs = {"moedist": 0.0, "authors": 0.0}
+        losses = {"moedist": 0.0, "authors": 0.0}
+        n = 0
+        batches = list(task.global_batches(rng, args.batch_size))
+        if args.max_steps:
+            batches = batches[: args.max_steps]
+        for step, idx in enumerate(batches):
+            batch = task.make_batch(idx)
+            t0 = time.perf_counter()
+            loss_o, _ = ours.calculate_loss(batch)
+            opt_o.zero_grad(set_to_none=True)
+            loss_o.backward()
+            opt_o.step()
+            t1 = time.perf_counter()
+            loss_t = adapter.calculate_loss(batch)
+            opt_t.zero_grad(set_to_none=True)
+            loss_t.backward()
+            opt_t.step()
+            t2 = time.perf_counter()
+            secs["moedist"] += t1 - t0
+            secs["authors"] += t2 - t1
+            losses["moedist"] += float(loss_o.detach())
+            losses["authors"] += float(loss_t.detach())
+            n += 1
+            if not math.isfinite(float(loss_o)) or not math.isfinite(float(loss_t)):
+                raise SystemExit(f"epoch {epoch} step {step}: loss moedist {float(loss_o)} authors {float(loss_t)}")
+            if step % 10 == 0 or step == len(batches) - 1:
+                print(f"epoch {epoch} step {step + 1}/{len(batches)}  loss moedist {float(loss_o):.4f} "
+                      f"authors {float(loss_t):.4f}  s/step moedist {secs['moedist'] / n:.2f} "
+                      f"authors {secs['authors'] / n:.2f}", flush=True)
+        row = {"epoch": epoch, "steps": n,
+               "train_loss": {k: v / n for k, v in losses.items()},
+               "seconds_per_step": {k: v / n for k, v in secs.items()}}
+        for split in ("valid", "test"):
+            row[split] = {
+                "moedist": evaluate_split(ours, task, split, ctx, args.eval_batch_size),
+                "authors": evaluate_split(adapter, task, split, ctx, args.eval_batch_size),
+            }
+        epochs.append(row)
+        torch.save({"epoch": epoch + 1, "ours": ours.state_dict(), "theirs": theirs.state_dict(),
+                    "theirs_time_experts": [v.detach().clone() for v in theirs.time_moe.expert],
+                    "opt_ours": opt_o.state_dict(), "opt_theirs": opt_t.state_dict()}, str(state_path) + ".tmp")
+        Path(str(state_path) + ".tmp").replace(state_path)
+        _write_json(out, result)
+        v = row["valid"]
+        print(f"epoch {epoch}: valid ndcg@20 moedist {v['moedist']['ndcg@20']:.4f} authors {v['authors']['ndcg@20']:.4f}"
+              f" | test ndcg@10 moedist {row['test']['moedist']['ndcg@10']:.4f} authors {row['test']['authors']['ndcg@10']:.4f}"
+              f" | s/step moedist {row['seconds_per_step']['moedist']:.2f} authors {row['seconds_per_step']['authors']:.2f}",
+              flush=True)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--authors", type=Path, required=True, help="checkout of github.com/SStarCCat/HM4SR")
+    p.add_argument("--extra-path", action="append", default=[], help="where colorlog/colorama/texttable/thop are")
+    p.add_argument("--data", required=True, help="prepared dataset (moedist data prepare)")
+    p.add_argument("--features", required=True, help="features folder (moedist extract)")
+    p.add_argument("--out", type=Path, required=True, help="JSON results (also <out>.state.pt for resume)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=0, help="cap training steps per epoch (0 = full epochs)")
+    p.add_argument("--check-batches", type=int, default=3)
+    p.add_argument("--check-batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--eval-batch-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--override", action="append", default=[], help="extra hm4sr.* settings for both, key=value")
+    args = p.parse_args()
+    sys.path[:0] = args.extra_path
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+
+    from moedist.data.dataset import PreparedDataset
+    from moedist.features.store import ItemFeatures, load_item_features
+    from moedist.models.hm4sr import HM4SR
+    from moedist.train.cli import load_experiment_config
+    from moedist.train.loop import build_task
+
+    cfg = load_experiment_config("hm4sr", None, [f"data={args.data}", f"features={args.features}",
+                                                 "hm4sr.temporal_experts_trainable=false", *args.override])
+    data = PreparedDataset(cfg.data)
+    feats = load_item_features(args.features, n_items=data.n_items)
+    if "text" not in feats.features:
+        raise SystemExit(f"{args.features} has no text features; the authors' model needs text and image")
+    tables = dict(feats.features)
+    image_is_text = "image" not in tables
+    if image_is_text:
+        tables["image"] = tables["text"]
+    features = ItemFeatures(tables, {m: feats.mask.get(m, feats.mask["text"]) for m in tables})
+    cfg.hm4sr.modalities = ("id", "text", "image")
+    cats = data.category_multihot()
+    if cats is None or cats.shape[1] == 0:
+        raise SystemExit(f"{args.data} has no item categories; the authors' model always has CP")
+    task = build_task(cfg, data)
+
+    torch.manual_seed(args.seed)
+    ours = HM4SR(cfg.hm4sr, n_items=data.n_item_rows, n_users=data.n_users + 1, item_features=features,
+                 item_categories=cats, max_interval_seconds=data.max_interval_seconds).to(device)
+    module = load_authors_module(args.authors.resolve(), device)
+    theirs = build_authors_model(
+        module, cfg.hm4sr, n_items=data.n_item_rows, max_interval_seconds=data.max_interval_seconds, device=device,
+        tables={"txt": tables["text"].clone(), "img": tables["image"].clone(), "cat": cats.clone().float()},
+    )
+    if theirs.time_moe.time_embedding.num_embeddings != ours.temporal_moe.time_embedding.num_embeddings:
+        raise SystemExit("interval tables differ in size: "
+                         f"{theirs.time_moe.time_embedding.num_embeddings} vs {ours.temporal_moe.time_embedding.num_embeddings}")
+    copy_weights(parameter_map(ours, theirs))
+
+    out = args.out
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({
+        "authors_code": {"repo": "github.com/SStarCCat/HM4SR", "checked_at": AUTHORS_COMMIT, "path": str(args.authors)},
+        "data": str(args.data), "features": str(args.features), "image_features": "text (none extracted)" if image_is_text else "image",
+        "n_items": data.n_items, "n_users": data.n_users, "train_samples": task.n_train(),
+        "settings": {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
+                     "dropout": cfg.hm4sr.hidden_dropout_prob, "overrides": args.override},
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+    })
+    if "equivalence" not in result:
+        rng = np.random.default_rng(args.seed)
+        perm = rng.permutation(task.n_train())
+        batches = [perm[i * args.check_batch_size : (i + 1) * args.check_batch_size] for i in range(args.check_batches)]
+        result["equivalence"] = check_equivalence(ours, theirs, module, task, batches, args.seed)
+        copy_weights(parameter_map(ours, theirs))  # unchanged, but make the starting point explicit
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(out, result)
+        print(json.dumps(result["equivalence"], indent=2), flush=True)
+    if args.epochs > 0:
+        train_side_by_side(ours, theirs, task, args, result, out)
+    _write_json(out, result)
+
+
+if __name__ == "__main__":
+    main()
