@@ -70,7 +70,8 @@ def main() -> None:
             cfg = load_experiment_config(model, None, overrides)
             t0 = time.time()
             res = run_training(cfg, echo=lambda s, n=name: print(f"[{n}] {s}", flush=True))
-            res["seconds"] = round(time.time() - t0, 1)
+            res["seconds"] = round(time.time() - t0, 1)  # this invocation (a finished run is only re-evaluated)
+            res["train_seconds"] = round(logged_train_seconds(Path(a.runs) / tag), 1)
             res["overrides"] = overrides
             runs.append(res)
         table[name] = summarize(runs)
@@ -133,7 +134,21 @@ def summarize(runs: list[dict]) -> dict:
             res[split] = {k: float(np.mean([r[split][k] for r in runs])) for k in runs[0][split]}
             res[f"{split}_std"] = {k: float(np.std([r[split][k] for r in runs])) for k in runs[0][split]}
         res["seconds"] = round(sum(r["seconds"] for r in runs), 1)
+        res["train_seconds"] = round(sum(r.get("train_seconds", 0.0) for r in runs), 1)
     return res
+
+
+def logged_train_seconds(run_dir: Path) -> float:
+    """Seconds spent in training steps, summed over the epochs in the run's ``metrics.jsonl``
+    (resumed and re-evaluated runs included, each epoch once)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    total = 0.0
+    for line in path.read_text().splitlines():
+        if line.strip():
+            total += float(json.loads(line).get("train_seconds", 0.0))
+    return total
 
 
 def _p(p: float) -> str:
@@ -148,13 +163,13 @@ def markdown(table: dict) -> str:
         std = r.get("test_std")
         return f"{r['test'][c]:.4f}" + (f" ± {std[c]:.4f}" if std else "")
 
-    lines = ["| model | " + " | ".join(f"test {c}" for c in cols) + " | best epoch | seconds |", "|---" * (len(cols) + 3) + "|"]
+    lines = ["| model | " + " | ".join(f"test {c}" for c in cols) + " | best epoch | train seconds |", "|---" * (len(cols) + 3) + "|"]
     paired = table.get("paired", {})
     for name, r in table.items():
         if name == "paired":
             continue
         best = "/".join(str(x["best_epoch"]) for x in r["per_seed"]) if "per_seed" in r else r["best_epoch"]
-        lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + f" | {best} | {r.get('seconds', '')} |")
+        lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + f" | {best} | {r.get('train_seconds', '')} |")
     if paired:
         lines += ["", "| comparison | mean difference | splits won / lost | p (over splits) | p (over split x user) |",
                   "|---|---|---|---|---|"]
