@@ -86,6 +86,10 @@ class HM4SRConfig:
     # reproduces the reference numbers); False = paper Eq. 13 form cos(a·t / freq^{j/d} + c).
     # Identical at init (c = 0); they differ in how the bias is scaled during training.
     absolute_time_bias_inside: bool = True
+    # Interval buckets from exact int64 seconds (False) or, as the authors' RecBole pipeline,
+    # from times stored as float32 (True: 64 s resolution around 2^30 s). Identical on
+    # day-granular data (Amazon); on MovieLens' second timestamps it moves many buckets.
+    time_float32: bool = False
     # Ablations (paper §5.3). Without the Temporal MoE there are no time embeddings, so PCL is
     # off too (as in the paper's "-TMoE" variant); PCL also needs a text or image modality.
     use_imoe: bool = True
@@ -266,7 +270,7 @@ def _sequence_mask(time_seq: Tensor, item_seq_len_or_mask: Tensor) -> Tensor:
     return positions[None, :] < item_seq_len_or_mask.view(-1, 1)
 
 
-def interval_bucket(time_seq: Tensor, item_seq_len_or_mask: Tensor, mu: float) -> Tensor:
+def interval_bucket(time_seq: Tensor, item_seq_len_or_mask: Tensor, mu: float, *, float32_times: bool = False) -> Tensor:
     """Interval-embedding index ``[B, L]`` int64: ``floor(mu · log2(t_i − t_{i−1} + 1))``.
 
     time_seq: ``[B, L]`` int64 Unix seconds (0 at pads); item_seq_len_or_mask: ``[B]`` lengths
@@ -276,8 +280,20 @@ def interval_bucket(time_seq: Tensor, item_seq_len_or_mask: Tensor, mu: float) -
     the first pad's Δ = 0 − t_last is negative and log2 gives NaN (G-HM-2); pads never reach
     the output, so 0 is safe. Δ is computed exactly in int64 and the log in float64 (the
     authors use float32; identical on day-granular data). Δ = 0 → 0, Δ = 1 day → 1639.
+
+    ``float32_times=True`` reproduces the authors' pipeline instead: RecBole stores the time
+    field as float32, so times are first rounded to float32 (64-second steps around 2^30 s,
+    exact for whole days) and the gap and its log are taken in float32. On second-granular
+    data such as MovieLens this moves many buckets (small gaps collapse to 0 or 64 s).
     """
     mask = _sequence_mask(time_seq, item_seq_len_or_mask)
+    if float32_times:
+        t32 = time_seq.to(torch.float32)
+        delta32 = t32[:, 1:] - t32[:, :-1]
+        real = mask[:, 1:] & mask[:, :-1] & (delta32 >= 0)
+        bucket = torch.floor(mu * torch.log2(delta32.clamp_min(0) + 1.0)).to(torch.int64)
+        bucket = torch.where(real, bucket, torch.zeros_like(bucket))
+        return torch.cat([torch.zeros_like(bucket[:, :1]), bucket], dim=1)
     delta = time_seq[:, 1:] - time_seq[:, :-1]  # (B, L-1), int64, exact
     real = mask[:, 1:] & mask[:, :-1] & (delta >= 0)
     bucket = torch.floor(mu * torch.log2(delta.clamp_min(0).to(torch.float64) + 1.0)).to(torch.int64)
@@ -300,10 +316,12 @@ class TemporalMoE(nn.Module):
     worth having. They are ordinary data-parallel parameters."""
 
     def __init__(self, *, hidden_size: int, num_modalities: int, num_experts: int, n_intervals: int,
-                 mu: float, freq: float, bias_inside: bool, experts_trainable: bool, expert_init_std: float):
+                 mu: float, freq: float, bias_inside: bool, experts_trainable: bool, expert_init_std: float,
+                 float32_times: bool = False):
         super().__init__()
         d = hidden_size
         self.mu = mu
+        self.float32_times = float32_times
         self.bias_inside = bias_inside
         self.gate = DenseGate(in_features=2 * d, num_experts=num_experts)
         self.absolute_w = nn.Linear(1, d)  # (a_j, c_j) of the cosine encoding
@@ -333,7 +351,7 @@ class TemporalMoE(nn.Module):
 
     def time_features(self, time_seq: Tensor, seq_mask: Tensor) -> Tensor:
         """r = [r1 (interval); r2 (absolute)] ``[B, L, 2d]``."""
-        idx = interval_bucket(time_seq, seq_mask, self.mu)
+        idx = interval_bucket(time_seq, seq_mask, self.mu, float32_times=self.float32_times)
         # Gaps beyond the table (longer than the dataset's Δmax) share the last row.
         idx = idx.clamp_max(self.time_embedding.num_embeddings - 1)
         r1 = self.time_embedding(idx)
@@ -451,7 +469,7 @@ class HM4SR(nn.Module):
                 hidden_size=d, num_modalities=M, num_experts=cfg.k2,
                 n_intervals=interval_table_size(max_interval_seconds, cfg.mu), mu=cfg.mu, freq=cfg.freq,
                 bias_inside=cfg.absolute_time_bias_inside, experts_trainable=cfg.temporal_experts_trainable,
-                expert_init_std=cfg.temporal_expert_init_std,
+                expert_init_std=cfg.temporal_expert_init_std, float32_times=cfg.time_float32,
             )
         # The item-embedding pad row is drawn too (random, not zero; padding_idx still blocks
         # its gradient: G-HM-5). The temporal expert vectors keep their own N(0, 0.1²).

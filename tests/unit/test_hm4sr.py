@@ -260,6 +260,24 @@ def test_interval_bucket_values_padding_and_first_position():
     assert interval_table_size(int(2 ** 28.705), 100.0) == 2871  # Games (spec 1.1 step 4)
 
 
+def test_interval_bucket_float32_times_reproduce_recbole_rounding():
+    base = 880_000_000  # MovieLens-era seconds: float32 steps of 64 s here
+    t = torch.tensor([[base, base + 10, base + 100, base + DAY, 0]])
+    lens = torch.tensor([4])
+    exact = interval_bucket(t, lens, 100.0)
+    assert exact[0, 1].item() == math.floor(100 * math.log2(11))
+    f32 = interval_bucket(t, lens, 100.0, float32_times=True)
+    # by hand: the times as float32, gaps and log2 in float32
+    t32 = [float(torch.tensor(float(x), dtype=torch.float32)) for x in t[0, :4].tolist()]
+    want = [0] + [math.floor(100 * math.log2(b - a + 1)) for a, b in zip(t32, t32[1:])] + [0]
+    assert f32[0].tolist() == want
+    assert f32[0, 1].item() != exact[0, 1].item()  # a 10 s gap is not kept at 64 s resolution
+    # whole days are exact in float32: both ways agree
+    days = torch.tensor([[T0, T0 + DAY, T0 + 8 * DAY, 0]])
+    assert torch.equal(interval_bucket(days, torch.tensor([3]), 100.0, float32_times=True),
+                       interval_bucket(days, torch.tensor([3]), 100.0))
+
+
 def test_absolute_time_embedding_code_and_paper_forms():
     model = make_model()
     tm = model.temporal_moe
