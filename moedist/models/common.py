@@ -42,7 +42,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     On CPU, ``F.dropout`` draws its mask with ``bernoulli_``, which costs ~3-7x a uniform draw
     plus a compare; in HM4SR (dropout 0.5 on every ``[B, L, d]`` activation and every
     ``[B, h, L, L]`` attention map) it was about a third of a CPU training step. Here the mask
-    is ``U(0, 1) >= p`` and kept values are scaled by ``1 / (1 - p)``, exactly as
+    is ``U(0, 1) >= p`` and the input is multiplied by ``mask / (1 - p)``, exactly as
     ``F.dropout`` does. Other devices use ``F.dropout`` (fused there). Reproducible under
     ``torch.manual_seed`` like any other draw, but not the same stream as ``F.dropout``.
     """
@@ -52,8 +52,10 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return torch.nn.functional.dropout(x, p, True)
     if p >= 1.0:
         return x * 0.0
-    keep = torch.rand_like(x) >= p
-    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype))
+    # x · (keep / (1 − p)), as F.dropout; a multiply is ~2x cheaper than torch.where here,
+    # forward and backward.
+    mask = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))  # in place: no bool tensor, no copy
+    return x * mask
 
 
 class Dropout(torch.nn.Module):
