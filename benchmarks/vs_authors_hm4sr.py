@@ -19,7 +19,8 @@ Two parts, both in one process:
 2. **training.** Both models start from those same weights and train on the same batches in the
    same order (Adam, the authors' configuration), one epoch at a time; after each epoch both are
    evaluated on valid and test with moedist's exact full-ranking evaluator, and each code's
-   seconds per training step are recorded. Dropout and PCL draw from each code's own random
+   seconds per training step are recorded. After the last epoch, ``final_paired`` compares the
+   two on the same users (per-user NDCG, paired bootstrap interval, sign-flip p-value). Dropout and PCL draw from each code's own random
    stream, so the two curves are two samples of the same process, not bitwise twins. Every
    epoch's result is written (atomically) to ``--out`` and both models' state to
    ``<out>.state.pt``; rerunning the same command continues after the last finished epoch.
@@ -439,6 +440,35 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
               f" | test ndcg@10 moedist {row['test']['moedist']['ndcg@10']:.4f} authors {row['test']['authors']['ndcg@10']:.4f}"
               f" | s/step moedist {row['seconds_per_step']['moedist']:.2f} authors {row['seconds_per_step']['authors']:.2f}",
               flush=True)
+    if epochs and result.get("final_paired", {}).get("after_epochs") != len(epochs):
+        result["final_paired"] = {"after_epochs": len(epochs), **paired_after_training(ours, adapter, task, ctx, args)}
+        _write_json(out, result)
+        print(json.dumps(result["final_paired"], indent=2), flush=True)
+
+
+def paired_after_training(ours, adapter, task, ctx, args) -> dict:
+    """Both models as they stand after the last epoch, on the same users: per-user NDCG@10 / @20
+    and the paired difference (moedist − authors) with a bootstrap interval and a sign-flip p."""
+    from moedist.report.compare import bootstrap_ci, sign_flip_p_value
+    from moedist.train.evaluate import loo_metric_values
+    from moedist.train.loop import evaluate_split
+
+    out = {}
+    rng = np.random.default_rng(args.seed)
+    for split in ("valid", "test"):
+        ranks_o, ranks_t = {}, {}
+        evaluate_split(ours, task, split, ctx, args.eval_batch_size, ranks_out=ranks_o)
+        evaluate_split(adapter, task, split, ctx, args.eval_batch_size, ranks_out=ranks_t)
+        vo, vt = loo_metric_values(ranks_o[split]), loo_metric_values(ranks_t[split])
+        for metric in ("ndcg@10", "ndcg@20"):
+            d = (vo[metric] - vt[metric]).numpy()
+            lo, hi = bootstrap_ci(d, resamples=10_000, confidence=0.95, rng=rng)
+            pval, exact = sign_flip_p_value(d, resamples=100_000, rng=rng)
+            out[f"{split} {metric}"] = {
+                "moedist": float(vo[metric].mean()), "authors": float(vt[metric].mean()), "users": int(d.size),
+                "mean_diff": float(d.mean()), "ci95": [lo, hi], "p_value": pval, "users_differ": int((d != 0).sum()),
+            }
+    return out
 
 
 # ------------------------------------------------------------------------ main

@@ -59,3 +59,11 @@ def test_training_side_by_side_records_each_epoch_once_and_resumes(toy_data, toy
             for who in ("moedist", "authors"):
                 assert 0.0 <= row[split][who]["ndcg@10"] <= 1.0
         assert row["train_loss"]["moedist"] > 0 and row["train_loss"]["authors"] > 0
+    final = second["final_paired"]
+    assert final["after_epochs"] == 2
+    last = second["epochs"][-1]["test"]
+    for who in ("moedist", "authors"):  # the paired pass re-evaluates the same final models
+        assert final["test ndcg@10"][who] == pytest.approx(last[who]["ndcg@10"])
+    t = final["test ndcg@10"]
+    assert t["mean_diff"] == pytest.approx(t["moedist"] - t["authors"])
+    assert t["ci95"][0] <= t["mean_diff"] <= t["ci95"][1] and 0.0 < t["p_value"] <= 1.0
