@@ -288,15 +288,14 @@ def interval_bucket(time_seq: Tensor, item_seq_len_or_mask: Tensor, mu: float, *
     """
     mask = _sequence_mask(time_seq, item_seq_len_or_mask)
     if float32_times:
-        t32 = time_seq.to(torch.float32)
-        delta32 = t32[:, 1:] - t32[:, :-1]
-        real = mask[:, 1:] & mask[:, :-1] & (delta32 >= 0)
-        bucket = torch.floor(mu * torch.log2(delta32.clamp_min(0) + 1.0)).to(torch.int64)
-        bucket = torch.where(real, bucket, torch.zeros_like(bucket))
-        return torch.cat([torch.zeros_like(bucket[:, :1]), bucket], dim=1)
-    delta = time_seq[:, 1:] - time_seq[:, :-1]  # (B, L-1), int64, exact
+        t = time_seq.to(torch.float32)
+        delta = t[:, 1:] - t[:, :-1]  # (B, L-1), float32 as RecBole
+        log_gap = torch.log2(delta.clamp_min(0) + 1.0)
+    else:
+        delta = time_seq[:, 1:] - time_seq[:, :-1]  # (B, L-1), int64, exact
+        log_gap = torch.log2(delta.clamp_min(0).to(torch.float64) + 1.0)
     real = mask[:, 1:] & mask[:, :-1] & (delta >= 0)
-    bucket = torch.floor(mu * torch.log2(delta.clamp_min(0).to(torch.float64) + 1.0)).to(torch.int64)
+    bucket = torch.floor(mu * log_gap).to(torch.int64)
     bucket = torch.where(real, bucket, torch.zeros_like(bucket))
     return torch.cat([torch.zeros_like(bucket[:, :1]), bucket], dim=1)  # (B, L)
 
