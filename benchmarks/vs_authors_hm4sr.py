@@ -48,6 +48,7 @@ which is the authors' Games configuration.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import platform
@@ -60,6 +61,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from moedist.io import atomic_write_bytes, atomic_write_json
 
 AUTHORS_COMMIT = "f1c0a15f0193846e6af71c2a02ae324fd647eeaf"
 
@@ -358,12 +361,6 @@ def check_equivalence(ours, theirs, module, task, batches, seed: int) -> dict:
 # ------------------------------------------------------------------------ part 2: training
 
 
-def _write_json(path: Path, obj) -> None:
-    from moedist.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> None:
     from moedist.train.loop import DistContext, evaluate_split
 
@@ -385,6 +382,7 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
         opt_o.load_state_dict(state["opt_ours"])
         opt_t.load_state_dict(state["opt_theirs"])
         print(f"resuming after epoch {len(epochs) - 1} from {state_path}", flush=True)
+    ranks = None
     for epoch in range(len(epochs), args.epochs):
         ours.train()
         theirs.train()
@@ -424,42 +422,46 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
         row = {"epoch": epoch, "steps": n,
                "train_loss": {k: v / n for k, v in losses.items()},
                "seconds_per_step": {k: v / n for k, v in secs.items()}}
+        ranks = {"moedist": {}, "authors": {}}  # this epoch's ranks, for the paired comparison below
         for split in ("valid", "test"):
             row[split] = {
-                "moedist": evaluate_split(ours, task, split, ctx, args.eval_batch_size),
-                "authors": evaluate_split(adapter, task, split, ctx, args.eval_batch_size),
+                "moedist": evaluate_split(ours, task, split, ctx, args.eval_batch_size, ranks_out=ranks["moedist"]),
+                "authors": evaluate_split(adapter, task, split, ctx, args.eval_batch_size, ranks_out=ranks["authors"]),
             }
         epochs.append(row)
+        buf = io.BytesIO()
         torch.save({"epoch": epoch + 1, "ours": ours.state_dict(), "theirs": theirs.state_dict(),
                     "theirs_time_experts": [v.detach().clone() for v in theirs.time_moe.expert],
-                    "opt_ours": opt_o.state_dict(), "opt_theirs": opt_t.state_dict()}, str(state_path) + ".tmp")
-        Path(str(state_path) + ".tmp").replace(state_path)
-        _write_json(out, result)
+                    "opt_ours": opt_o.state_dict(), "opt_theirs": opt_t.state_dict()}, buf)
+        atomic_write_bytes(state_path, buf.getvalue())
+        atomic_write_json(out, result, indent=2)
         v = row["valid"]
         print(f"epoch {epoch}: valid ndcg@20 moedist {v['moedist']['ndcg@20']:.4f} authors {v['authors']['ndcg@20']:.4f}"
               f" | test ndcg@10 moedist {row['test']['moedist']['ndcg@10']:.4f} authors {row['test']['authors']['ndcg@10']:.4f}"
               f" | s/step moedist {row['seconds_per_step']['moedist']:.2f} authors {row['seconds_per_step']['authors']:.2f}",
               flush=True)
     if epochs and result.get("final_paired", {}).get("after_epochs") != len(epochs):
-        result["final_paired"] = {"after_epochs": len(epochs), **paired_after_training(ours, adapter, task, ctx, args)}
-        _write_json(out, result)
+        if ranks is None:  # resumed with no epoch left to train: rank the restored models
+            ranks = {"moedist": {}, "authors": {}}
+            for split in ("valid", "test"):
+                evaluate_split(ours, task, split, ctx, args.eval_batch_size, ranks_out=ranks["moedist"])
+                evaluate_split(adapter, task, split, ctx, args.eval_batch_size, ranks_out=ranks["authors"])
+        result["final_paired"] = {"after_epochs": len(epochs), **paired_from_ranks(ranks, args.seed)}
+        atomic_write_json(out, result, indent=2)
         print(json.dumps(result["final_paired"], indent=2), flush=True)
 
 
-def paired_after_training(ours, adapter, task, ctx, args) -> dict:
-    """Both models as they stand after the last epoch, on the same users: per-user NDCG@10 / @20
-    and the paired difference (moedist − authors) with a bootstrap interval and a sign-flip p."""
+def paired_from_ranks(ranks: dict, seed: int) -> dict:
+    """Both models after the last epoch, on the same users: per-user NDCG@10 / @20 and the
+    paired difference (moedist − authors) with a bootstrap interval and a sign-flip p.
+    ``ranks[who][split]`` are the gathered ranks from moedist's evaluator."""
     from moedist.report.compare import bootstrap_ci, sign_flip_p_value
     from moedist.train.evaluate import loo_metric_values
-    from moedist.train.loop import evaluate_split
 
     out = {}
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     for split in ("valid", "test"):
-        ranks_o, ranks_t = {}, {}
-        evaluate_split(ours, task, split, ctx, args.eval_batch_size, ranks_out=ranks_o)
-        evaluate_split(adapter, task, split, ctx, args.eval_batch_size, ranks_out=ranks_t)
-        vo, vt = loo_metric_values(ranks_o[split]), loo_metric_values(ranks_t[split])
+        vo, vt = loo_metric_values(ranks["moedist"][split]), loo_metric_values(ranks["authors"][split])
         for metric in ("ndcg@10", "ndcg@20"):
             d = (vo[metric] - vt[metric]).numpy()
             lo, hi = bootstrap_ci(d, resamples=10_000, confidence=0.95, rng=rng)
@@ -549,11 +551,11 @@ def main() -> None:
         result["equivalence"] = check_equivalence(ours, theirs, module, task, batches, args.seed)
         copy_weights(parameter_map(ours, theirs))  # unchanged, but make the starting point explicit
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(out, result)
+        atomic_write_json(out, result, indent=2)
         print(json.dumps(result["equivalence"], indent=2), flush=True)
     if args.epochs > 0:
         train_side_by_side(ours, theirs, task, args, result, out)
-    _write_json(out, result)
+    atomic_write_json(out, result, indent=2)
 
 
 if __name__ == "__main__":
