@@ -6,6 +6,11 @@
     python benchmarks/quality.py --data DATA DATA-split1 DATA-split2 --features DATA/features/minilm+none \
         --models content mamex "mamex w/o MoE" --seeds 2 --out bench_results/quality-cold.json
 
+    # choose MoE hyperparameters on validation: every grid point on every split, the one with
+    # the best mean valid NDCG@10 is compared (on test) with the other models
+    python benchmarks/quality.py --data DATA DATA-split1 ... --features ... --seed-values 0 \
+        --models "mamex w/o MoE" mamex --grid mamex.num_experts=4,6,8 mamex.top_k=2,3,4 --out grid.json
+
 Every run is an ordinary ``moedist train`` run (its run directory under ``--runs``, resumed
 if interrupted); this script only chooses the variants and collects their ``results.json``
 into one JSON file and a Markdown table.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -53,17 +59,34 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="train each variant with seeds 0..N-1 (train.seed) and report mean ± std; "
                         "on small test sets one seed's ranking of close variants is mostly noise")
+    p.add_argument("--seed-values", type=int, nargs="+",
+                   help="these train.seed values instead of --seeds' 0..N-1 (run directories are named "
+                        "the same way, so seed 0 of an earlier --seeds 2 run is reused)")
+    p.add_argument("--grid", nargs="+", metavar="KEY=V1,V2",
+                   help="expand the last of --models into every combination of these values (top_k is "
+                        "never above num_experts), then select the combination with the best mean "
+                        "validation --select-metric over all runs; the grid point equal to the model's "
+                        "defaults is the plain variant")
+    p.add_argument("--select-metric", default="ndcg@10")
     a = p.parse_args()
+    seeds = a.seed_values if a.seed_values else list(range(a.seeds))
+    seeded = bool(a.seed_values) or a.seeds > 1
     out = Path(a.out)
     table = json.loads(out.read_text()) if out.is_file() else {}
-    for name in a.models:
-        model, extra = VARIANTS[name]
+    variants = {name: VARIANTS[name] for name in a.models}
+    grid_names: list[str] = []
+    if a.grid:
+        base = a.models[-1]
+        for name, spec in grid_variants(base, *VARIANTS[base], a.grid).items():
+            variants[name] = spec
+            grid_names.append(name)
+    for name, (model, extra) in variants.items():
         common = a.seq_overrides if model in ("popularity", "sasrec", "hm4sr") else a.cold_overrides
         runs = []
-        for data, seed in [(d, s) for d in a.data for s in range(a.seeds)]:
-            tag = f"{Path(data).name}-{name.replace(' ', '').replace('/', '')}" + (f"-seed{seed}" if a.seeds > 1 else "")
+        for data, seed in [(d, s) for d in a.data for s in seeds]:
+            tag = f"{Path(data).name}-{re.sub(r'[^A-Za-z0-9_.=-]', '', name)}" + (f"-seed{seed}" if seeded else "")
             overrides = [f"data={data}", f"run_dir={Path(a.runs) / tag}", "train.progress=false", *common, *extra]
-            if a.seeds > 1:
+            if seeded:
                 overrides.append(f"train.seed={seed}")
             if a.features:
                 overrides.append(f"features={a.features}")
@@ -76,11 +99,60 @@ def main() -> None:
             runs.append(res)
         table[name] = summarize(runs)
         atomic_write_text(out, json.dumps(table, indent=2))
+    compared = list(variants)
+    if grid_names:
+        table["selection"] = select_best({n: table[n] for n in grid_names}, a.select_metric)
+        best = table["selection"]["best"]
+        compared = [n for n in variants if n not in grid_names] + [best]
+        print(f"selected on valid {a.select_metric}: {best}")
+    paired = paired_across_splits({n: table[n] for n in compared if "per_seed" in table[n]})
     paired = paired_across_splits({n: table[n] for n in a.models if "per_seed" in table[n]})
     if paired:
         table["paired"] = paired
         atomic_write_text(out, json.dumps(table, indent=2))
     print(markdown(table))
+
+
+def grid_variants(base: str, model: str, extra: list[str], grid: list[str]) -> dict:
+    """``base`` expanded over every combination of the grid values: name -> (model, overrides).
+
+    The grid point whose values are the model's defaults keeps the name ``base`` (its runs are
+    the plain variant's runs); a ``top_k`` above ``num_experts`` is skipped."""
+    from itertools import product
+
+    from moedist.tune.spaces import CONSTRAINTS, get_key
+
+    keys, values = [], []
+    for item in grid:
+        key, sep, vals = item.partition("=")
+        if not sep or not vals:
+            raise SystemExit(f"--grid: expected KEY=V1,V2,..., got {item!r}")
+        keys.append(key)
+        values.append(vals.split(","))
+    defaults = load_experiment_config(model, None, list(extra))
+    out = {}
+    for combo in product(*values):
+        point = dict(zip(keys, combo))
+        if any(small in point and large in point and float(point[small]) > float(point[large])
+               for small, large in CONSTRAINTS):
+            continue
+        cfg = load_experiment_config(model, None, [*extra, *(f"{k}={v}" for k, v in point.items())])
+        if all(get_key(cfg, k) == get_key(defaults, k) for k in keys):
+            out[base] = (model, list(extra))
+        else:
+            label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+            out[f"{base} [{label}]"] = (model, [*extra, *(f"{k}={v}" for k, v in point.items())])
+    return out
+
+
+def select_best(variants: dict, metric: str = "ndcg@10") -> dict:
+    """The variant with the highest mean validation ``metric`` over its runs (ties: the first).
+
+    Test metrics are listed beside it, but never used to choose."""
+    rows = {name: {"valid": r["valid"][metric], "test": r["test"][metric],
+                   "runs": len(r.get("per_seed", [r]))} for name, r in variants.items()}
+    best = max(rows, key=lambda n: rows[n]["valid"])
+    return {"metric": metric, "chosen_on": "valid", "best": best, "variants": rows}
 
 
 def paired_across_splits(variants: dict, metric: str = "ndcg@10") -> dict:
@@ -156,7 +228,7 @@ def _p(p: float) -> str:
 
 
 def markdown(table: dict) -> str:
-    first = next(v for k, v in table.items() if k != "paired")
+    first = next(v for k, v in table.items() if k not in ("paired", "selection"))
     cols = ["ndcg@10", "ndcg@20", "mrr@10", "hit@10"] if first["protocol"] == "loo" else ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
 
     def cell(r: dict, c: str) -> str:
@@ -166,10 +238,16 @@ def markdown(table: dict) -> str:
     lines = ["| model | " + " | ".join(f"test {c}" for c in cols) + " | best epoch | train seconds |", "|---" * (len(cols) + 3) + "|"]
     paired = table.get("paired", {})
     for name, r in table.items():
-        if name == "paired":
+        if name in ("paired", "selection"):
             continue
         best = "/".join(str(x["best_epoch"]) for x in r["per_seed"]) if "per_seed" in r else r["best_epoch"]
         lines.append(f"| {name} | " + " | ".join(cell(r, c) for c in cols) + f" | {best} | {r.get('train_seconds', '')} |")
+    sel = table.get("selection")
+    if sel:
+        lines += ["", f"| grid point | valid {sel['metric']} (chooses) | test {sel['metric']} | runs |", "|---|---|---|---|"]
+        for name, r in sorted(sel["variants"].items(), key=lambda kv: -kv[1]["valid"]):
+            mark = " **(selected)**" if name == sel["best"] else ""
+            lines.append(f"| {name}{mark} | {r['valid']:.4f} | {r['test']:.4f} | {r['runs']} |")
     if paired:
         lines += ["", "| comparison | mean difference | splits won / lost | p (over splits) | p (over split x user) |",
                   "|---|---|---|---|---|"]
