@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from moedist.errors import ConfigError
 from moedist.models.common import Dropout, dropout, fast_cpu_dropout, modality_table
-from moedist.moe import DenseGate, LinearExperts, expert_load
+from moedist.moe import DenseGate, LinearExperts, expert_load, routing_entropy
 
 MODALITIES = ("id", "text", "image")
 
@@ -529,6 +529,7 @@ class HM4SR(nn.Module):
             for i, m in enumerate(self.modalities):
                 load, gmean = expert_load(g_inter[:, :, i], mask=seq_mask)
                 stats[f"imoe/{m}/gate_mean"], stats[f"imoe/{m}/load"] = gmean, load
+                stats[f"imoe/{m}/entropy"] = routing_entropy(g_inter[:, :, i], mask=seq_mask)
                 stats[f"imoe/{m}/alpha"] = self.interactive_moe.alpha[i].detach().clone()  # no .item(): no sync
 
         r = None
@@ -538,6 +539,7 @@ class HM4SR(nn.Module):
             x_temp = x_temp.view_as(e)  # no residual (Eq. 16)
             load, gmean = expert_load(g_temp, mask=seq_mask)
             stats["tmoe/gate_mean"], stats["tmoe/load"] = gmean, load
+            stats["tmoe/entropy"] = routing_entropy(g_temp, mask=seq_mask)
         else:
             x_temp = e
         self._last_stats = stats
@@ -589,7 +591,8 @@ class HM4SR(nn.Module):
 
     def moe_stats(self) -> dict:
         """Last forward's per-expert gate means and loads (over real positions; dense gates
-        route every token to every expert, so load is 1) and the α values."""
+        route every token to every expert, so load is 1), the routing entropies
+        (:func:`~moedist.moe.routing_entropy`) and the α values."""
         return dict(self._last_stats)
 
     # ---- auxiliary losses -----------------------------------------------------------------

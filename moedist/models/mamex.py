@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from moedist.errors import ConfigError
 from moedist.models.common import modality_table
-from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, expert_load, kl_balance_loss
+from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, expert_load, kl_balance_loss, routing_entropy
 
 AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
 
@@ -210,7 +210,8 @@ class ModalityAdapters(nn.Module):
                 b = self._balance(g.probs, present[m])
                 balance = balance + b
                 load, gate_mean = expert_load(g.weights, probs=g.probs, mask=present[m])
-                stats[m] = MoEAux(balance_loss=b, load=load, gate_mean=gate_mean)
+                stats[m] = MoEAux(balance_loss=b, load=load, gate_mean=gate_mean,
+                                  entropy=routing_entropy(g.probs, mask=present[m]))
         else:  # joint_router
             any_present = torch.stack([present[m] for m in self.modalities]).any(0)  # (N,)
             g = self.gate(torch.cat([h[m] for m in self.modalities], dim=-1))  # (N, K)
@@ -218,7 +219,8 @@ class ModalityAdapters(nn.Module):
                 z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
             balance = self._balance(g.probs, any_present)
             load, gate_mean = expert_load(g.weights, probs=g.probs, mask=any_present)
-            stats["joint"] = MoEAux(balance_loss=balance, load=load, gate_mean=gate_mean)
+            stats["joint"] = MoEAux(balance_loss=balance, load=load, gate_mean=gate_mean,
+                                    entropy=routing_entropy(g.probs, mask=any_present))
         # biases make z nonzero even for zero input: zero absent rows explicitly
         z = {m: z[m] * present[m][:, None].to(z[m].dtype) for m in self.modalities}
         return z, balance, stats
@@ -339,6 +341,8 @@ class MAMEX(nn.Module):
         for name, aux in adapter_stats.items():
             stats[f"adapter.{name}.load"] = aux.load.detach()
             stats[f"adapter.{name}.gate_mean"] = aux.gate_mean.detach()
+            if aux.entropy is not None:
+                stats[f"adapter.{name}.entropy"] = aux.entropy.detach()
         a = alpha[items]  # (n_items_real, M)
         for i, m in enumerate(self.modalities):
             if a.shape[0]:
@@ -424,7 +428,8 @@ class MAMEX(nn.Module):
         return e_u @ self.item_embeddings().T  # (B, N)
 
     def moe_stats(self) -> dict:
-        """Last item pass: ``adapter.<m>.load`` / ``adapter.<m>.gate_mean`` ``[K]`` per
-        modality (``adapter.joint.*`` for the joint router) and ``fusion.alpha_mean.<m>`` /
+        """Last item pass: ``adapter.<m>.load`` / ``adapter.<m>.gate_mean`` ``[K]`` and
+        ``adapter.<m>.entropy`` (:func:`~moedist.moe.routing_entropy`) per modality
+        (``adapter.joint.*`` for the joint router) and ``fusion.alpha_mean.<m>`` /
         ``fusion.alpha_std.<m>`` over real items."""
         return {k: v.detach().cpu() for k, v in self._last_stats.items()}

@@ -10,6 +10,7 @@ from moedist.moe.gates import (
     TopKGate,
     expert_load,
     kl_balance_loss,
+    routing_entropy,
 )
 from moedist.moe.parallel import (
     ExpertParallelGroups,
@@ -38,5 +39,6 @@ __all__ = [
     "load_sharded_state",
     "moe_param_groups",
     "prepare_deepspeed_moe",
+    "routing_entropy",
     "shard_state",
 ]

@@ -38,6 +38,7 @@ from moedist.moe.gates import (
     MoEAux,
     TopKGate,
     expert_load,
+    routing_entropy,
     kl_balance_loss,
     token_weights,
 )
@@ -272,4 +273,5 @@ class MoELayer(nn.Module):
                 n > 0, kl_balance_loss(mean_probs, direction=self.balance), torch.zeros((), device=n.device)
             )
         load, gate_mean = expert_load(g.weights, probs=g.probs, mask=mask)
-        return out, MoEAux(balance_loss=balance_loss, load=load, gate_mean=gate_mean)
+        entropy = routing_entropy(g.probs, mask=mask)
+        return out, MoEAux(balance_loss=balance_loss, load=load, gate_mean=gate_mean, entropy=entropy)

@@ -46,11 +46,13 @@ class MoEAux:
     balance_loss: scalar tensor (0 when the layer has no balance loss).
     load:         ``[E]`` fraction of tokens routed to each expert (nonzero combine weight).
     gate_mean:    ``[E]`` mean dense gate probability per expert.
+    entropy:      scalar, :func:`routing_entropy` of the dense gate probabilities.
     """
 
     balance_loss: Tensor
     load: Tensor
     gate_mean: Tensor
+    entropy: Tensor | None = None
 
 
 class DenseGate(nn.Module):
@@ -148,6 +150,26 @@ def expert_load(
         load = ((w != 0).to(torch.float32) * keep).sum(0) / n
         gate_mean = (p * keep).sum(0) / n
     return load, gate_mean
+
+
+def routing_entropy(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """How much a gate tells tokens apart (no gradient): the mean over tokens of the
+    normalised entropy ``H(p_t) / log E`` of each token's dense gate distribution ``p_t``.
+
+    1 means every token gets the uniform distribution: the gate does not route at all, and a
+    top-k choice is then decided by near-zero logit differences. 0 means every token goes to
+    one expert with certainty. ``load`` and ``gate_mean`` cannot show this: they average over
+    tokens, and the balance losses hold those averages at uniform however sharp the per-token
+    routing is. With one expert, or no tokens, the result is 0.
+    """
+    num_experts = probs.shape[-1]
+    with torch.no_grad():
+        p = probs.detach().reshape(-1, num_experts).to(torch.float32)
+        if num_experts < 2:
+            return p.new_zeros(())
+        h = -(p * p.clamp_min(1e-12).log()).sum(-1, keepdim=True) / math.log(num_experts)  # (T, 1)
+        keep = token_weights(mask, p)
+        return (h * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def token_weights(mask: Tensor | None, flat: Tensor) -> Tensor:

@@ -263,7 +263,9 @@ def _moe_section(b: _Builder, run: RunInfo, prefix: str) -> None:
     if scalars:
         b.figure(sec, f"{prefix}moe_scalars.png",
                  "Scalar MoE statistics over epochs: Interactive-MoE α per modality (HM4SR), mean and spread of "
-                 "the fusion weights per modality (MAMEX)",
+                 "the fusion weights per modality (MAMEX), and each gate's routing entropy (mean per-token gate "
+                 "entropy over log E: 1 = the gate gives every token the same uniform weights, i.e. it does not "
+                 "route; 0 = one expert per token)",
                  plots.moe_scalars, scalars, modalities=mods)
 
 

@@ -131,7 +131,8 @@ def expert_load(items: list[ExpertSeries], path: Path) -> Path:
 
 def moe_scalars(scalars: dict[str, tuple[list[int], list[float]]], path: Path, modalities=("id", "text", "image")) -> Path:
     """Scalar MoE statistics over epochs (HM4SR's Interactive-MoE α per modality, MAMEX's
-    mean fusion weight per modality), one panel per statistic with a line per modality."""
+    mean fusion weight per modality, every gate's routing entropy), one panel per statistic
+    with a line per modality."""
     groups: dict[str, list[tuple[str, str]]] = {}
     for key in sorted(scalars):
         g, label = scalar_group(key, modalities)

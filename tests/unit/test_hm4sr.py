@@ -87,6 +87,8 @@ def test_output_shapes_and_loss_parts():
         assert stats[f"imoe/{m}/gate_mean"].shape == (4,)
         assert stats[f"imoe/{m}/gate_mean"].sum().item() == pytest.approx(1.0, abs=1e-5)
     assert stats["tmoe/gate_mean"].shape == (4,) and stats["tmoe/load"].shape == (4,)
+    for key in ("imoe/id/entropy", "imoe/text/entropy", "imoe/image/entropy", "tmoe/entropy"):
+        assert stats[key].shape == () and 0.0 < stats[key].item() <= 1.0 + 1e-6
     assert stats["imoe/id/alpha"].item() == 0.0 and stats["imoe/text/alpha"].item() == 1.0
 
 

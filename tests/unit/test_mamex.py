@@ -219,6 +219,9 @@ def test_topk_routing_exactly_k_experts(k):
     # every real item is routed to k experts, so the per-expert loads sum to k
     assert stats["adapter.text.load"].sum().item() == pytest.approx(k)
     assert stats["adapter.image.gate_mean"].sum().item() == pytest.approx(1.0, abs=1e-5)
+    probs = F.softmax(layer.gate.proj(model.features("text")[model.present("text")]), dim=-1)
+    entropy = (-(probs * probs.log()).sum(-1) / math.log(probs.shape[-1])).mean()
+    assert stats["adapter.text.entropy"].item() == pytest.approx(entropy.item(), rel=1e-5)
     assert set(stats) >= {"fusion.alpha_mean.image", "fusion.alpha_mean.text", "fusion.alpha_std.text"}
     assert stats["fusion.alpha_mean.image"] + stats["fusion.alpha_mean.text"] == pytest.approx(1.0)
 
@@ -231,7 +234,8 @@ def test_adapter_designs_share_what_they_should():
     assert joint.gate.proj.in_features == D_IMG + D_TXT  # one router on the concatenation
     model = make_model(adapter="joint_router")
     model.item_representations()
-    assert {"adapter.joint.load", "adapter.joint.gate_mean"} <= set(model.moe_stats())
+    assert {"adapter.joint.load", "adapter.joint.gate_mean", "adapter.joint.entropy"} <= set(model.moe_stats())
+    assert 0.0 < model.moe_stats()["adapter.joint.entropy"].item() <= 1.0
 
 
 # ------------------------------------------------------------------ ablations

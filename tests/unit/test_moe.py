@@ -177,3 +177,36 @@ def test_moe_layer_mask_restricts_balance_and_stats_to_real_tokens():
     torch.testing.assert_close(aux.gate_mean, aux_sub.gate_mean)
     _, aux_none = layer(x, mask=torch.zeros(6, dtype=torch.bool))
     assert aux_none.balance_loss.item() == 0.0 and aux_none.load.sum().item() == 0.0
+
+
+def test_routing_entropy_by_hand():
+    from moedist.moe import routing_entropy
+
+    uniform = torch.full((3, 4), 0.25)
+    assert routing_entropy(uniform).item() == pytest.approx(1.0)
+    one_hot = torch.eye(4)
+    assert routing_entropy(one_hot).item() == pytest.approx(0.0, abs=1e-6)
+    half = torch.tensor([[0.5, 0.5, 0.0, 0.0]])  # H = log 2, normalised by log 4
+    assert routing_entropy(half).item() == pytest.approx(0.5)
+    # leading dims are flattened; the mask picks tokens: (uniform + one-hot) / 2, (uniform + half) / 2
+    mixed = torch.stack([uniform[0], one_hot[0], uniform[1], half[0]]).reshape(2, 2, 4)
+    assert routing_entropy(mixed, mask=torch.tensor([[True, True], [False, False]])).item() == pytest.approx(0.5)
+    assert routing_entropy(mixed, mask=torch.tensor([[False, False], [True, True]])).item() == pytest.approx(0.75)
+    assert routing_entropy(mixed).item() == pytest.approx(2.5 / 4)
+    assert routing_entropy(mixed, mask=torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
+    assert routing_entropy(torch.ones(5, 1)).item() == 0.0  # one expert: nothing to choose
+
+
+def test_moe_layer_reports_the_routing_entropy_of_its_real_tokens():
+    from moedist.moe import routing_entropy
+
+    torch.manual_seed(3)
+    layer = MoELayer(in_features=3, out_features=2, num_experts=4, k=2, balance="paper")
+    x = torch.randn(5, 3) * 10
+    mask = torch.tensor([True, True, False, True, False])
+    _, aux = layer(x, mask=mask)
+    probs = F.softmax(layer.gate.proj(x[mask]), -1)
+    expected = (-(probs * probs.log()).sum(-1) / math.log(4)).mean()
+    torch.testing.assert_close(aux.entropy, expected.detach())
+    torch.testing.assert_close(aux.entropy, routing_entropy(layer.gate(x).probs, mask=mask))
+    assert 0.0 < aux.entropy.item() < 1.0
