@@ -103,10 +103,10 @@ def main() -> None:
     if grid_names:
         table["selection"] = select_best({n: table[n] for n in grid_names}, a.select_metric)
         best = table["selection"]["best"]
-        compared = [n for n in variants if n not in grid_names] + [best]
+        compared = [n for n in variants if n not in grid_names or n in a.models]
+        compared += [best] if best not in compared else []
         print(f"selected on valid {a.select_metric}: {best}")
     paired = paired_across_splits({n: table[n] for n in compared if "per_seed" in table[n]})
-    paired = paired_across_splits({n: table[n] for n in a.models if "per_seed" in table[n]})
     if paired:
         table["paired"] = paired
         atomic_write_text(out, json.dumps(table, indent=2))

@@ -22,6 +22,7 @@ class TrainConfig:
     eval_batch_size: int = 2048  # users per evaluation batch
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0
+    router_lr_scale: float = 1.0  # lr multiplier for MoE gate (router) parameters; 1 = the papers
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the authors clip nothing)
     eval_every: int = 1  # evaluate on validation every N epochs (MAMEX: 10), epoch 0 included
     patience: int = 10  # stop after `patience + 1` consecutive evaluations without improvement

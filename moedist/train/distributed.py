@@ -63,13 +63,40 @@ def _merge(base: dict, over: dict) -> dict:
 
 def optimizer_param_groups(model: torch.nn.Module, cfg: ExperimentConfig) -> list[dict]:
     """Adam parameter groups; expert-parallel parameters in groups of their own, as
-    DeepSpeed requires to reduce them only over their expert-data-parallel group."""
+    DeepSpeed requires to reduce them only over their expert-data-parallel group, and the
+    MoE gates' parameters apart when ``train.router_lr_scale`` is not 1."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not any(getattr(p, "allreduce", True) is False for p in params):
-        return [{"params": params, "name": "dense"}]
-    from moedist.moe.parallel import moe_param_groups
+        groups = [{"params": params, "name": "dense"}]
+    else:
+        from moedist.moe.parallel import moe_param_groups
 
-    return moe_param_groups(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        groups = moe_param_groups(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return split_router_groups(groups, model, lr=cfg.train.lr, scale=cfg.train.router_lr_scale)
+
+
+def split_router_groups(groups: list[dict], model: torch.nn.Module, *, lr: float, scale: float) -> list[dict]:
+    """``groups`` with the parameters of every MoE gate (:class:`~moedist.moe.DenseGate` and
+    :class:`~moedist.moe.TopKGate`) moved to a copy of their group whose ``lr`` is
+    ``lr * scale``. The gates start near uniform; a larger step lets them commit to experts
+    within the few epochs that early stopping leaves on small data. ``scale == 1`` returns
+    ``groups`` unchanged."""
+    if not scale > 0:
+        raise ConfigError(f"train.router_lr_scale must be > 0, got {scale}")
+    if scale == 1.0:
+        return groups
+    from moedist.moe import DenseGate
+
+    router = {id(p) for m in model.modules() if isinstance(m, DenseGate) for p in m.parameters()}
+    out = []
+    for g in groups:
+        rest = [p for p in g["params"] if id(p) not in router]
+        gates = [p for p in g["params"] if id(p) in router]
+        if rest:
+            out.append({**g, "params": rest})
+        if gates:
+            out.append({**g, "params": gates, "lr": lr * scale, "name": f"{g.get('name', 'dense')}-router"})
+    return out
 
 
 def free_port() -> int:

@@ -375,8 +375,11 @@ class TorchStepper:
 
     def __init__(self, model, cfg: ExperimentConfig):
         self.model = model
+        from moedist.train.distributed import split_router_groups
+
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
+        groups = split_router_groups([{"params": params}], model, lr=cfg.train.lr, scale=cfg.train.router_lr_scale)
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
         self.grad_clip = cfg.train.grad_clip
         self.micro_steps = max(1, cfg.dist.grad_accum)
         self._micro = 0
