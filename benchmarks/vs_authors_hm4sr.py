@@ -410,14 +410,15 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
             t2 = time.perf_counter()
             secs["moedist"] += t1 - t0
             secs["authors"] += t2 - t1
-            losses["moedist"] += float(loss_o.detach())
-            losses["authors"] += float(loss_t.detach())
+            lo, lt = float(loss_o.detach()), float(loss_t.detach())
+            losses["moedist"] += lo
+            losses["authors"] += lt
             n += 1
-            if not math.isfinite(float(loss_o)) or not math.isfinite(float(loss_t)):
-                raise SystemExit(f"epoch {epoch} step {step}: loss moedist {float(loss_o)} authors {float(loss_t)}")
+            if not math.isfinite(lo) or not math.isfinite(lt):
+                raise SystemExit(f"epoch {epoch} step {step}: loss moedist {lo} authors {lt}")
             if step % 10 == 0 or step == len(batches) - 1:
-                print(f"epoch {epoch} step {step + 1}/{len(batches)}  loss moedist {float(loss_o):.4f} "
-                      f"authors {float(loss_t):.4f}  s/step moedist {secs['moedist'] / n:.2f} "
+                print(f"epoch {epoch} step {step + 1}/{len(batches)}  loss moedist {lo:.4f} "
+                      f"authors {lt:.4f}  s/step moedist {secs['moedist'] / n:.2f} "
                       f"authors {secs['authors'] / n:.2f}", flush=True)
         row = {"epoch": epoch, "steps": n,
                "train_loss": {k: v / n for k, v in losses.items()},
