@@ -341,8 +341,7 @@ class MAMEX(nn.Module):
         for name, aux in adapter_stats.items():
             stats[f"adapter.{name}.load"] = aux.load.detach()
             stats[f"adapter.{name}.gate_mean"] = aux.gate_mean.detach()
-            if aux.entropy is not None:
-                stats[f"adapter.{name}.entropy"] = aux.entropy.detach()
+            stats[f"adapter.{name}.entropy"] = aux.entropy.detach()
         a = alpha[items]  # (n_items_real, M)
         for i, m in enumerate(self.modalities):
             if a.shape[0]:

@@ -38,8 +38,8 @@ from moedist.moe.gates import (
     MoEAux,
     TopKGate,
     expert_load,
-    routing_entropy,
     kl_balance_loss,
+    routing_entropy,
     token_weights,
 )
 from moedist.moe.parallel import ExpertParallelGroups, expert_split, init_expert_parallel, mark_expert_params

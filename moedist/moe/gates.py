@@ -52,7 +52,7 @@ class MoEAux:
     balance_loss: Tensor
     load: Tensor
     gate_mean: Tensor
-    entropy: Tensor | None = None
+    entropy: Tensor
 
 
 class DenseGate(nn.Module):
