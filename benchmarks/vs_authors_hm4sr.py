@@ -362,7 +362,7 @@ def check_equivalence(ours, theirs, module, task, batches, seed: int) -> dict:
 
 
 def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> None:
-    from moedist.train.loop import DistContext, evaluate_split
+    from moedist.train.loop import DistContext
 
     state_path = out.with_suffix(".state.pt")
     opt_o = torch.optim.Adam(ours.parameters(), lr=args.lr)
@@ -423,12 +423,8 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
         row = {"epoch": epoch, "steps": n,
                "train_loss": {k: v / n for k, v in losses.items()},
                "seconds_per_step": {k: v / n for k, v in secs.items()}}
-        ranks = {"moedist": {}, "authors": {}}  # this epoch's ranks, for the paired comparison below
-        for split in ("valid", "test"):
-            row[split] = {
-                "moedist": evaluate_split(ours, task, split, ctx, args.eval_batch_size, ranks_out=ranks["moedist"]),
-                "authors": evaluate_split(adapter, task, split, ctx, args.eval_batch_size, ranks_out=ranks["authors"]),
-            }
+        metrics, ranks = evaluate_both(ours, adapter, task, ctx, args.eval_batch_size)  # ranks: for the paired comparison below
+        row.update(metrics)
         epochs.append(row)
         buf = io.BytesIO()
         torch.save({"epoch": epoch + 1, "ours": ours.state_dict(), "theirs": theirs.state_dict(),
@@ -443,13 +439,23 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
               flush=True)
     if epochs and result.get("final_paired", {}).get("after_epochs") != len(epochs):
         if ranks is None:  # resumed with no epoch left to train: rank the restored models
-            ranks = {"moedist": {}, "authors": {}}
-            for split in ("valid", "test"):
-                evaluate_split(ours, task, split, ctx, args.eval_batch_size, ranks_out=ranks["moedist"])
-                evaluate_split(adapter, task, split, ctx, args.eval_batch_size, ranks_out=ranks["authors"])
+            ranks = evaluate_both(ours, adapter, task, ctx, args.eval_batch_size)[1]
         result["final_paired"] = {"after_epochs": len(epochs), **paired_from_ranks(ranks, args.seed)}
         atomic_write_json(out, result, indent=2)
         print(json.dumps(result["final_paired"], indent=2), flush=True)
+
+
+def evaluate_both(ours, adapter, task, ctx, batch_size: int) -> tuple[dict, dict]:
+    """Both models on valid and test with moedist's evaluator: ``{split: {who: metrics}}`` and
+    the gathered ranks ``{who: {split: ranks}}``."""
+    from moedist.train.loop import evaluate_split
+
+    metrics: dict = {}
+    ranks: dict = {"moedist": {}, "authors": {}}
+    for split in ("valid", "test"):
+        metrics[split] = {who: evaluate_split(model, task, split, ctx, batch_size, ranks_out=ranks[who])
+                          for who, model in (("moedist", ours), ("authors", adapter))}
+    return metrics, ranks
 
 
 def paired_from_ranks(ranks: dict, seed: int) -> dict:
