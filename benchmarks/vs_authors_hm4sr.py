@@ -2,7 +2,7 @@
 
     python benchmarks/vs_authors_hm4sr.py --authors /path/to/HM4SR --extra-path /tmp/authors-deps \\
         --data data/prepared/movielens-100k --features data/prepared/movielens-100k/features/minilm+none \\
-        --epochs 3 --out benchmarks/results/vs-authors-hm4sr-ml100k.json
+        --epochs 40 --patience 10 --out benchmarks/results/vs-authors-hm4sr-ml100k.json
 
 ``--authors`` is a checkout of github.com/SStarCCat/HM4SR (checked at f1c0a15). Its bundled
 RecBole imports colorlog, colorama, texttable and thop; install those *beside* moedist's
@@ -19,8 +19,12 @@ Two parts, both in one process:
 2. **training.** Both models start from those same weights and train on the same batches in the
    same order (Adam, the authors' configuration), one epoch at a time; after each epoch both are
    evaluated on valid and test with moedist's exact full-ranking evaluator, and each code's
-   seconds per training step are recorded. After the last epoch, ``final_paired`` compares the
-   two on the same users (per-user NDCG, paired bootstrap interval, sign-flip p-value). Dropout and PCL draw from each code's own random
+   seconds per training step are recorded, with the paired comparison of that epoch
+   (``paired``: per-user NDCG on the same users, bootstrap interval, sign-flip p-value);
+   ``final_paired`` repeats it after the last epoch. With ``--patience P`` training stops once
+   both codes have gone P epochs without a better valid NDCG@20 (``--epochs`` stays the cap),
+   and ``at_best`` compares each code at its own best validation epoch, which is what each
+   code's early-stopping trainer would test. Dropout and PCL draw from each code's own random
    stream, so the two curves are two samples of the same process, not bitwise twins. Every
    epoch's result is written (atomically) to ``--out`` and both models' state to
    ``<out>.state.pt``; rerunning the same command continues after the last finished epoch.
@@ -381,9 +385,14 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
                 vec.copy_(saved)
         opt_o.load_state_dict(state["opt_ours"])
         opt_t.load_state_dict(state["opt_theirs"])
+        ranks_by_epoch = state.get("ranks_by_epoch", {})
         print(f"resuming after epoch {len(epochs) - 1} from {state_path}", flush=True)
+    else:
+        ranks_by_epoch = {}
     ranks = None
     for epoch in range(len(epochs), args.epochs):
+        if args.patience and _patience_spent(epochs, args.patience):
+            break
         ours.train()
         theirs.train()
         torch.manual_seed(args.seed + epoch)
@@ -425,11 +434,14 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
                "seconds_per_step": {k: v / n for k, v in secs.items()}}
         metrics, ranks = evaluate_both(ours, adapter, task, ctx, args.eval_batch_size)  # ranks: for the paired comparison below
         row.update(metrics)
+        row["paired"] = paired_from_ranks(ranks, args.seed)
         epochs.append(row)
+        ranks_by_epoch[str(epoch)] = ranks
         buf = io.BytesIO()
         torch.save({"epoch": epoch + 1, "ours": ours.state_dict(), "theirs": theirs.state_dict(),
                     "theirs_time_experts": [v.detach().clone() for v in theirs.time_moe.expert],
-                    "opt_ours": opt_o.state_dict(), "opt_theirs": opt_t.state_dict()}, buf)
+                    "opt_ours": opt_o.state_dict(), "opt_theirs": opt_t.state_dict(),
+                    "ranks_by_epoch": ranks_by_epoch}, buf)
         atomic_write_bytes(state_path, buf.getvalue())
         atomic_write_json(out, result, indent=2)
         v = row["valid"]
@@ -443,6 +455,45 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
         result["final_paired"] = {"after_epochs": len(epochs), **paired_from_ranks(ranks, args.seed)}
         atomic_write_json(out, result, indent=2)
         print(json.dumps(result["final_paired"], indent=2), flush=True)
+    if args.patience and epochs:
+        result["at_best"] = best_epoch_comparison(epochs, ranks_by_epoch, args.patience, args.seed)
+        atomic_write_json(out, result, indent=2)
+        print(json.dumps(result["at_best"], indent=2), flush=True)
+
+
+SELECT = "ndcg@20"  # the validation metric both codes select on (the authors' valid_metric)
+
+
+def _best_epochs(epochs: list[dict]) -> dict[str, int]:
+    """Each code's best epoch on validation ``SELECT`` (the first one on a tie, as early stopping keeps)."""
+    best = {}
+    for who in ("moedist", "authors"):
+        vals = [row["valid"][who][SELECT] for row in epochs]
+        best[who] = epochs[max(range(len(vals)), key=lambda i: (vals[i], -i))]["epoch"]
+    return best
+
+
+def _patience_spent(epochs: list[dict], patience: int) -> bool:
+    """True when both codes have gone ``patience`` epochs without a new best on validation."""
+    last = epochs[-1]["epoch"] if epochs else -1
+    return bool(epochs) and all(last - b >= patience for b in _best_epochs(epochs).values())
+
+
+def best_epoch_comparison(epochs: list[dict], ranks_by_epoch: dict, patience: int, seed: int) -> dict:
+    """Early stopping as each code's trainer does it: each model at its own best validation
+    epoch, compared on the same users. Uses the stored ranks of those epochs, or, when both
+    codes peak at the same epoch, that epoch's recorded paired comparison."""
+    best = _best_epochs(epochs)
+    out = {"select": f"valid {SELECT}", "patience": patience, "epochs_trained": len(epochs),
+           "stopped_early": _patience_spent(epochs, patience), "best_epoch": best}
+    ro, rt = ranks_by_epoch.get(str(best["moedist"])), ranks_by_epoch.get(str(best["authors"]))
+    if ro is not None and rt is not None:
+        out["paired"] = paired_from_ranks({"moedist": ro["moedist"], "authors": rt["authors"]}, seed)
+    elif best["moedist"] == best["authors"] and "paired" in epochs[best["moedist"]]:
+        out["paired"] = epochs[best["moedist"]]["paired"]
+    else:
+        out["paired"] = None  # ranks of an epoch trained before they were stored
+    return out
 
 
 def evaluate_both(ours, adapter, task, ctx, batch_size: int) -> tuple[dict, dict]:
@@ -490,7 +541,10 @@ def main() -> None:
     p.add_argument("--data", required=True, help="prepared dataset (moedist data prepare)")
     p.add_argument("--features", required=True, help="features folder (moedist extract)")
     p.add_argument("--out", type=Path, required=True, help="JSON results (also <out>.state.pt for resume)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="most epochs to train")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop once both codes have gone this many epochs without a better valid ndcg@20, "
+                        "and compare each at its best epoch (0 = train all --epochs)")
     p.add_argument("--max-steps", type=int, default=0, help="cap training steps per epoch (0 = full epochs)")
     p.add_argument("--check-batches", type=int, default=3)
     p.add_argument("--check-batch-size", type=int, default=256)

@@ -210,3 +210,43 @@ def test_moe_layer_reports_the_routing_entropy_of_its_real_tokens():
     torch.testing.assert_close(aux.entropy, expected.detach())
     torch.testing.assert_close(aux.entropy, routing_entropy(layer.gate(x).probs, mask=mask))
     assert 0.0 < aux.entropy.item() < 1.0
+
+
+def test_topk_moe_learns_a_piecewise_linear_map_that_one_linear_layer_cannot():
+    """The gate really learns to route: inputs come from 4 clusters, each mapped by its own
+    linear map. A top-2 MoE with 4 experts (MAMEX's adapter) must fit it far better than one
+    linear layer, pick its top expert by cluster, and end with near one-hot routing."""
+    g = torch.Generator().manual_seed(0)
+    C, D, d, n = 4, 8, 4, 1024
+    centers = torch.randn(C, D, generator=g) * 3
+    maps = torch.randn(C, D, d, generator=g)
+    cluster = torch.randint(0, C, (n,), generator=g)
+    x = centers[cluster] + torch.randn(n, D, generator=g)
+    y = torch.einsum("nD,nDd->nd", x, maps[cluster])  # y: (n, d)
+    torch.manual_seed(0)
+    moe = MoELayer(in_features=D, out_features=d, num_experts=C, k=2, balance="paper")
+    lin = nn.Linear(D, d)
+
+    def fit(module, forward) -> float:
+        opt = torch.optim.Adam(module.parameters(), lr=0.02)
+        for _ in range(600):
+            out, extra = forward(module)
+            loss = F.mse_loss(out, y) + extra
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return (F.mse_loss(forward(module)[0], y) / y.pow(2).mean()).item()
+
+    err_moe = fit(moe, lambda m: (lambda o, a: (o, 0.1 * a.balance_loss))(*m(x)))
+    err_lin = fit(lin, lambda m: (m(x), 0.0))
+    # a gate that does not learn leaves a fixed mixture: one linear map, the linear error
+    assert err_moe < 0.3 * err_lin, (err_moe, err_lin)
+    with torch.no_grad():
+        _, aux = moe(x)
+        top = moe.gate(x).probs.argmax(-1)
+    counts = torch.stack([torch.bincount(top[cluster == c], minlength=C) for c in range(C)])  # (C, E)
+    # the top expert is (almost) a function of the cluster; two clusters may share a top
+    # expert and differ in the second one, which top-2 also weighs
+    assert counts.max(1).values.sum().item() / n > 0.85, counts
+    assert aux.entropy.item() < 0.3  # near one-hot routing (1 = uniform)
