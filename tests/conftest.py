@@ -1,7 +1,9 @@
 """Shared fixtures: small prepared datasets built in-process, the shared real data, Ray."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (scripts, not a package) for testing its functions;
+    a generator for a module-scoped fixture that unregisters it afterwards."""
+    spec = importlib.util.spec_from_file_location(f"moedist_bench_{name}", BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
 
 
 def toy_source(n_users: int = 120, n_items: int = 40, seed: int = 0):

@@ -1,23 +1,14 @@
 """benchmarks/quality.py's grid expansion and validation-only selection."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("moedist_bench_quality", ROOT / "benchmarks" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("quality")
 
 
 def test_grid_skips_top_k_above_experts_and_keeps_the_default_point_as_the_plain_variant(quality):

@@ -3,24 +3,15 @@
 Pure bookkeeping over recorded epochs and ranks; it needs neither the authors' code nor data."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def va():
-    spec = importlib.util.spec_from_file_location("moedist_bench_vs_authors", ROOT / "benchmarks" / "vs_authors_hm4sr.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("vs_authors_hm4sr")
 
 
 def _epochs(ours: list[float], theirs: list[float]) -> list[dict]:
