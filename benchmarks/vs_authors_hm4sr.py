@@ -451,8 +451,10 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
               flush=True)
     if epochs and result.get("final_paired", {}).get("after_epochs") != len(epochs):
         if ranks is None:  # resumed with no epoch left to train: rank the restored models
-            ranks = evaluate_both(ours, adapter, task, ctx, args.eval_batch_size)[1]
-        result["final_paired"] = {"after_epochs": len(epochs), **paired_from_ranks(ranks, args.seed)}
+            paired = paired_from_ranks(evaluate_both(ours, adapter, task, ctx, args.eval_batch_size)[1], args.seed)
+        else:  # the last epoch trained here already compared them
+            paired = epochs[-1]["paired"]
+        result["final_paired"] = {"after_epochs": len(epochs), **paired}
         atomic_write_json(out, result, indent=2)
         print(json.dumps(result["final_paired"], indent=2), flush=True)
     if args.patience and epochs:

@@ -62,7 +62,7 @@ def test_training_side_by_side_records_each_epoch_once_and_resumes(toy_data, toy
     final = second["final_paired"]
     assert final["after_epochs"] == 2
     last = second["epochs"][-1]["test"]
-    for who in ("moedist", "authors"):  # the paired pass re-evaluates the same final models
+    for who in ("moedist", "authors"):  # the paired comparison is of the same final models
         assert final["test ndcg@10"][who] == pytest.approx(last[who]["ndcg@10"])
     t = final["test ndcg@10"]
     assert t["mean_diff"] == pytest.approx(t["moedist"] - t["authors"])
