@@ -12,6 +12,9 @@ Variants (each the real training loop on real batches, ``--steps`` timed steps a
 * ``ep-2``       two workers, experts sharded with ep_size=2 (all-to-all dispatch)
 * ``local-torch-dropout``  ``local`` with ``F.dropout`` on CPU instead of moedist's cheaper
                  CPU dropout mask (``moedist.models.common.dropout``)
+* ``local-dense-topk``  ``local`` with every top-k MoE layer evaluating all its experts and
+                 zeroing the unselected ones (``MoELayer.sparse_topk = False``), instead of
+                 computing only the selected experts (HM4SR's gates are dense: no change there)
 
 Models run at the papers' defaults (HM4SR: hidden 64, batch 1024, max length 50; MAMEX:
 d 128, batch 2048) unless overridden. Reported per variant: samples/s over the whole global
@@ -34,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
-            "local-torch-dropout": (1, 1, False)}
+            "local-torch-dropout": (1, 1, False), "local-dense-topk": (1, 1, False)}
 
 
 def _worker(rank, world, port, model, variant, args, queue):
@@ -75,6 +78,12 @@ def _worker(rank, world, port, model, variant, args, queue):
     data = PreparedDataset(cfg.data)
     torch.manual_seed(0)
     net = build_model(cfg, data, load_features_for(cfg, data)).to(device)
+    if variant == "local-dense-topk":
+        from moedist.moe import MoELayer
+
+        for layer in net.modules():
+            if isinstance(layer, MoELayer):
+                layer.sparse_topk = False
     task = build_task(cfg, data)
     stepper = DeepSpeedStepper(net, cfg, ctx) if use_ds else TorchStepper(net, cfg)
     state = {"global_step": 0}

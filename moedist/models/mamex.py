@@ -174,11 +174,9 @@ class ModalityAdapters(nn.Module):
 
     def _shared_expert_out(self, h: Tensor, weights: Tensor, topk_idx: Tensor) -> Tensor:
         x = F.pad(h, (0, self.max_dim - h.shape[1]))  # x: (N, D_max)
-        if self.experts.ep_size > 1:  # sparse dispatch to the owners of the top-k experts
-            y = self.experts.forward_selected(x, topk_idx)  # y: (N, k, d)
-            return torch.einsum("nk,nkd->nd", weights.gather(-1, topk_idx), y)  # (N, d)
-        y = self.experts(x)  # y: (N, K, d)
-        return torch.einsum("nk,nkd->nd", weights, y)  # (N, d)
+        # only the top-k experts of each item (on their owners when ep_size > 1)
+        y = self.experts.forward_selected(x, topk_idx)  # y: (N, k, d)
+        return torch.einsum("nk,nkd->nd", weights.gather(-1, topk_idx), y)  # (N, d)
 
     def _balance(self, probs: Tensor, keep: Tensor) -> Tensor:
         p = probs[keep]  # (n_present, K)

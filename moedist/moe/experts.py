@@ -45,6 +45,29 @@ from moedist.moe.gates import (
 from moedist.moe.parallel import ExpertParallelGroups, expert_split, init_expert_parallel, mark_expert_params
 
 
+@torch.no_grad()
+def _group_by_expert(slots: Tensor, k: int, num_experts: int) -> tuple[Tensor, Tensor, int]:
+    """Bookkeeping for computing only the selected experts in one bmm.
+
+    ``slots [T·k]`` is the expert of each (token, j) pair, token-major. Returns ``(src,
+    row_of_slot, C)``: the pairs of expert ``e`` occupy rows ``e·C .. e·C + n_e - 1`` of an
+    ``[E·C]`` block (in token order), ``src[r]`` is the token that row ``r`` reads (``T`` for a
+    padding row) and ``row_of_slot[s]`` the block row holding pair ``s``.
+    """
+    n = slots.numel()
+    order = torch.argsort(slots, stable=True)  # pairs sorted by expert, token order kept
+    counts = torch.bincount(slots, minlength=num_experts)  # (E,)
+    capacity = int(counts.max()) if n else 0
+    first = torch.cumsum(counts, 0) - counts  # start of each expert's run in `order`
+    expert_sorted = slots[order]
+    row = expert_sorted * capacity + (torch.arange(n, device=slots.device) - first[expert_sorted])
+    src = torch.full((num_experts * capacity,), n // k, dtype=torch.long, device=slots.device)
+    src[row] = order // k
+    row_of_slot = torch.empty_like(row)
+    row_of_slot[order] = row
+    return src, row_of_slot, capacity
+
+
 class LinearExperts(nn.Module):
     """``E`` independent linear experts, stacked.
 
@@ -166,8 +189,9 @@ class LinearExperts(nn.Module):
         """The selected experts only: ``x [..., in]``, global ``expert_idx [..., k]`` ->
         ``[..., k, out]`` with ``y[..., j] = Expert_{expert_idx[..., j]}(x)``. With
         ``ep_size > 1`` each token is sent only to the ranks owning its k experts (top-k
-        routing); with ``ep_size = 1`` all experts are evaluated and gathered (cheapest for
-        the small E used here)."""
+        routing). With ``ep_size = 1`` the (token, expert) pairs are grouped by expert into a
+        zero-padded ``[E, C, in]`` block (C = the busiest expert's count) and computed in one
+        bmm, so top-k of E costs about k/E of evaluating every expert."""
         k = expert_idx.shape[-1]
         if self.ep_size > 1:
             flat = x.reshape(-1, self.in_features)  # (T, in)
@@ -175,8 +199,12 @@ class LinearExperts(nn.Module):
             return y.view(*x.shape[:-1], k, self.out_features)
         if self.num_experts != self.num_global_experts:
             raise ValueError("forward_selected on a static shard: use ep_size instead")
-        y = self.forward(x)  # (..., E, out)
-        return y.gather(-2, expert_idx.unsqueeze(-1).expand(*expert_idx.shape, self.out_features))
+        flat = x.reshape(-1, self.in_features)  # (T, in)
+        src, row_of_slot, capacity = _group_by_expert(expert_idx.reshape(-1), k, self.num_experts)
+        padded = torch.cat([flat, flat.new_zeros(1, self.in_features)])  # row T: zeros for the padding
+        xin = padded.index_select(0, src).view(self.num_experts, capacity, self.in_features)
+        y = self.forward_grouped(xin).reshape(self.num_experts * capacity, self.out_features)
+        return y.index_select(0, row_of_slot).view(*x.shape[:-1], k, self.out_features)
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:
         return expert_parallel_apply(
@@ -208,9 +236,10 @@ class MoELayer(nn.Module):
     other than their expert input. ``balance`` selects the balance loss on the dense gate
     probabilities averaged over tokens: ``"paper"`` = KL(p̄‖U), ``"code"`` = KL(U‖p̄), None = 0.
 
-    With ``ep_size = 1`` experts are evaluated densely (all E on all tokens, one einsum);
-    top-k zeros the rest. That is the cheapest form for the small E used here and has no
-    capacity drops. With ``ep_size > 1`` the experts are sharded over the expert-parallel
+    With ``ep_size = 1`` a dense gate evaluates all E experts on all tokens (one einsum); a
+    top-k gate computes only each token's k experts (:meth:`LinearExperts.forward_selected`:
+    grouped by expert, one bmm, no capacity drops), about k/E of the dense work; the combined
+    output is ``Σ_j w_j y_j`` over the kept experts either way. With ``ep_size > 1`` the experts are sharded over the expert-parallel
     group (``ep_group``, default: consecutive ranks): a dense gate sends every token to every
     expert, a top-k gate only to the owners of its k experts; routing is dropless either way
     (``moe/dispatch.py``). Gate, balance loss and statistics are computed per rank on its own
@@ -238,6 +267,9 @@ class MoELayer(nn.Module):
         self.num_experts = num_experts
         self.k = k
         self.balance = balance
+        # Top-k gates compute only the selected experts; False evaluates every expert and
+        # zeroes the unselected ones (same result up to float rounding; kept for benchmarks).
+        self.sparse_topk = True
         if k is None:
             self.gate: DenseGate = DenseGate(in_features=gate_in, num_experts=num_experts, noise_std=noise_std)
         else:
@@ -253,8 +285,8 @@ class MoELayer(nn.Module):
         """x: ``[..., in]``; gate_input: ``[..., gate_in]``; mask: optional bool ``[...]`` of the
         tokens that count for the balance loss and statistics. Returns ``([..., out], aux)``."""
         g = self.gate(x if gate_input is None else gate_input)  # weights/probs: (..., E)
-        if self.experts.ep_size > 1 and g.topk_idx is not None:
-            # sparse dispatch: only the k selected experts, computed on their owners
+        if g.topk_idx is not None and self.sparse_topk:
+            # only the k selected experts (on their owners when ep_size > 1)
             expert_out = self.experts.forward_selected(x, g.topk_idx)  # (..., k, out)
             w = g.weights.gather(-1, g.topk_idx)  # (..., k)
             out = torch.einsum("...k,...ko->...o", w.to(expert_out.dtype), expert_out)

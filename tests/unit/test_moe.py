@@ -95,6 +95,59 @@ def test_linear_experts_equal_a_loop_of_linears():
     assert experts(torch.randn(2, 3, 5)).shape == (2, 3, 4, 3)
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["balanced", "collapsed", "k_equals_e", "leading_dims", "no_tokens"],
+)
+def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of_the_dense_form(case):
+    torch.manual_seed(1)
+    E, k, shape = 5, 2, (9,)
+    if case == "k_equals_e":
+        k = E
+    if case == "leading_dims":
+        shape = (3, 4)
+    if case == "no_tokens":
+        shape = (0,)
+    experts = LinearExperts(num_experts=E, in_features=6, out_features=3)
+    x = torch.randn(*shape, 6, requires_grad=True)
+    if case == "collapsed":  # every token picks experts 4 and 1: one expert's block holds all
+        idx = torch.tensor([4, 1]).expand(*shape, 2).contiguous()
+    else:
+        idx = torch.rand(*shape, E).argsort(-1)[..., :k]
+    w = torch.rand(*shape, k, requires_grad=True)
+    y = experts.forward_selected(x, idx)
+    assert y.shape == (*shape, k, 3)
+    # the reference: every expert on every token, then pick
+    dense = experts(x).gather(-2, idx.unsqueeze(-1).expand(*idx.shape, 3))
+    torch.testing.assert_close(y, dense)
+    out = torch.einsum("...k,...ko->...o", w, y)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), [experts.weight, experts.bias, x, w], allow_unused=True)
+    ref_out = torch.einsum("...k,...ko->...o", w, dense)
+    ref = torch.autograd.grad((ref_out * g).sum(), [experts.weight, experts.bias, x, w], allow_unused=True)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+    if case == "collapsed":  # unselected experts get no gradient at all
+        assert grads[0][[0, 2, 3]].abs().sum() == 0 and grads[0][[1, 4]].abs().sum() > 0
+
+
+def test_moe_layer_sparse_and_dense_topk_forms_agree_in_value_and_gradient():
+    torch.manual_seed(2)
+    layer = MoELayer(in_features=8, out_features=4, num_experts=8, k=2, balance="paper")
+    x = torch.randn(50, 8)
+    results = []
+    for sparse in (True, False):
+        layer.sparse_topk = sparse
+        layer.zero_grad()
+        out, aux = layer(x)
+        ((out ** 2).sum() + aux.balance_loss).backward()
+        results.append((out.detach(), [p.grad.clone() for p in layer.parameters()]))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1, o2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
 def test_linear_experts_init_matches_stacked_nn_linear_and_is_shard_independent():
     torch.manual_seed(3)
     experts = LinearExperts(num_experts=4, in_features=6, out_features=2)
