@@ -218,6 +218,32 @@ def check_equivalence(ours, authors: AuthorsMAMEX, pairs, task, batches) -> dict
 # ------------------------------------------------------------------------ training
 
 
+def time_steps(ours, authors, task, args) -> dict:
+    """Seconds per training step of each code on the same batches, alternating step by step so
+    both see the same machine load; from copies of the current weights (training is not
+    affected). Median over ``--speed-steps`` steps after 3 warm-up steps each."""
+    import copy
+
+    models = {"moedist": copy.deepcopy(ours).train(), "authors": copy.deepcopy(authors).train()}
+    opts = {who: torch.optim.Adam(m.parameters(), lr=args.lr) for who, m in models.items()}
+    rng = np.random.default_rng(args.seed)
+    batches = list(task.global_batches(rng, args.batch_size))
+    times: dict[str, list[float]] = {who: [] for who in models}
+    for step in range(args.speed_steps + 3):
+        batch = task.make_batch(batches[step % len(batches)])
+        for who, model in models.items():
+            t0 = time.perf_counter()
+            loss, _ = model.calculate_loss(batch)
+            opts[who].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[who].step()
+            if step >= 3:
+                times[who].append(time.perf_counter() - t0)
+    med = {who: float(np.median(v)) for who, v in times.items()}
+    return {"steps": args.speed_steps, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+            "median_seconds_per_step": med, "authors_over_moedist": med["authors"] / med["moedist"]}
+
+
 def evaluate_both(models: dict, task, ctx, batch_size: int) -> tuple[dict, dict]:
     from moedist.train.loop import evaluate_split
 
@@ -350,6 +376,8 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=20, help="evaluations without a better valid metric")
     p.add_argument("--select", default="ndcg@10", help="validation metric both codes select on")
     p.add_argument("--check-batches", type=int, default=3)
+    p.add_argument("--speed-steps", type=int, default=30,
+                   help="time this many alternating steps of each code on the first dataset (0 = skip)")
     p.add_argument("--check-batch-size", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--eval-batch-size", type=int, default=2048)
@@ -423,7 +451,12 @@ def main() -> None:
             print(json.dumps(result["equivalence"], indent=2), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out, result, indent=2)
-        if args.max_epochs == 0:  # equivalence only
+        if args.speed_steps and "speed" not in result:
+            result["speed"] = {"data": name, **time_steps(ours, authors, task, args)}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out, result, indent=2)
+            print(json.dumps(result["speed"], indent=2), flush=True)
+        if args.max_epochs == 0:  # equivalence (and speed) only
             break
         t0 = time.time()
         row = train_split(ours, authors, task, args)
