@@ -218,6 +218,16 @@ def check_equivalence(ours, authors: AuthorsMAMEX, pairs, task, batches) -> dict
 # ------------------------------------------------------------------------ training
 
 
+def train_step(model, opt, batch) -> tuple[float, float]:
+    """One Adam step; returns (loss, seconds)."""
+    t0 = time.perf_counter()
+    loss, _ = model.calculate_loss(batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), time.perf_counter() - t0
+
+
 def time_steps(ours, authors, task, args) -> dict:
     """Seconds per training step of each code on the same batches, alternating step by step so
     both see the same machine load; from copies of the current weights (training is not
@@ -232,13 +242,9 @@ def time_steps(ours, authors, task, args) -> dict:
     for step in range(args.speed_steps + 3):
         batch = task.make_batch(batches[step % len(batches)])
         for who, model in models.items():
-            t0 = time.perf_counter()
-            loss, _ = model.calculate_loss(batch)
-            opts[who].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[who].step()
+            seconds = train_step(model, opts[who], batch)[1]
             if step >= 3:
-                times[who].append(time.perf_counter() - t0)
+                times[who].append(seconds)
     med = {who: float(np.median(v)) for who, v in times.items()}
     return {"steps": args.speed_steps, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
             "median_seconds_per_step": med, "authors_over_moedist": med["authors"] / med["moedist"]}
@@ -295,13 +301,8 @@ def train_split(ours, authors, task, args) -> dict:
         for idx in task.global_batches(rng, args.batch_size):
             batch = task.make_batch(idx)
             for who, model in models.items():
-                t0 = time.perf_counter()
-                loss, _ = model.calculate_loss(batch)
-                opts[who].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[who].step()
-                secs[who] += time.perf_counter() - t0
-                value = float(loss.detach())
+                value, seconds = train_step(model, opts[who], batch)
+                secs[who] += seconds
                 if not math.isfinite(value):
                     raise SystemExit(f"epoch {epoch}: {who} loss is {value}")
                 losses[who] += value
