@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import resource
 import time
 from pathlib import Path
@@ -119,7 +120,16 @@ def run_variant(model: str, variant: str, args) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, model, variant, args, q)) for r in range(world)]
     for p in procs:
         p.start()
-    results = [q.get(timeout=3600) for _ in procs]
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(q.get(timeout=2))
+        except queue.Empty:  # a worker that died (its traceback is above) would otherwise be waited on forever
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                for p in procs:
+                    p.terminate()
+                raise SystemExit(f"{model} {variant}: a worker exited with code {failed[0]}")
     for p in procs:
         p.join(120)
     secs = max(r["seconds"] for r in results)
