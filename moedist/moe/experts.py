@@ -1,8 +1,9 @@
 """Batched expert networks and the generic MoE layer.
 
 :class:`LinearExperts` holds ``E`` independent ``Linear(in → out)`` experts as one stacked
-weight ``[E, in, out]`` and evaluates all of them in a single einsum/bmm (no Python loop over
-experts). :class:`MoELayer` combines it with a dense or top-k gate.
+weight ``[E, in, out]`` and evaluates all of them in a single einsum/bmm, or, for top-k
+routing, only each token's selected experts, grouped by expert into one bmm (no Python loop
+over experts either way). :class:`MoELayer` combines it with a dense or top-k gate.
 
 Expert parallelism
 ------------------
