@@ -81,6 +81,36 @@ def dense_expert_idx(num_tokens: int, num_experts: int, device=None) -> Tensor:
     return torch.arange(num_experts, device=device).expand(num_tokens, num_experts)
 
 
+def apply_grouped(
+    x: Tensor, expert_of_pair: Tensor, k: int, num_experts: int, expert_fn: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Every (row, expert) pair through its expert, all experts in one ``expert_fn`` call.
+
+    ``x [T, in]``; ``expert_of_pair [T·k]`` (int64 in ``[0, num_experts)``): pair ``s`` is row
+    ``s // k`` of ``x`` sent to expert ``expert_of_pair[s]``. The pairs of expert ``e`` fill
+    slots ``0 .. n_e - 1`` (in pair order) of block ``e`` of a zero-padded ``[num_experts, C,
+    in]`` tensor, built with one gather (C = the largest ``n_e``); ``expert_fn`` maps it to
+    ``[num_experts, C, out]`` (``LinearExperts.forward_grouped``: one bmm). Returns each pair's
+    output ``[T·k, out]``. ``expert_fn`` is always called, also with no pairs, so the autograd
+    graph is the same on every rank of an expert-parallel group.
+    """
+    n = expert_of_pair.numel()
+    with torch.no_grad():  # integer bookkeeping
+        order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert, order kept
+        counts = torch.bincount(expert_of_pair, minlength=num_experts)  # (E,)
+        capacity = int(counts.max()) if n and num_experts else 0
+        first = counts.cumsum(0) - counts  # start of each expert's run in `order`
+        expert_sorted = expert_of_pair[order]
+        slot = expert_sorted * capacity + (torch.arange(n, device=x.device) - first[expert_sorted])
+        src = torch.full((num_experts * capacity,), x.shape[0], dtype=torch.long, device=x.device)
+        src[slot] = order // k  # the row each block slot reads; x.shape[0] = the zero row
+        slot_of_pair = torch.empty_like(slot)
+        slot_of_pair[order] = slot
+    padded = torch.cat([x, x.new_zeros(1, x.shape[-1])])
+    y = expert_fn(padded.index_select(0, src).view(num_experts, capacity, x.shape[-1]))  # (E, C, out)
+    return y.reshape(num_experts * capacity, y.shape[-1]).index_select(0, slot_of_pair)  # (T·k, out)
+
+
 def expert_parallel_apply(
     x: Tensor,
     expert_idx: Tensor,
@@ -131,16 +161,7 @@ def expert_parallel_apply(
     local_e = torch.arange(E_local, device=device).repeat(P).repeat_interleave(
         recv_counts.reshape(-1).to(device)
     )  # (R,) local expert of each received row
-    per_local = recv_counts.sum(0).to(device)  # (E_local,)
-    C = int(per_local.max()) if E_local > 0 else 0
-    by_expert = torch.argsort(local_e, stable=True)
-    starts = per_local.cumsum(0) - per_local  # first slot of each local expert in by_expert
-    pos = torch.empty_like(local_e)
-    pos[by_expert] = torch.arange(local_e.numel(), device=device) - starts[local_e[by_expert]]
-    grouped = x.new_zeros(E_local, C, x.shape[-1]).index_put((local_e, pos), recv_x)
-    y_grouped = expert_fn(grouped)  # (E_local, C, out); always called, so the graph is the
-    # same on every rank (a rank with no tokens still returns a grad-carrying empty tensor)
-    y_recv = y_grouped[local_e, pos]  # (R, out)
+    y_recv = apply_grouped(recv_x, local_e, 1, E_local, expert_fn)  # (R, out)
 
     # 5. results back to the tokens' ranks, then undo the sort.
     y_sorted = all_to_all(y_recv, send_splits, recv_splits, group)  # (T·k, out)

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moedist.moe.dispatch import dense_expert_idx, expert_parallel_apply
+from moedist.moe.dispatch import apply_grouped, dense_expert_idx, expert_parallel_apply
 from moedist.moe.gates import (
     BalanceDirection,
     DenseGate,
@@ -44,29 +44,6 @@ from moedist.moe.gates import (
     token_weights,
 )
 from moedist.moe.parallel import ExpertParallelGroups, expert_split, init_expert_parallel, mark_expert_params
-
-
-@torch.no_grad()
-def _group_by_expert(slots: Tensor, k: int, num_experts: int) -> tuple[Tensor, Tensor, int]:
-    """Bookkeeping for computing only the selected experts in one bmm.
-
-    ``slots [T·k]`` is the expert of each (token, j) pair, token-major. Returns ``(src,
-    row_of_slot, C)``: the pairs of expert ``e`` occupy rows ``e·C .. e·C + n_e - 1`` of an
-    ``[E·C]`` block (in token order), ``src[r]`` is the token that row ``r`` reads (``T`` for a
-    padding row) and ``row_of_slot[s]`` the block row holding pair ``s``.
-    """
-    n = slots.numel()
-    order = torch.argsort(slots, stable=True)  # pairs sorted by expert, token order kept
-    counts = torch.bincount(slots, minlength=num_experts)  # (E,)
-    capacity = int(counts.max()) if n else 0
-    first = torch.cumsum(counts, 0) - counts  # start of each expert's run in `order`
-    expert_sorted = slots[order]
-    row = expert_sorted * capacity + (torch.arange(n, device=slots.device) - first[expert_sorted])
-    src = torch.full((num_experts * capacity,), n // k, dtype=torch.long, device=slots.device)
-    src[row] = order // k
-    row_of_slot = torch.empty_like(row)
-    row_of_slot[order] = row
-    return src, row_of_slot, capacity
 
 
 class LinearExperts(nn.Module):
@@ -201,11 +178,8 @@ class LinearExperts(nn.Module):
         if self.num_experts != self.num_global_experts:
             raise ValueError("forward_selected on a static shard: use ep_size instead")
         flat = x.reshape(-1, self.in_features)  # (T, in)
-        src, row_of_slot, capacity = _group_by_expert(expert_idx.reshape(-1), k, self.num_experts)
-        padded = torch.cat([flat, flat.new_zeros(1, self.in_features)])  # row T: zeros for the padding
-        xin = padded.index_select(0, src).view(self.num_experts, capacity, self.in_features)
-        y = self.forward_grouped(xin).reshape(self.num_experts * capacity, self.out_features)
-        return y.index_select(0, row_of_slot).view(*x.shape[:-1], k, self.out_features)
+        y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_grouped)  # (T·k, out)
+        return y.view(*x.shape[:-1], k, self.out_features)
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:
         return expert_parallel_apply(
