@@ -171,13 +171,12 @@ class LinearExperts(nn.Module):
         zero-padded ``[E, C, in]`` block (C = the busiest expert's count) and computed in one
         bmm, so top-k of E costs about k/E of evaluating every expert."""
         k = expert_idx.shape[-1]
+        flat = x.reshape(-1, self.in_features)  # (T, in)
         if self.ep_size > 1:
-            flat = x.reshape(-1, self.in_features)  # (T, in)
             y = self._dispatch(flat, expert_idx.reshape(-1, k))  # (T, k, out)
             return y.view(*x.shape[:-1], k, self.out_features)
         if self.num_experts != self.num_global_experts:
             raise ValueError("forward_selected on a static shard: use ep_size instead")
-        flat = x.reshape(-1, self.in_features)  # (T, in)
         y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_grouped)  # (T·k, out)
         return y.view(*x.shape[:-1], k, self.out_features)
 
@@ -214,10 +213,10 @@ class MoELayer(nn.Module):
     With ``ep_size = 1`` a dense gate evaluates all E experts on all tokens (one einsum); a
     top-k gate computes only each token's k experts (:meth:`LinearExperts.forward_selected`:
     grouped by expert, one bmm, no capacity drops), about k/E of the dense work; the combined
-    output is ``Σ_j w_j y_j`` over the kept experts either way. With ``ep_size > 1`` the experts are sharded over the expert-parallel
-    group (``ep_group``, default: consecutive ranks): a dense gate sends every token to every
-    expert, a top-k gate only to the owners of its k experts; routing is dropless either way
-    (``moe/dispatch.py``). Gate, balance loss and statistics are computed per rank on its own
+    output is ``Σ_j w_j y_j`` over the kept experts either way. With ``ep_size > 1`` the
+    experts are sharded over the expert-parallel group (``ep_group``, default: consecutive
+    ranks): a dense gate sends every token to every expert, a top-k gate only to the owners
+    of its k experts; routing is dropless either way (``moe/dispatch.py``). Gate, balance loss and statistics are computed per rank on its own
     tokens, as in plain data parallelism; outputs and gradients equal ``ep_size = 1``.
     """
 
