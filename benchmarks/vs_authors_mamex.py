@@ -37,7 +37,10 @@ moedist's item ``i`` is their row ``i - 1``; the user table is the same size as 
 a padding user, is never read). Their model always has an image and a text branch (fusion index
 0 = image, 1 = text, as moedist's default modality order): when the features have no image table
 (MovieLens, Amazon Scientific), both models get the text table as their image table as well.
-Their model hard-codes 4 experts and top-2 routing, moedist's defaults. Their balance losses
+``MOME_model`` builds its two adapters with 4 experts and top-2 routing, moedist's defaults;
+``--experts`` / ``--top-k`` compare other points of the paper's grid (experts {4, 6, 8} x
+top-k {2, 3, 4}) by replacing both adapters with the authors' own ``MoE_Layer`` built with
+that expert count and k (the class takes both as arguments). Their balance losses
 are ``F.kl_div(p̄.log(), U)``, i.e. KL(U ‖ p̄); moedist runs ``mamex.kl_direction=code`` here
 so both optimise the same objective (``--kl-direction paper`` compares the paper's direction).
 """
@@ -90,14 +93,24 @@ def file_digests(repo: Path) -> dict[str, str]:
     return {name: hashlib.sha256((repo / name).read_bytes()).hexdigest()[:16] for name in AUTHORS_FILES}
 
 
-def build_authors_model(mods, *, n_users: int, image: torch.Tensor, text: torch.Tensor, embed_dim: int, device):
-    """``MOME_model`` over the real items only (moedist rows 1..N-1 become rows 0..N-2)."""
+def build_authors_model(
+    mods, *, n_users: int, image: torch.Tensor, text: torch.Tensor, embed_dim: int, device,
+    num_experts: int = 4, top_k: int = 2,
+):
+    """``MOME_model`` over the real items only (moedist rows 1..N-1 become rows 0..N-2). Other
+    than 4 experts / top-2, both adapters are replaced by the authors' ``MoE_Layer`` with
+    ``num_experts`` and ``top_k`` (``MOME_model`` fixes the count it passes, not the layer)."""
     env = types.SimpleNamespace(args=types.SimpleNamespace(free_emb_dimension=embed_dim), device=device)
     dataset = types.SimpleNamespace(
         n_user=n_users, m_item=text.shape[0] - 1,
         feature=text[1:].numpy(), image_feat=image[1:].numpy(), text_feat=text[1:].numpy(),
     )
-    return mods["model"].MOME_model(env, dataset)
+    net = mods["model"].MOME_model(env, dataset)
+    if (num_experts, top_k) != (net.image_linear.num_experts, net.image_linear.top_k):
+        layer = mods["model"].MoE_Layer
+        net.image_linear = layer(net.image_feat.shape[1], embed_dim, num_experts, top_k=top_k).to(device)
+        net.text_linear = layer(net.text_feat.shape[1], embed_dim, num_experts, top_k=top_k).to(device)
+    return net
 
 
 class AuthorsMAMEX(torch.nn.Module):
@@ -385,6 +398,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the authors' runs: 1)")
+    p.add_argument("--experts", type=int, default=4, help="experts per modality adapter (the authors' model: 4)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per item (the authors' model: 2)")
     p.add_argument("--kl-direction", choices=("code", "paper"), default="code",
                    help="moedist's balance-loss direction (the authors' code computes KL(U || p̄) = 'code')")
     args = p.parse_args()
@@ -400,12 +415,18 @@ def main() -> None:
     mods = load_authors_modules(repo)
     out = args.out
     result = json.loads(out.read_text()) if out.is_file() else {}
+    settings = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
+                "eval_every": args.eval_every, "patience": args.patience, "select": f"valid {args.select}",
+                "kl_direction": args.kl_direction, "experts": args.experts, "top_k": args.top_k}
+    old = result.get("settings", {})
+    changed = sorted(k for k in settings if k in old and old[k] != settings[k])
+    if changed and result.get("splits"):
+        raise SystemExit(f"{out} holds splits run with other settings ({', '.join(changed)}): "
+                         "give another --out, or remove the file to start over")
     result.update({
         "authors_code": {"repo": "github.com/Rec4Fun/MAMEX", "checked_at": AUTHORS_COMMIT, "files_sha256": file_digests(repo)},
         "features": str(args.features),
-        "settings": {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-                     "eval_every": args.eval_every, "patience": args.patience, "select": f"valid {args.select}",
-                     "kl_direction": args.kl_direction},
+        "settings": settings,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
     })
     splits = result.setdefault("splits", {})
@@ -413,9 +434,10 @@ def main() -> None:
         cfg = load_experiment_config("mamex", None, [
             f"data={data_dir}", f"features={args.features}", "mamex.modalities=[image,text]",
             f"mamex.kl_direction={args.kl_direction}", f"train.lr={args.lr}",
+            f"mamex.num_experts={args.experts}", f"mamex.top_k={args.top_k}",
         ])
-        if (cfg.mamex.num_experts, cfg.mamex.top_k, cfg.mamex.adapter, cfg.mamex.use_moe) != (4, 2, "mamex", True):
-            raise SystemExit("the authors' model hard-codes 4 experts, top-2, one MoE per modality")
+        if (cfg.mamex.adapter, cfg.mamex.use_moe) != ("mamex", True):
+            raise SystemExit("the authors' model has one MoE per modality (mamex.adapter=mamex, use_moe=true)")
         data = PreparedDataset(cfg.data)
         name = Path(data_dir).name
         if name in splits:
@@ -436,7 +458,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         ours = build_model(cfg, data, features).to(device)
         net = build_authors_model(mods, n_users=data.n_users + 1, image=tables["image"], text=tables["text"],
-                                  embed_dim=cfg.mamex.embed_dim, device=device)
+                                  embed_dim=cfg.mamex.embed_dim, device=device,
+                                  num_experts=args.experts, top_k=args.top_k)
         authors = AuthorsMAMEX(net, mods["criterion"], cfg.mamex)
         pairs = parameter_map(ours, net)
         copy_weights(pairs)

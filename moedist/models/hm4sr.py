@@ -496,7 +496,7 @@ class HM4SR(nn.Module):
         if self.use_pcl:
             self.placeholders = nn.ModuleDict({m: nn.Linear(2 * d, d) for m in self.content_modalities})
         self.use_idcl = cfg.use_idcl
-        self._last_stats: dict = {}
+        self._last_gates: dict = {}
 
     # ---- representations ----------------------------------------------------------------
 
@@ -522,27 +522,23 @@ class HM4SR(nn.Module):
         pos = self.position_embedding.weight[:L]  # (L, d), the same for every modality
         e = torch.stack([tables[m][item_seq] + pos for m in self.modalities], dim=2)  # e: (B, L, M, d)
 
-        stats: dict = {}
+        # gate outputs kept for moe_stats(), which computes the statistics when they are logged
+        gates: dict = {"mask": seq_mask}
         if self.interactive_moe is not None:
             x_inter, g_inter = self.interactive_moe(e)
             e = e + x_inter  # residual (spec step 3)
-            for i, m in enumerate(self.modalities):
-                load, gmean = expert_load(g_inter[:, :, i], mask=seq_mask)
-                stats[f"imoe/{m}/gate_mean"], stats[f"imoe/{m}/load"] = gmean, load
-                stats[f"imoe/{m}/entropy"] = routing_entropy(g_inter[:, :, i], mask=seq_mask)
-                stats[f"imoe/{m}/alpha"] = self.interactive_moe.alpha[i].detach().clone()  # no .item(): no sync
+            gates["imoe"] = g_inter.detach()
+            gates["alpha"] = self.interactive_moe.alpha.detach().clone()  # no .item(): no sync
 
         r = None
         if self.temporal_moe is not None:
             r = self.temporal_moe.time_features(time_seq, seq_mask)  # (B, L, 2d)
             x_temp, g_temp = self.temporal_moe(e.flatten(2), r)
             x_temp = x_temp.view_as(e)  # no residual (Eq. 16)
-            load, gmean = expert_load(g_temp, mask=seq_mask)
-            stats["tmoe/gate_mean"], stats["tmoe/load"] = gmean, load
-            stats["tmoe/entropy"] = routing_entropy(g_temp, mask=seq_mask)
+            gates["tmoe"] = g_temp.detach()
         else:
             x_temp = e
-        self._last_stats = stats
+        self._last_gates = gates
 
         attn_mask = causal_padding_mask(item_seq)
         hidden = torch.stack(
@@ -593,7 +589,21 @@ class HM4SR(nn.Module):
         """Last forward's per-expert gate means and loads (over real positions; dense gates
         route every token to every expert, so load is 1), the routing entropies
         (:func:`~moedist.moe.routing_entropy`) and the α values."""
-        return dict(self._last_stats)
+        gates = self._last_gates
+        if not gates:
+            return {}
+        stats: dict = {}
+        mask = gates["mask"]
+        if "imoe" in gates:
+            for i, m in enumerate(self.modalities):
+                g = gates["imoe"][:, :, i]
+                stats[f"imoe/{m}/load"], stats[f"imoe/{m}/gate_mean"] = expert_load(g, mask=mask)
+                stats[f"imoe/{m}/entropy"] = routing_entropy(g, mask=mask)
+                stats[f"imoe/{m}/alpha"] = gates["alpha"][i]
+        if "tmoe" in gates:
+            stats["tmoe/load"], stats["tmoe/gate_mean"] = expert_load(gates["tmoe"], mask=mask)
+            stats["tmoe/entropy"] = routing_entropy(gates["tmoe"], mask=mask)
+        return stats
 
     # ---- auxiliary losses -----------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from moedist.errors import ConfigError
 from moedist.models.common import modality_table
-from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, expert_load, kl_balance_loss, routing_entropy
+from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, kl_balance_loss
 
 AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
 
@@ -176,23 +176,28 @@ class ModalityAdapters(nn.Module):
         x = F.pad(h, (0, self.max_dim - h.shape[1]))  # x: (N, D_max)
         # only the top-k experts of each item (on their owners when ep_size > 1)
         y = self.experts.forward_selected(x, topk_idx)  # y: (N, k, d)
-        return torch.einsum("nk,nkd->nd", weights.gather(-1, topk_idx), y)  # (N, d)
+        return (weights.gather(-1, topk_idx).unsqueeze(-1) * y).sum(1)  # (N, d)
 
-    def _balance(self, probs: Tensor, keep: Tensor) -> Tensor:
-        p = probs[keep]  # (n_present, K)
+    def _balance(self, probs: Tensor, keep: Tensor | None) -> Tensor:
+        p = probs if keep is None else probs[keep]  # (n_present, K)
         if p.shape[0] == 0:
             return probs.new_zeros(())
         return kl_balance_loss(p.mean(0), direction=self.kl_direction)
 
     def forward(
-        self, h: dict[str, Tensor], present: dict[str, Tensor]
+        self, h: dict[str, Tensor], present: dict[str, Tensor], *, complete: bool = False
     ) -> tuple[dict[str, Tensor], Tensor, dict[str, MoEAux]]:
+        """``complete=True`` promises that every row has every modality (``present`` all
+        true): the masking steps are then skipped, with the same result."""
         z: dict[str, Tensor] = {}
         stats: dict[str, MoEAux] = {}
         any_h = next(iter(h.values()))
         balance = any_h.new_zeros(())
-        # Absent rows are zeroed *before* use, so nothing downstream can read them.
-        h = {m: h[m] * present[m][:, None] for m in self.modalities}
+        if complete:
+            present = {m: None for m in self.modalities}
+        else:
+            # Absent rows are zeroed *before* use, so nothing downstream can read them.
+            h = {m: h[m] * present[m][:, None] for m in self.modalities}
         if self.design == "linear":
             for m in self.modalities:
                 z[m] = self.linears[m](h[m])  # (N, d)
@@ -207,20 +212,17 @@ class ModalityAdapters(nn.Module):
                 z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
                 b = self._balance(g.probs, present[m])
                 balance = balance + b
-                load, gate_mean = expert_load(g.weights, probs=g.probs, mask=present[m])
-                stats[m] = MoEAux(balance_loss=b, load=load, gate_mean=gate_mean,
-                                  entropy=routing_entropy(g.probs, mask=present[m]))
+                stats[m] = MoEAux(b, weights=g.weights, probs=g.probs, mask=present[m])
         else:  # joint_router
-            any_present = torch.stack([present[m] for m in self.modalities]).any(0)  # (N,)
+            any_present = None if complete else torch.stack([present[m] for m in self.modalities]).any(0)  # (N,)
             g = self.gate(torch.cat([h[m] for m in self.modalities], dim=-1))  # (N, K)
             for m in self.modalities:
                 z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
             balance = self._balance(g.probs, any_present)
-            load, gate_mean = expert_load(g.weights, probs=g.probs, mask=any_present)
-            stats["joint"] = MoEAux(balance_loss=balance, load=load, gate_mean=gate_mean,
-                                    entropy=routing_entropy(g.probs, mask=any_present))
-        # biases make z nonzero even for zero input: zero absent rows explicitly
-        z = {m: z[m] * present[m][:, None].to(z[m].dtype) for m in self.modalities}
+            stats["joint"] = MoEAux(balance, weights=g.weights, probs=g.probs, mask=any_present)
+        if not complete:
+            # biases make z nonzero even for zero input: zero absent rows explicitly
+            z = {m: z[m] * present[m][:, None].to(z[m].dtype) for m in self.modalities}
         return z, balance, stats
 
 
@@ -272,6 +274,9 @@ class MAMEX(nn.Module):
             self.register_buffer(f"feat_{m}", table.contiguous(), persistent=False)
             self.register_buffer(f"present_{m}", present, persistent=False)
             in_dims[m] = table.shape[1]
+        # Every real item has every modality (the common case): the catalogue pass then runs
+        # on rows 1.. without any masking, and row 0 (padding) is added back as zeros.
+        self._complete = all(bool(self.present(m)[1:].all()) for m in self.modalities)
 
         self.user_embedding = nn.Embedding(n_users, d)
         nn.init.normal_(self.user_embedding.weight, std=cfg.user_init_std)
@@ -289,7 +294,7 @@ class MAMEX(nn.Module):
             if self.learned_fusion
             else None
         )
-        self._last_stats: dict[str, Tensor] = {}
+        self._last_pass: tuple[Tensor, Tensor, dict[str, MoEAux]] | None = None
         self._item_cache: tuple[tuple, Tensor] | None = None
 
     # ---- item side --------------------------------------------------------------------
@@ -319,33 +324,41 @@ class MAMEX(nn.Module):
 
     def item_representations(self) -> tuple[Tensor, dict[str, Tensor], MAMEXAux]:
         """The whole catalogue: ``e [N, d]``, ``z {m: [N, d]}`` and the balance terms."""
-        h = {m: self.features(m) for m in self.modalities}
         present = {m: self.present(m) for m in self.modalities}
-        z, adapter_loss, adapter_stats = self.adapters(h, present)
         present_nm = torch.stack([present[m] for m in self.modalities], dim=1)  # (N, M)
-        alpha = self._fusion_weights(z, present_nm)  # (N, M)
-        e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (N, d)
         items = present_nm.any(dim=1)  # real items with >= 1 modality (pad excluded)
-        if self.learned_fusion and bool(items.any()):
-            fusion_loss = kl_balance_loss(alpha[items].mean(0), direction=self.config.kl_direction)
+        if self._complete:
+            h = {m: self.features(m)[1:] for m in self.modalities}  # views, no copy
+            z, adapter_loss, adapter_stats = self.adapters(h, {m: p[1:] for m, p in present.items()}, complete=True)
+            if self.fusion_gate is None:
+                alpha = z[self.modalities[0]].new_full((h[self.modalities[0]].shape[0], len(self.modalities)),
+                                                       1.0 / len(self.modalities))
+            else:
+                alpha = F.softmax(self.fusion_gate(torch.cat([z[m] for m in self.modalities], dim=-1)), dim=-1)
+            e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (N-1, d)
+            if self.learned_fusion and alpha.shape[0]:
+                fusion_loss = kl_balance_loss(alpha.mean(0), direction=self.config.kl_direction)
+            else:
+                fusion_loss = e.new_zeros(())
+            # row 0 (padding) back in, all zeros
+            e, alpha = F.pad(e, (0, 0, 1, 0)), F.pad(alpha, (0, 0, 1, 0))
+            z = {m: F.pad(t, (0, 0, 1, 0)) for m, t in z.items()}
         else:
-            fusion_loss = e.new_zeros(())
+            h = {m: self.features(m) for m in self.modalities}
+            z, adapter_loss, adapter_stats = self.adapters(h, present)
+            alpha = self._fusion_weights(z, present_nm)  # (N, M)
+            e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (N, d)
+            if self.learned_fusion and bool(items.any()):
+                fusion_loss = kl_balance_loss(alpha[items].mean(0), direction=self.config.kl_direction)
+            else:
+                fusion_loss = e.new_zeros(())
         self._record_stats(alpha.detach(), items, adapter_stats)
         aux = MAMEXAux(adapter_loss=adapter_loss, fusion_loss=fusion_loss, alpha=alpha, adapters=adapter_stats)
         return e, z, aux
 
     def _record_stats(self, alpha: Tensor, items: Tensor, adapter_stats: dict[str, MoEAux]) -> None:
-        stats: dict[str, Tensor] = {}
-        for name, aux in adapter_stats.items():
-            stats[f"adapter.{name}.load"] = aux.load.detach()
-            stats[f"adapter.{name}.gate_mean"] = aux.gate_mean.detach()
-            stats[f"adapter.{name}.entropy"] = aux.entropy.detach()
-        a = alpha[items]  # (n_items_real, M)
-        for i, m in enumerate(self.modalities):
-            if a.shape[0]:
-                stats[f"fusion.alpha_mean.{m}"] = a[:, i].mean()
-                stats[f"fusion.alpha_std.{m}"] = a[:, i].std(unbiased=False)
-        self._last_stats = stats
+        # kept, not computed: moe_stats() derives the statistics when the trainer logs them
+        self._last_pass = (alpha, items, {name: aux.detached() for name, aux in adapter_stats.items()})
 
     def _version_key(self) -> tuple:
         # Optimiser steps and load_state_dict modify parameters in place, which bumps
@@ -412,6 +425,11 @@ class MAMEX(nn.Module):
         """Σ_m mean over (items having m) × d of (e - z_m)² (A6). Gradient reaches both e
         (hence α) and z_m."""
         total = e.new_zeros(())
+        if self._complete:  # every real item: rows 1.. (views instead of boolean indexing)
+            for m in self.modalities:
+                if e.shape[0] > 1:
+                    total = total + F.mse_loss(e[1:], z[m][1:])
+            return total
         for m in self.modalities:
             keep = self.present(m)
             if bool(keep.any()):
@@ -429,4 +447,17 @@ class MAMEX(nn.Module):
         ``adapter.<m>.entropy`` (:func:`~moedist.moe.routing_entropy`) per modality
         (``adapter.joint.*`` for the joint router) and ``fusion.alpha_mean.<m>`` /
         ``fusion.alpha_std.<m>`` over real items."""
-        return {k: v.detach().cpu() for k, v in self._last_stats.items()}
+        if self._last_pass is None:
+            return {}
+        alpha, items, adapter_stats = self._last_pass
+        stats: dict[str, Tensor] = {}
+        for name, aux in adapter_stats.items():
+            stats[f"adapter.{name}.load"] = aux.load
+            stats[f"adapter.{name}.gate_mean"] = aux.gate_mean
+            stats[f"adapter.{name}.entropy"] = aux.entropy
+        a = alpha[items]  # (n_items_real, M)
+        for i, m in enumerate(self.modalities):
+            if a.shape[0]:
+                stats[f"fusion.alpha_mean.{m}"] = a[:, i].mean()
+                stats[f"fusion.alpha_std.{m}"] = a[:, i].std(unbiased=False)
+        return {k: v.detach().cpu() for k, v in stats.items()}

@@ -10,7 +10,7 @@ outputs ``[T, k, out]`` in the same order. Steps (all ranks of the group, in loc
 2. exchange per-expert pair counts (``all_to_all_single`` on ``[E]`` integers);
 3. send the token rows (autograd ``all_to_all_single`` with variable split sizes);
 4. group the received rows by local expert into ``[E_local, C, in]`` (C = the largest
-   count of any local expert, zero-padded) and run the local experts in **one bmm**;
+   count of any local expert, padded) and run the local experts in **one bmm**;
 5. send the outputs back (the reverse all-to-all) and restore the pairs' original order.
 
 The caller combines (``Σ_j w_tj · y_tj``) on the token's own rank, so gate gradients stay local.
@@ -88,8 +88,8 @@ def apply_grouped(
 
     ``x [T, in]``; ``expert_of_pair [T·k]`` (int64 in ``[0, num_experts)``): pair ``s`` is row
     ``s // k`` of ``x`` sent to expert ``expert_of_pair[s]``. The pairs of expert ``e`` fill
-    slots ``0 .. n_e - 1`` (in pair order) of block ``e`` of a zero-padded ``[num_experts, C,
-    in]`` tensor, built with one gather (C = the largest ``n_e``); ``expert_fn`` maps it to
+    slots ``0 .. n_e - 1`` (in pair order) of block ``e`` of a padded ``[num_experts, C, in]``
+    tensor, built with one gather (C = the largest ``n_e``; padding slots are never read back); ``expert_fn`` maps it to
     ``[num_experts, C, out]`` (``LinearExperts.forward_grouped``: one bmm). Returns each pair's
     output ``[T·k, out]``. ``expert_fn`` is always called, also with no pairs, so the autograd
     graph is the same on every rank of an expert-parallel group.
@@ -102,12 +102,14 @@ def apply_grouped(
         first = counts.cumsum(0) - counts  # start of each expert's run in `order`
         expert_sorted = expert_of_pair[order]
         slot = expert_sorted * capacity + (torch.arange(n, device=x.device) - first[expert_sorted])
-        src = torch.full((num_experts * capacity,), x.shape[0], dtype=torch.long, device=x.device)
-        src[slot] = order // k  # the row each block slot reads; x.shape[0] = the zero row
+        # Padding slots read row 0: their outputs are never gathered back, so their gradient
+        # is exactly zero and they add nothing to any parameter's gradient (no zero row and no
+        # copy of x needed).
+        src = torch.zeros(num_experts * capacity, dtype=torch.long, device=x.device)
+        src[slot] = order // k  # the row each block slot reads
         slot_of_pair = torch.empty_like(slot)
         slot_of_pair[order] = slot
-    padded = torch.cat([x, x.new_zeros(1, x.shape[-1])])
-    y = expert_fn(padded.index_select(0, src).view(num_experts, capacity, x.shape[-1]))  # (E, C, out)
+    y = expert_fn(x.index_select(0, src).view(num_experts, capacity, x.shape[-1]))  # (E, C, out)
     return y.reshape(num_experts * capacity, y.shape[-1]).index_select(0, slot_of_pair)  # (T·k, out)
 
 

@@ -168,7 +168,7 @@ class LinearExperts(nn.Module):
         ``[..., k, out]`` with ``y[..., j] = Expert_{expert_idx[..., j]}(x)``. With
         ``ep_size > 1`` each token is sent only to the ranks owning its k experts (top-k
         routing). With ``ep_size = 1`` the (token, expert) pairs are grouped by expert into a
-        zero-padded ``[E, C, in]`` block (C = the busiest expert's count) and computed in one
+        padded ``[E, C, in]`` block (C = the busiest expert's count) and computed in one
         bmm, so top-k of E costs about k/E of evaluating every expert."""
         k = expert_idx.shape[-1]
         flat = x.reshape(-1, self.in_features)  # (T, in)
@@ -188,10 +188,9 @@ class LinearExperts(nn.Module):
 
     def forward_grouped(self, x: Tensor) -> Tensor:
         """Each expert on its own tokens (after dispatch): ``x [E, C, in] -> [E, C, out]``."""
-        y = torch.bmm(x, self.weight)  # y: (E, C, out)
         if self.bias is not None:
-            y = y + self.bias.unsqueeze(1)
-        return y
+            return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # (E, C, out), bias fused
+        return torch.bmm(x, self.weight)  # y: (E, C, out)
 
     def extra_repr(self) -> str:
         return (
@@ -263,7 +262,8 @@ class MoELayer(nn.Module):
             # only the k selected experts (on their owners when ep_size > 1)
             expert_out = self.experts.forward_selected(x, g.topk_idx)  # (..., k, out)
             w = g.weights.gather(-1, g.topk_idx)  # (..., k)
-            out = torch.einsum("...k,...ko->...o", w.to(expert_out.dtype), expert_out)
+            # elementwise, not einsum: that becomes a bmm of T tiny [1, k] x [k, out] products
+            out = (w.to(expert_out.dtype).unsqueeze(-1) * expert_out).sum(-2)
         else:
             expert_out = self.experts(x)  # (..., E, out)
             out = torch.einsum("...e,...eo->...o", g.weights.to(expert_out.dtype), expert_out)
@@ -278,6 +278,4 @@ class MoELayer(nn.Module):
             balance_loss = torch.where(
                 n > 0, kl_balance_loss(mean_probs, direction=self.balance), torch.zeros((), device=n.device)
             )
-        load, gate_mean = expert_load(g.weights, probs=g.probs, mask=mask)
-        entropy = routing_entropy(g.probs, mask=mask)
-        return out, MoEAux(balance_loss=balance_loss, load=load, gate_mean=gate_mean, entropy=entropy)
+        return out, MoEAux(balance_loss, weights=g.weights, probs=g.probs, mask=mask)

@@ -11,6 +11,7 @@ because balance losses are computed on it even for sparse gates (spec 3.2, A3).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -39,7 +40,6 @@ class GateOutput:
     topk_idx: Tensor | None = None
 
 
-@dataclass
 class MoEAux:
     """Auxiliary outputs of a MoE layer, over *global* expert indices.
 
@@ -47,12 +47,37 @@ class MoEAux:
     load:         ``[E]`` fraction of tokens routed to each expert (nonzero combine weight).
     gate_mean:    ``[E]`` mean dense gate probability per expert.
     entropy:      scalar, :func:`routing_entropy` of the dense gate probabilities.
+
+    The three statistics are for logging and are computed on first access from the detached
+    gate outputs kept here (:func:`expert_load`, :func:`routing_entropy`), so a training step
+    whose statistics nobody reads does not pay for them.
     """
 
-    balance_loss: Tensor
-    load: Tensor
-    gate_mean: Tensor
-    entropy: Tensor
+    def __init__(self, balance_loss: Tensor, *, weights: Tensor, probs: Tensor, mask: Tensor | None = None):
+        self.balance_loss = balance_loss
+        self._weights = weights.detach()
+        self._probs = probs.detach()
+        self._mask = None if mask is None else mask.detach()
+
+    def detached(self) -> "MoEAux":
+        """The same statistics without the autograd graph of ``balance_loss`` (to keep for logging)."""
+        return MoEAux(self.balance_loss.detach(), weights=self._weights, probs=self._probs, mask=self._mask)
+
+    @functools.cached_property
+    def _load_and_gate_mean(self) -> tuple[Tensor, Tensor]:
+        return expert_load(self._weights, probs=self._probs, mask=self._mask)
+
+    @property
+    def load(self) -> Tensor:
+        return self._load_and_gate_mean[0]
+
+    @property
+    def gate_mean(self) -> Tensor:
+        return self._load_and_gate_mean[1]
+
+    @functools.cached_property
+    def entropy(self) -> Tensor:
+        return routing_entropy(self._probs, mask=self._mask)
 
 
 class DenseGate(nn.Module):

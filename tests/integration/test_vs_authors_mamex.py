@@ -44,6 +44,18 @@ def test_same_weights_give_the_same_items_losses_and_gradients(toy_data, toy_fea
         assert diff[key]["absolute"] < 1e-6, (key, diff)
 
 
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (6, 3)])
+def test_other_grid_points_use_the_authors_layer_with_that_many_experts(toy_data, toy_features, tmp_path, experts, top_k):
+    result = _run(toy_data, toy_features, tmp_path / "eq.json", "--max-epochs", "0", "--check-batches", "2",
+                  "--experts", str(experts), "--top-k", str(top_k))
+    assert result["settings"]["experts"] == experts and result["settings"]["top_k"] == top_k
+    # user table + 2 × (gate w/b + experts × w/b) + fusion MLP w/b × 2
+    assert result["equivalence"]["tensors_compared"] == 1 + 2 * (2 + 2 * experts) + 4
+    diff = result["equivalence"]["largest_difference"]
+    for key in ("item table", "loss total", "gradients"):
+        assert diff[key]["relative"] < 1e-5, (key, diff)
+
+
 def test_training_keeps_each_codes_best_epoch_and_skips_a_finished_split(toy_data, toy_features, tmp_path):
     out = tmp_path / "train.json"
     first = _run(toy_data, toy_features, out, "--max-epochs", "4", "--patience", "2", "--check-batches", "1")
@@ -65,3 +77,9 @@ def test_training_keeps_each_codes_best_epoch_and_skips_a_finished_split(toy_dat
     assert summary["test ndcg@10"]["mean_diff"] == pytest.approx(paired["mean_diff"])
     second = _run(toy_data, toy_features, out, "--max-epochs", "4", "--patience", "2", "--check-batches", "1")
     assert second["splits"] == first["splits"]  # the finished split is not redone
+    # a file holding splits of other settings is refused instead of mixed with them
+    cmd = [sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "vs_authors_mamex.py"), "--authors", AUTHORS,
+           "--data", str(toy_data), "--features", str(toy_features), "--out", str(out), "--experts", "8",
+           "--check-batch-size", "64", "--batch-size", "64", "--max-epochs", "4", "--patience", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "other settings (experts)" in proc.stderr

@@ -277,6 +277,44 @@ def test_single_modality_has_no_fusion():
     assert set(model.calculate_loss(BATCH)[1]) == {"bpr", "reg", "align", "adapter"}
 
 
+@pytest.mark.parametrize("adapter,use_moe,use_fusion", [
+    ("mamex", True, True), ("modality_router", True, True), ("joint_router", True, True),
+    ("mamex", False, True), ("mamex", True, False),
+])
+def test_complete_catalogue_shortcut_equals_the_masked_pass(adapter, use_moe, use_fusion):
+    """Every real item has every modality: the pass over rows 1.. without masking gives the
+    same item table, adapter outputs, α, every loss term, statistics and gradients as the
+    general masked pass over all rows."""
+    results = []
+    for complete in (True, False):
+        model = make_model(adapter=adapter, use_moe=use_moe, use_fusion=use_fusion).eval()  # dropout off
+        assert model._complete
+        model._complete = complete
+        e, z, aux = model.item_representations()
+        loss, parts = model.calculate_loss(BATCH)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((e, z, aux.alpha, parts, model.moe_stats(), grads))
+    (e1, z1, a1, p1, s1, g1), (e0, z0, a0, p0, s0, g0) = results
+    torch.testing.assert_close(e1, e0)
+    assert e1[0].abs().sum() == 0 and a1[0].abs().sum() == 0  # padding row
+    for m in z0:
+        torch.testing.assert_close(z1[m], z0[m])
+    torch.testing.assert_close(a1, a0)
+    assert p1.keys() == p0.keys()
+    for k in p0:
+        torch.testing.assert_close(p1[k], p0[k])
+    assert s1.keys() == s0.keys()
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k])
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n])
+
+
+def test_missing_modality_turns_the_shortcut_off():
+    assert not make_model(feats=make_features(missing_image=(3,)))._complete
+
+
 def test_config_validation():
     with pytest.raises(ConfigError):
         MAMEXConfig(top_k=5)
