@@ -175,8 +175,7 @@ class ModalityAdapters(nn.Module):
     def _shared_expert_out(self, h: Tensor, weights: Tensor, topk_idx: Tensor) -> Tensor:
         x = F.pad(h, (0, self.max_dim - h.shape[1]))  # x: (N, D_max)
         # only the top-k experts of each item (on their owners when ep_size > 1)
-        y = self.experts.forward_selected(x, topk_idx)  # y: (N, k, d)
-        return (weights.gather(-1, topk_idx).unsqueeze(-1) * y).sum(1)  # (N, d)
+        return self.experts.forward_topk(x, weights, topk_idx)  # (N, d)
 
     def _balance(self, probs: Tensor, keep: Tensor | None) -> Tensor:
         p = probs if keep is None else probs[keep]  # (n_present, K)

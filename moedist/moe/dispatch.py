@@ -82,22 +82,26 @@ def dense_expert_idx(num_tokens: int, num_experts: int, device=None) -> Tensor:
 
 
 def apply_grouped(
-    x: Tensor, expert_of_pair: Tensor, k: int, num_experts: int, expert_fn: Callable[[Tensor], Tensor]
+    x: Tensor, expert_of_pair: Tensor, k: int, num_experts: int, expert_fn: Callable[[Tensor], Tensor],
+    *, counts: Tensor | None = None,
 ) -> Tensor:
     """Every (row, expert) pair through its expert, all experts in one ``expert_fn`` call.
 
     ``x [T, in]``; ``expert_of_pair [T·k]`` (int64 in ``[0, num_experts)``): pair ``s`` is row
     ``s // k`` of ``x`` sent to expert ``expert_of_pair[s]``. The pairs of expert ``e`` fill
     slots ``0 .. n_e - 1`` (in pair order) of block ``e`` of a padded ``[num_experts, C, in]``
-    tensor, built with one gather (C = the largest ``n_e``; padding slots are never read back); ``expert_fn`` maps it to
-    ``[num_experts, C, out]`` (``LinearExperts.forward_grouped``: one bmm). Returns each pair's
-    output ``[T·k, out]``. ``expert_fn`` is always called, also with no pairs, so the autograd
-    graph is the same on every rank of an expert-parallel group.
+    tensor, built with one gather (C = the largest ``n_e``; padding slots are never read
+    back); ``expert_fn`` maps it to ``[num_experts, C, out]`` (``LinearExperts.forward_grouped``:
+    one bmm). Returns each pair's output ``[T·k, out]``. ``counts`` (``[num_experts]`` pairs
+    per expert) may be passed when the caller has it already. ``expert_fn`` is always called,
+    also with no pairs, so the autograd graph is the same on every rank of an expert-parallel
+    group.
     """
     n = expert_of_pair.numel()
     with torch.no_grad():  # integer bookkeeping
         order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert, order kept
-        counts = torch.bincount(expert_of_pair, minlength=num_experts)  # (E,)
+        if counts is None:
+            counts = torch.bincount(expert_of_pair, minlength=num_experts)  # (E,)
         capacity = int(counts.max()) if n and num_experts else 0
         first = counts.cumsum(0) - counts  # start of each expert's run in `order`
         expert_sorted = expert_of_pair[order]

@@ -103,6 +103,12 @@ class LinearExperts(nn.Module):
         self.expert_offset = expert_offset
         self.in_features = in_features
         self.out_features = out_features
+        # forward_topk groups (token, expert) pairs only while the busiest expert's count C is
+        # at most this fraction of the tokens T. The grouped block costs E·C rows of matmul
+        # plus a gather of those rows; every expert on every token costs E·T rows and no
+        # gather, so above about 0.8 (measured on CPU) the dense form is the cheaper one.
+        # 1.0 always groups (tests).
+        self.grouped_max_fill = 0.75
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
         # Not persistent: checkpoints store tensors keyed by global index themselves.
@@ -163,13 +169,14 @@ class LinearExperts(nn.Module):
             y = y + self.bias
         return y
 
-    def forward_selected(self, x: Tensor, expert_idx: Tensor) -> Tensor:
+    def forward_selected(self, x: Tensor, expert_idx: Tensor, *, counts: Tensor | None = None) -> Tensor:
         """The selected experts only: ``x [..., in]``, global ``expert_idx [..., k]`` ->
         ``[..., k, out]`` with ``y[..., j] = Expert_{expert_idx[..., j]}(x)``. With
         ``ep_size > 1`` each token is sent only to the ranks owning its k experts (top-k
         routing). With ``ep_size = 1`` the (token, expert) pairs are grouped by expert into a
         padded ``[E, C, in]`` block (C = the busiest expert's count) and computed in one
-        bmm, so top-k of E costs about k/E of evaluating every expert."""
+        bmm, so top-k of E costs about k/E of evaluating every expert (``counts``: the pairs
+        per expert, when the caller has them)."""
         k = expert_idx.shape[-1]
         flat = x.reshape(-1, self.in_features)  # (T, in)
         if self.ep_size > 1:
@@ -177,8 +184,30 @@ class LinearExperts(nn.Module):
             return y.view(*x.shape[:-1], k, self.out_features)
         if self.num_experts != self.num_global_experts:
             raise ValueError("forward_selected on a static shard: use ep_size instead")
-        y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_grouped)  # (T·k, out)
-        return y.view(*x.shape[:-1], k, self.out_features)
+        y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_grouped, counts=counts)
+        return y.view(*x.shape[:-1], k, self.out_features)  # y was (T·k, out)
+
+    def forward_topk(self, x: Tensor, weights: Tensor, topk_idx: Tensor) -> Tensor:
+        """The top-k combination ``Σ_j w_j · Expert_{topk_idx[..., j]}(x)`` -> ``[..., out]``.
+
+        ``weights [..., E]``: combine weights over all experts, zero outside ``topk_idx
+        [..., k]``. The selected experts are computed grouped (:meth:`forward_selected`) while
+        the busiest expert gets at most ``grouped_max_fill`` of the tokens; above that (k = E,
+        or routing that sends most tokens to one expert, e.g. freshly initialised gates)
+        every expert is evaluated on every token, which is then cheaper. Same values and
+        gradients either way. With ``ep_size > 1`` always the expert-parallel dispatch."""
+        counts = None
+        if self.ep_size == 1:
+            with torch.no_grad():
+                counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)  # (E,)
+                busiest = int(counts.max()) if topk_idx.numel() else 0
+            if busiest > self.grouped_max_fill * (topk_idx.numel() // topk_idx.shape[-1]):
+                y = self.forward(x)  # (..., E, out)
+                return torch.einsum("...e,...eo->...o", weights.to(y.dtype), y)
+        y = self.forward_selected(x, topk_idx, counts=counts)  # (..., k, out)
+        w = weights.gather(-1, topk_idx).to(y.dtype)  # (..., k)
+        # elementwise, not einsum: that becomes a bmm of T tiny [1, k] x [k, out] products
+        return (w.unsqueeze(-1) * y).sum(-2)
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:
         return expert_parallel_apply(
@@ -260,10 +289,7 @@ class MoELayer(nn.Module):
         g = self.gate(x if gate_input is None else gate_input)  # weights/probs: (..., E)
         if g.topk_idx is not None and self.sparse_topk:
             # only the k selected experts (on their owners when ep_size > 1)
-            expert_out = self.experts.forward_selected(x, g.topk_idx)  # (..., k, out)
-            w = g.weights.gather(-1, g.topk_idx)  # (..., k)
-            # elementwise, not einsum: that becomes a bmm of T tiny [1, k] x [k, out] products
-            out = (w.to(expert_out.dtype).unsqueeze(-1) * expert_out).sum(-2)
+            out = self.experts.forward_topk(x, g.weights, g.topk_idx)  # (..., out)
         else:
             expert_out = self.experts(x)  # (..., E, out)
             out = torch.einsum("...e,...eo->...o", g.weights.to(expert_out.dtype), expert_out)

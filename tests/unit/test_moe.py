@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moedist.moe.experts as experts_module
 from moedist.moe import DenseGate, LinearExperts, MoELayer, TopKGate, expert_load, kl_balance_loss
+from moedist.moe.dispatch import apply_grouped
 
 
 def _set_gate(gate: DenseGate, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -95,6 +97,16 @@ def test_linear_experts_equal_a_loop_of_linears():
     assert experts(torch.randn(2, 3, 5)).shape == (2, 3, 4, 3)
 
 
+def _routing(case: str, E: int, k: int, shape: tuple) -> torch.Tensor:
+    if case == "collapsed":  # every token picks experts 4 and 1: one expert's block holds all
+        return torch.tensor([4, 1]).expand(*shape, 2).contiguous()
+    if case == "balanced":  # token t picks t mod 5 and t+2 mod 5 (random order): 4 of 9 at most
+        t = torch.arange(shape[0])
+        idx = torch.stack([(t + 2) % E, t % E], -1)
+        return torch.where(torch.rand(shape[0], 1) < 0.5, idx, idx.flip(-1))
+    return torch.rand(*shape, E).argsort(-1)[..., :k]
+
+
 @pytest.mark.parametrize(
     "case",
     ["balanced", "collapsed", "k_equals_e", "leading_dims", "no_tokens"],
@@ -110,10 +122,7 @@ def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of
         shape = (0,)
     experts = LinearExperts(num_experts=E, in_features=6, out_features=3)
     x = torch.randn(*shape, 6, requires_grad=True)
-    if case == "collapsed":  # every token picks experts 4 and 1: one expert's block holds all
-        idx = torch.tensor([4, 1]).expand(*shape, 2).contiguous()
-    else:
-        idx = torch.rand(*shape, E).argsort(-1)[..., :k]
+    idx = _routing(case, E, k, shape)
     w = torch.rand(*shape, k, requires_grad=True)
     y = experts.forward_selected(x, idx)
     assert y.shape == (*shape, k, 3)
@@ -129,6 +138,48 @@ def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of
         torch.testing.assert_close(a, b)
     if case == "collapsed":  # unselected experts get no gradient at all
         assert grads[0][[0, 2, 3]].abs().sum() == 0 and grads[0][[1, 4]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("grouped", ["always", "default"])
+@pytest.mark.parametrize("case", ["balanced", "collapsed", "k_equals_e", "leading_dims", "no_tokens"])
+def test_forward_topk_groups_unless_one_expert_holds_most_tokens_with_the_same_values_and_gradients(
+    case, grouped, monkeypatch
+):
+    torch.manual_seed(1)
+    E, k, shape = 5, 2, (9,)
+    if case == "k_equals_e":
+        k = E
+    if case == "leading_dims":
+        shape = (3, 4)
+    if case == "no_tokens":
+        shape = (0,)
+    experts = LinearExperts(num_experts=E, in_features=6, out_features=3)
+    if grouped == "always":
+        experts.grouped_max_fill = 1.0
+    calls = []
+    monkeypatch.setattr(experts_module, "apply_grouped", lambda *a, **kw: calls.append(1) or apply_grouped(*a, **kw))
+    x = torch.randn(*shape, 6, requires_grad=True)
+    idx = _routing(case, E, k, shape)
+    w_k = torch.rand(*shape, k)
+    weights = torch.zeros(*shape, E).scatter(-1, idx, w_k).requires_grad_()  # zero outside idx
+    out = experts.forward_topk(x, weights, idx)
+    assert out.shape == (*shape, 3)
+    # the form that ran: grouped unless the busiest expert holds more than 75% of the tokens
+    assert bool(calls) != (grouped == "default" and case in ("collapsed", "k_equals_e"))
+    ref_out = torch.einsum("...e,...eo->...o", weights, experts(x))  # every expert, dense weights
+    torch.testing.assert_close(out, ref_out)
+    g = torch.randn_like(out)
+    params = [experts.weight, experts.bias, x, weights]
+    grads = torch.autograd.grad((out * g).sum(), params, allow_unused=True)
+    ref = torch.autograd.grad((ref_out * g).sum(), params, allow_unused=True)
+    for name, a, b in zip(("weight", "bias", "x", "weights"), grads, ref):
+        if name == "weights" and calls:  # grouped: only the kept weights are read
+            mask = torch.zeros_like(weights).scatter(-1, idx, 1.0).bool()
+            a = torch.zeros_like(b) if a is None else a
+            torch.testing.assert_close(a[mask], b[mask])
+            assert a[~mask].abs().sum() == 0
+        else:
+            torch.testing.assert_close(a, b)
 
 
 def test_moe_layer_sparse_and_dense_topk_forms_agree_in_value_and_gradient():
