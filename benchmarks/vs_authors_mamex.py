@@ -5,6 +5,11 @@
         --features data/prepared/movielens-100k/features/minilm+none \\
         --out benchmarks/results/vs-authors-mamex-ml100k.json
 
+    # equivalence and speed only, at one point of the paper's grid (experts x top-k):
+    python benchmarks/vs_authors_mamex.py --authors /path/to/MAMEX --data data/prepared/movielens-100k \
+        --features data/prepared/movielens-100k/features/minilm+none --max-epochs 0 --speed-steps 40 \
+        --experts 8 --top-k 2 --threads 1 --out benchmarks/results/vs-authors-mamex-speed/e8-k2-t1.json
+
 ``--authors`` is a checkout of github.com/Rec4Fun/MAMEX (checked at 928b614). Its ``model.py``
 (``MOME_model``, ``MoE_Layer``) and ``criterion.py`` (``BPR``, ``MSE``) are imported unmodified:
 they need only torch and numpy and already take the device from their ``env``. Their training
