@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import modality_table
+from moedist.models.common import Dropout, modality_table
 from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, kl_balance_loss
 
 AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
@@ -288,7 +288,7 @@ class MAMEX(nn.Module):
         self.learned_fusion = cfg.use_fusion and M > 1
         self.fusion_gate = (
             nn.Sequential(
-                nn.Linear(M * d, d), nn.ReLU(), nn.Dropout(cfg.fusion_dropout), nn.Linear(d, M)
+                nn.Linear(M * d, d), nn.ReLU(), Dropout(cfg.fusion_dropout), nn.Linear(d, M)
             )
             if self.learned_fusion
             else None
