@@ -9,8 +9,8 @@ outputs ``[T, k, out]`` in the same order. Steps (all ranks of the group, in loc
 1. sort the ``T·k`` (token, expert) pairs by global expert, hence by owning rank;
 2. exchange per-expert pair counts (``all_to_all_single`` on ``[E]`` integers);
 3. send the token rows (autograd ``all_to_all_single`` with variable split sizes);
-4. group the received rows by local expert into ``[E_local, C, in]`` (C = the largest
-   count of any local expert, padded) and run the local experts in **one bmm**;
+4. sort the received rows by local expert and run the local experts in **one call**
+   (``LinearExperts.forward_sorted``: a grouped matmul, or one bmm over a padded block);
 5. send the outputs back (the reverse all-to-all) and restore the pairs' original order.
 
 The caller combines (``Σ_j w_tj · y_tj``) on the token's own rank, so gate gradients stay local.
@@ -27,8 +27,9 @@ Routing kinds
 
 Capacity: **dropless**. There is no capacity factor; every (token, expert) pair is computed.
 Split sizes are whatever the routing produced, so uneven batches per rank and ranks with no
-tokens at all work (they still take part in every collective, with zero-length splits). The
-price is the padding in step 4: memory ``E_local · C · in`` on the receiving rank.
+tokens at all work (they still take part in every collective, with zero-length splits). Where
+step 4 uses the padded block (GPUs), its price is memory ``E_local · C · in`` on the
+receiving rank, C the busiest local expert's count.
 
 Rules that keep the collectives matched (otherwise: a hang):
 - every rank of the EP group calls each expert-parallel layer the same number of times, in
@@ -82,39 +83,46 @@ def dense_expert_idx(num_tokens: int, num_experts: int, device=None) -> Tensor:
 
 
 def apply_grouped(
-    x: Tensor, expert_of_pair: Tensor, k: int, num_experts: int, expert_fn: Callable[[Tensor], Tensor],
+    x: Tensor, expert_of_pair: Tensor, k: int, num_experts: int, expert_fn: Callable[[Tensor, Tensor], Tensor],
     *, counts: Tensor | None = None,
 ) -> Tensor:
     """Every (row, expert) pair through its expert, all experts in one ``expert_fn`` call.
 
     ``x [T, in]``; ``expert_of_pair [T·k]`` (int64 in ``[0, num_experts)``): pair ``s`` is row
-    ``s // k`` of ``x`` sent to expert ``expert_of_pair[s]``. The pairs of expert ``e`` fill
-    slots ``0 .. n_e - 1`` (in pair order) of block ``e`` of a padded ``[num_experts, C, in]``
-    tensor, built with one gather (C = the largest ``n_e``; padding slots are never read
-    back); ``expert_fn`` maps it to ``[num_experts, C, out]`` (``LinearExperts.forward_grouped``:
-    one bmm). Returns each pair's output ``[T·k, out]``. ``counts`` (``[num_experts]`` pairs
-    per expert) may be passed when the caller has it already. ``expert_fn`` is always called,
-    also with no pairs, so the autograd graph is the same on every rank of an expert-parallel
-    group.
+    ``s // k`` of ``x`` sent to expert ``expert_of_pair[s]``. The pairs' rows are gathered
+    sorted by expert (one gather, stable: pair order kept within an expert) and
+    ``expert_fn(rows [T·k, in], counts [num_experts]) -> [T·k, out]`` computes each expert on
+    its consecutive run (``LinearExperts.forward_sorted``). Returns each pair's output in pair
+    order ``[T·k, out]``. ``counts`` (pairs per expert) may be passed when the caller has it.
+    ``expert_fn`` is always called, also with no pairs, so the autograd graph is the same on
+    every rank of an expert-parallel group.
     """
     n = expert_of_pair.numel()
     with torch.no_grad():  # integer bookkeeping
         order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert, order kept
         if counts is None:
             counts = torch.bincount(expert_of_pair, minlength=num_experts)  # (E,)
-        capacity = int(counts.max()) if n and num_experts else 0
-        first = counts.cumsum(0) - counts  # start of each expert's run in `order`
-        expert_sorted = expert_of_pair[order]
-        slot = expert_sorted * capacity + (torch.arange(n, device=x.device) - first[expert_sorted])
-        # Padding slots read row 0: their outputs are never gathered back, so their gradient
-        # is exactly zero and they add nothing to any parameter's gradient (no zero row and no
-        # copy of x needed).
-        src = torch.zeros(num_experts * capacity, dtype=torch.long, device=x.device)
-        src[slot] = order // k  # the row each block slot reads
-        slot_of_pair = torch.empty_like(slot)
-        slot_of_pair[order] = slot
-    y = expert_fn(x.index_select(0, src).view(num_experts, capacity, x.shape[-1]))  # (E, C, out)
-    return y.reshape(num_experts * capacity, y.shape[-1]).index_select(0, slot_of_pair)  # (T·k, out)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(n, device=x.device)  # each pair's row in the sorted run
+    y = expert_fn(x.index_select(0, order // k), counts)  # (T·k, out), sorted by expert
+    return y.index_select(0, position)  # (T·k, out), pair order
+
+
+def padded_expert_rows(counts: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Layout of expert-sorted rows in a zero-padded ``[E, C, ·]`` block (C = the largest
+    count): ``(src [E·C], slot [R], C)``: block slot ``j`` reads sorted row ``src[j]`` (padding
+    slots read row 0; their outputs are never read back, so their gradient is exactly zero),
+    and sorted row ``r`` sits in slot ``slot[r]``."""
+    with torch.no_grad():
+        n = int(counts.sum())
+        capacity = int(counts.max()) if n else 0
+        E = counts.numel()
+        first = counts.cumsum(0) - counts  # start of each expert's run
+        expert = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=n)
+        slot = expert * capacity + (torch.arange(n, device=counts.device) - first[expert])
+        src = torch.zeros(E * capacity, dtype=torch.long, device=counts.device)
+        src[slot] = torch.arange(n, device=counts.device)
+    return src, slot, capacity
 
 
 def expert_parallel_apply(
@@ -131,8 +139,8 @@ def expert_parallel_apply(
 
     x:          ``[T, in]`` this rank's tokens (T may differ between ranks, and may be 0).
     expert_idx: ``[T, k]`` int64 *global* expert indices per token (k = E for dense routing).
-    expert_fn:  ``[E_local, C, in] -> [E_local, C, out]``: this rank's experts, one per row of
-                the leading dim (``LinearExperts.forward_grouped``).
+    expert_fn:  ``(rows [R, in] sorted by local expert, counts [E_local]) -> [R, out]``: this
+                rank's experts, each on its run of rows (``LinearExperts.forward_sorted``).
     experts_per_rank: experts held by each rank of ``group`` (sums to E, contiguous slices in
                 rank order); ``ep_rank`` is this rank's index in it.
     Returns ``[T, k, out]``: ``y[t, j] = Expert_{expert_idx[t, j]}(x[t])``. Collective over
@@ -163,7 +171,7 @@ def expert_parallel_apply(
     # 3. token rows to the experts' owners (ordered by source rank, then local expert).
     recv_x = all_to_all(send_x, recv_splits, send_splits, group)  # (R, in)
 
-    # 4. group by local expert: [E_local, C, in], one bmm for all local experts.
+    # 4. sorted by local expert, all local experts in one call.
     local_e = torch.arange(E_local, device=device).repeat(P).repeat_interleave(
         recv_counts.reshape(-1).to(device)
     )  # (R,) local expert of each received row

@@ -19,8 +19,8 @@ index (``moe/checkpoint.py``).
 (``moe/parallel.py``: E // P each, the first E % P ranks one more) on the expert-parallel group
 (``ep_group``, default: consecutive ranks, see ``init_expert_parallel``). The dispatch layer
 (``moe/dispatch.py``) routes tokens to the owning rank with all-to-all and calls
-:meth:`LinearExperts.forward_grouped` on ``[E_local, C, in]``. The *results* do not depend on
-``ep_size``: :meth:`LinearExperts.forward` still returns every (global) expert on every token,
+:meth:`LinearExperts.forward_sorted` on the received rows sorted by local expert. The
+*results* do not depend on ``ep_size``: :meth:`LinearExperts.forward` still returns every (global) expert on every token,
 :meth:`LinearExperts.forward_selected` the selected experts, and gradients reach the expert
 shards from the tokens of every rank of the group. With ``ep_size = 1`` (the default) there is
 no communication.
@@ -30,9 +30,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedist.moe.dispatch import apply_grouped, dense_expert_idx, expert_parallel_apply
+from moedist.moe.dispatch import apply_grouped, dense_expert_idx, expert_parallel_apply, padded_expert_rows
 from moedist.moe.gates import (
     BalanceDirection,
     DenseGate,
@@ -103,11 +104,18 @@ class LinearExperts(nn.Module):
         self.expert_offset = expert_offset
         self.in_features = in_features
         self.out_features = out_features
-        # forward_topk groups (token, expert) pairs only while the busiest expert's count C is
-        # at most this fraction of the tokens T. The grouped block costs E·C rows of matmul
-        # plus a gather of those rows; every expert on every token costs E·T rows and no
-        # gather, so above about 0.8 (measured on CPU) the dense form is the cheaper one.
-        # 1.0 always groups (tests).
+        # How forward_sorted runs each expert on its run of rows: "grouped_mm" (one
+        # torch.nn.functional.grouped_mm over the jagged runs, no padding), "padded_bmm" (one
+        # bmm over a [E, C, in] block padded to the busiest expert's count C) or "auto":
+        # grouped_mm on CPU, where it is measured, when in/out rows are multiples of 16 bytes
+        # (its layout rule); padded_bmm otherwise and on GPUs (grouped_mm's GPU kernels are
+        # documented for bfloat16 on recent GPUs only).
+        self.sorted_kernel: str = "auto"
+        # forward_topk computes the selected experts only while the rows that costs (T·k, or
+        # E·C with the padded block) are at most this fraction of every expert on every token
+        # (E·T); that also pays for gathering the rows. Above it (k near E, or the skewed
+        # routing of freshly initialised gates with the padded block) it evaluates every
+        # expert. 1.0 always selects (tests).
         self.grouped_max_fill = 0.75
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
@@ -173,10 +181,9 @@ class LinearExperts(nn.Module):
         """The selected experts only: ``x [..., in]``, global ``expert_idx [..., k]`` ->
         ``[..., k, out]`` with ``y[..., j] = Expert_{expert_idx[..., j]}(x)``. With
         ``ep_size > 1`` each token is sent only to the ranks owning its k experts (top-k
-        routing). With ``ep_size = 1`` the (token, expert) pairs are grouped by expert into a
-        padded ``[E, C, in]`` block (C = the busiest expert's count) and computed in one
-        bmm, so top-k of E costs about k/E of evaluating every expert (``counts``: the pairs
-        per expert, when the caller has them)."""
+        routing). With ``ep_size = 1`` the (token, expert) pairs are sorted by expert and all
+        experts computed in one call (:meth:`forward_sorted`), so top-k of E costs about k/E
+        of evaluating every expert (``counts``: the pairs per expert, when the caller has them)."""
         k = expert_idx.shape[-1]
         flat = x.reshape(-1, self.in_features)  # (T, in)
         if self.ep_size > 1:
@@ -184,8 +191,32 @@ class LinearExperts(nn.Module):
             return y.view(*x.shape[:-1], k, self.out_features)
         if self.num_experts != self.num_global_experts:
             raise ValueError("forward_selected on a static shard: use ep_size instead")
-        y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_grouped, counts=counts)
+        y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_sorted, counts=counts)
         return y.view(*x.shape[:-1], k, self.out_features)  # y was (T·k, out)
+
+    def _kernel(self, x: Tensor) -> str:
+        if self.sorted_kernel not in ("auto", "grouped_mm", "padded_bmm"):
+            raise ValueError(f"sorted_kernel must be 'auto', 'grouped_mm' or 'padded_bmm', got {self.sorted_kernel!r}")
+        if self.sorted_kernel != "auto":
+            return self.sorted_kernel
+        # grouped_mm needs row strides that are multiples of 16 bytes
+        size = x.element_size()
+        aligned = (self.in_features * size) % 16 == 0 and (self.out_features * size) % 16 == 0
+        return "grouped_mm" if x.device.type == "cpu" and aligned else "padded_bmm"
+
+    def forward_sorted(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Each expert on its own consecutive run of rows: ``x [R, in]`` sorted by expert,
+        ``counts [E]`` rows per expert (summing to R) -> ``[R, out]``, all experts in one call
+        (see ``sorted_kernel``)."""
+        if self._kernel(x) == "grouped_mm":
+            offs = counts.cumsum(0).to(torch.int32)  # end of each expert's run
+            y = F.grouped_mm(x, self.weight, offs=offs)  # (R, out)
+            if self.bias is not None:
+                y = y + self.bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+            return y
+        src, slot, capacity = padded_expert_rows(counts)
+        y = self.forward_grouped(x.index_select(0, src).view(self.num_experts, capacity, x.shape[-1]))  # (E, C, out)
+        return y.reshape(-1, y.shape[-1]).index_select(0, slot)  # (R, out)
 
     def forward_topk(self, x: Tensor, weights: Tensor, topk_idx: Tensor) -> Tensor:
         """The top-k combination ``Σ_j w_j · Expert_{topk_idx[..., j]}(x)`` -> ``[..., out]``.
@@ -198,10 +229,17 @@ class LinearExperts(nn.Module):
         gradients either way. With ``ep_size > 1`` always the expert-parallel dispatch."""
         counts = None
         if self.ep_size == 1:
+            if self.num_experts != self.num_global_experts:
+                raise ValueError("forward_topk on a static shard: use ep_size instead")
+            k = topk_idx.shape[-1]
+            T = topk_idx.numel() // k
             with torch.no_grad():
                 counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)  # (E,)
-                busiest = int(counts.max()) if topk_idx.numel() else 0
-            if busiest > self.grouped_max_fill * (topk_idx.numel() // topk_idx.shape[-1]):
+                if self._kernel(x) == "grouped_mm":
+                    rows = T * k
+                else:  # padded to the busiest expert
+                    rows = self.num_experts * (int(counts.max()) if T else 0)
+            if rows > self.grouped_max_fill * self.num_experts * T:
                 y = self.forward(x)  # (..., E, out)
                 return torch.einsum("...e,...eo->...o", weights.to(y.dtype), y)
         y = self.forward_selected(x, topk_idx, counts=counts)  # (..., k, out)
@@ -211,7 +249,7 @@ class LinearExperts(nn.Module):
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:
         return expert_parallel_apply(
-            x, expert_idx, expert_fn=self.forward_grouped, experts_per_rank=self.experts_per_rank,
+            x, expert_idx, expert_fn=self.forward_sorted, experts_per_rank=self.experts_per_rank,
             ep_rank=self.ep.ep_rank, group=self.ep.ep_group, out_features=self.out_features,
         )
 

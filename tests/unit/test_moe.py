@@ -107,11 +107,12 @@ def _routing(case: str, E: int, k: int, shape: tuple) -> torch.Tensor:
     return torch.rand(*shape, E).argsort(-1)[..., :k]
 
 
+@pytest.mark.parametrize("kernel", ["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize(
     "case",
     ["balanced", "collapsed", "k_equals_e", "leading_dims", "no_tokens"],
 )
-def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of_the_dense_form(case):
+def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of_the_dense_form(case, kernel):
     torch.manual_seed(1)
     E, k, shape = 5, 2, (9,)
     if case == "k_equals_e":
@@ -120,14 +121,15 @@ def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of
         shape = (3, 4)
     if case == "no_tokens":
         shape = (0,)
-    experts = LinearExperts(num_experts=E, in_features=6, out_features=3)
-    x = torch.randn(*shape, 6, requires_grad=True)
+    experts = LinearExperts(num_experts=E, in_features=8, out_features=4)  # 16-byte rows: grouped_mm
+    experts.sorted_kernel = kernel
+    x = torch.randn(*shape, 8, requires_grad=True)
     idx = _routing(case, E, k, shape)
     w = torch.rand(*shape, k, requires_grad=True)
     y = experts.forward_selected(x, idx)
-    assert y.shape == (*shape, k, 3)
+    assert y.shape == (*shape, k, 4)
     # the reference: every expert on every token, then pick
-    dense = experts(x).gather(-2, idx.unsqueeze(-1).expand(*idx.shape, 3))
+    dense = experts(x).gather(-2, idx.unsqueeze(-1).expand(*idx.shape, 4))
     torch.testing.assert_close(y, dense)
     out = torch.einsum("...k,...ko->...o", w, y)
     g = torch.randn_like(out)
@@ -140,10 +142,11 @@ def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of
         assert grads[0][[0, 2, 3]].abs().sum() == 0 and grads[0][[1, 4]].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kernel", ["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize("grouped", ["always", "default"])
 @pytest.mark.parametrize("case", ["balanced", "collapsed", "k_equals_e", "leading_dims", "no_tokens"])
-def test_forward_topk_groups_unless_one_expert_holds_most_tokens_with_the_same_values_and_gradients(
-    case, grouped, monkeypatch
+def test_forward_topk_selects_unless_that_costs_nearly_every_expert_with_the_same_values_and_gradients(
+    case, grouped, kernel, monkeypatch
 ):
     torch.manual_seed(1)
     E, k, shape = 5, 2, (9,)
@@ -153,19 +156,23 @@ def test_forward_topk_groups_unless_one_expert_holds_most_tokens_with_the_same_v
         shape = (3, 4)
     if case == "no_tokens":
         shape = (0,)
-    experts = LinearExperts(num_experts=E, in_features=6, out_features=3)
+    experts = LinearExperts(num_experts=E, in_features=8, out_features=4)  # 16-byte rows: grouped_mm
+    experts.sorted_kernel = kernel
     if grouped == "always":
         experts.grouped_max_fill = 1.0
     calls = []
     monkeypatch.setattr(experts_module, "apply_grouped", lambda *a, **kw: calls.append(1) or apply_grouped(*a, **kw))
-    x = torch.randn(*shape, 6, requires_grad=True)
+    x = torch.randn(*shape, 8, requires_grad=True)
     idx = _routing(case, E, k, shape)
     w_k = torch.rand(*shape, k)
     weights = torch.zeros(*shape, E).scatter(-1, idx, w_k).requires_grad_()  # zero outside idx
     out = experts.forward_topk(x, weights, idx)
-    assert out.shape == (*shape, 3)
-    # the form that ran: grouped unless the busiest expert holds more than 75% of the tokens
-    assert bool(calls) != (grouped == "default" and case in ("collapsed", "k_equals_e"))
+    assert out.shape == (*shape, 4)
+    # the form that ran: the selected experts unless that costs more than 75% of the rows of
+    # every expert on every token: T·k rows with grouped_mm (k = E), E·C with the padded
+    # block (k = E, and the collapsed routing, C = T)
+    every_expert = case == "k_equals_e" or (kernel == "padded_bmm" and case == "collapsed")
+    assert bool(calls) != (grouped == "default" and every_expert)
     ref_out = torch.einsum("...e,...eo->...o", weights, experts(x))  # every expert, dense weights
     torch.testing.assert_close(out, ref_out)
     g = torch.randn_like(out)
@@ -180,6 +187,20 @@ def test_forward_topk_groups_unless_one_expert_holds_most_tokens_with_the_same_v
             assert a[~mask].abs().sum() == 0
         else:
             torch.testing.assert_close(a, b)
+
+
+def test_sorted_kernel_choice():
+    x = torch.zeros(2, 8)
+    assert LinearExperts(num_experts=2, in_features=8, out_features=4)._kernel(x) == "grouped_mm"
+    # grouped_mm's rows must be multiples of 16 bytes: 6 float32 features are not
+    assert LinearExperts(num_experts=2, in_features=6, out_features=4)._kernel(x) == "padded_bmm"
+    assert LinearExperts(num_experts=2, in_features=8, out_features=3)._kernel(x) == "padded_bmm"
+    experts = LinearExperts(num_experts=2, in_features=8, out_features=4)
+    experts.sorted_kernel = "padded_bmm"
+    assert experts._kernel(x) == "padded_bmm"
+    experts.sorted_kernel = "loop"
+    with pytest.raises(ValueError, match="sorted_kernel"):
+        experts.forward_selected(x, torch.zeros(2, 1, dtype=torch.long))
 
 
 def test_moe_layer_sparse_and_dense_topk_forms_agree_in_value_and_gradient():
