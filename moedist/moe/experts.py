@@ -1,9 +1,10 @@
 """Batched expert networks and the generic MoE layer.
 
 :class:`LinearExperts` holds ``E`` independent ``Linear(in → out)`` experts as one stacked
-weight ``[E, in, out]`` and evaluates all of them in a single einsum/bmm, or, for top-k
-routing, only each token's selected experts, grouped by expert into one bmm (no Python loop
-over experts either way). :class:`MoELayer` combines it with a dense or top-k gate.
+weight ``[E, in, out]`` and evaluates all of them in a single einsum, or, for top-k routing,
+only each token's selected experts, sorted by expert and computed in one call (a grouped
+matmul, or one bmm over a padded block; no Python loop over experts either way).
+:class:`MoELayer` combines it with a dense or top-k gate.
 
 Expert parallelism
 ------------------
@@ -277,13 +278,15 @@ class MoELayer(nn.Module):
     probabilities averaged over tokens: ``"paper"`` = KL(p̄‖U), ``"code"`` = KL(U‖p̄), None = 0.
 
     With ``ep_size = 1`` a dense gate evaluates all E experts on all tokens (one einsum); a
-    top-k gate computes only each token's k experts (:meth:`LinearExperts.forward_selected`:
-    grouped by expert, one bmm, no capacity drops), about k/E of the dense work; the combined
-    output is ``Σ_j w_j y_j`` over the kept experts either way. With ``ep_size > 1`` the
-    experts are sharded over the expert-parallel group (``ep_group``, default: consecutive
-    ranks): a dense gate sends every token to every expert, a top-k gate only to the owners
-    of its k experts; routing is dropless either way (``moe/dispatch.py``). Gate, balance loss and statistics are computed per rank on its own
-    tokens, as in plain data parallelism; outputs and gradients equal ``ep_size = 1``.
+    top-k gate computes only each token's k experts (:meth:`LinearExperts.forward_topk`:
+    sorted by expert, one call, no capacity drops), about k/E of the dense work, unless that
+    would cost nearly as much as every expert; the combined output is ``Σ_j w_j y_j`` over
+    the kept experts either way. With ``ep_size > 1`` the experts are sharded over the
+    expert-parallel group (``ep_group``, default: consecutive ranks): a dense gate sends every
+    token to every expert, a top-k gate only to the owners of its k experts; routing is
+    dropless either way (``moe/dispatch.py``). Gate, balance loss and statistics are
+    computed per rank on its own tokens, as in plain data parallelism; outputs and gradients
+    equal ``ep_size = 1``.
     """
 
     def __init__(
