@@ -223,11 +223,12 @@ class LinearExperts(nn.Module):
         """The top-k combination ``Σ_j w_j · Expert_{topk_idx[..., j]}(x)`` -> ``[..., out]``.
 
         ``weights [..., E]``: combine weights over all experts, zero outside ``topk_idx
-        [..., k]``. The selected experts are computed grouped (:meth:`forward_selected`) while
-        the busiest expert gets at most ``grouped_max_fill`` of the tokens; above that (k = E,
-        or routing that sends most tokens to one expert, e.g. freshly initialised gates)
-        every expert is evaluated on every token, which is then cheaper. Same values and
-        gradients either way. With ``ep_size > 1`` always the expert-parallel dispatch."""
+        [..., k]``. Only the selected experts are computed (:meth:`forward_selected`) while the
+        rows that costs (T·k with grouped_mm, E·C with the padded block) are at most
+        ``grouped_max_fill`` of every expert on every token (E·T); above that (k close to E,
+        or the padded block under skewed routing) every expert is evaluated on every token,
+        which is then cheaper. Same values and gradients either way. With ``ep_size > 1``
+        always the expert-parallel dispatch."""
         counts = None
         if self.ep_size == 1:
             if self.num_experts != self.num_global_experts:
@@ -255,7 +256,8 @@ class LinearExperts(nn.Module):
         )
 
     def forward_grouped(self, x: Tensor) -> Tensor:
-        """Each expert on its own tokens (after dispatch): ``x [E, C, in] -> [E, C, out]``."""
+        """Each expert on its own block of rows: ``x [E, C, in] -> [E, C, out]`` (the padded
+        form of :meth:`forward_sorted`)."""
         if self.bias is not None:
             return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # (E, C, out), bias fused
         return torch.bmm(x, self.weight)  # y: (E, C, out)
