@@ -107,12 +107,9 @@ def _routing(case: str, E: int, k: int, shape: tuple) -> torch.Tensor:
     return torch.rand(*shape, E).argsort(-1)[..., :k]
 
 
-@pytest.mark.parametrize("kernel", ["grouped_mm", "padded_bmm"])
-@pytest.mark.parametrize(
-    "case",
-    ["balanced", "collapsed", "k_equals_e", "leading_dims", "no_tokens"],
-)
-def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of_the_dense_form(case, kernel):
+def _selected_case(case: str, kernel: str):
+    """5 experts of 8 -> 4 (16-byte rows, so grouped_mm applies), top-2 unless k = E; tokens
+    ``[9]``, ``[3, 4]`` (leading dims) or none; routing from :func:`_routing`."""
     torch.manual_seed(1)
     E, k, shape = 5, 2, (9,)
     if case == "k_equals_e":
@@ -121,10 +118,19 @@ def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of
         shape = (3, 4)
     if case == "no_tokens":
         shape = (0,)
-    experts = LinearExperts(num_experts=E, in_features=8, out_features=4)  # 16-byte rows: grouped_mm
+    experts = LinearExperts(num_experts=E, in_features=8, out_features=4)
     experts.sorted_kernel = kernel
     x = torch.randn(*shape, 8, requires_grad=True)
-    idx = _routing(case, E, k, shape)
+    return experts, x, _routing(case, E, k, shape), shape, k
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize(
+    "case",
+    ["balanced", "collapsed", "k_equals_e", "leading_dims", "no_tokens"],
+)
+def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of_the_dense_form(case, kernel):
+    experts, x, idx, shape, k = _selected_case(case, kernel)
     w = torch.rand(*shape, k, requires_grad=True)
     y = experts.forward_selected(x, idx)
     assert y.shape == (*shape, k, 4)
@@ -148,24 +154,13 @@ def test_forward_selected_computes_only_the_chosen_experts_with_the_gradients_of
 def test_forward_topk_selects_unless_that_costs_nearly_every_expert_with_the_same_values_and_gradients(
     case, grouped, kernel, monkeypatch
 ):
-    torch.manual_seed(1)
-    E, k, shape = 5, 2, (9,)
-    if case == "k_equals_e":
-        k = E
-    if case == "leading_dims":
-        shape = (3, 4)
-    if case == "no_tokens":
-        shape = (0,)
-    experts = LinearExperts(num_experts=E, in_features=8, out_features=4)  # 16-byte rows: grouped_mm
-    experts.sorted_kernel = kernel
+    experts, x, idx, shape, k = _selected_case(case, kernel)
     if grouped == "always":
         experts.grouped_max_fill = 1.0
     calls = []
     monkeypatch.setattr(experts_module, "apply_grouped", lambda *a, **kw: calls.append(1) or apply_grouped(*a, **kw))
-    x = torch.randn(*shape, 8, requires_grad=True)
-    idx = _routing(case, E, k, shape)
     w_k = torch.rand(*shape, k)
-    weights = torch.zeros(*shape, E).scatter(-1, idx, w_k).requires_grad_()  # zero outside idx
+    weights = torch.zeros(*shape, experts.num_experts).scatter(-1, idx, w_k).requires_grad_()  # zero outside idx
     out = experts.forward_topk(x, weights, idx)
     assert out.shape == (*shape, 4)
     # the form that ran: the selected experts unless that costs more than 75% of the rows of
