@@ -10,7 +10,7 @@ outputs ``[T, k, out]`` in the same order. Steps (all ranks of the group, in loc
 2. exchange per-expert pair counts (``all_to_all_single`` on ``[E]`` integers);
 3. send the token rows (autograd ``all_to_all_single`` with variable split sizes);
 4. sort the received rows by local expert and run the local experts in **one call**
-   (``LinearExperts.forward_sorted``: a grouped matmul, or one bmm over a padded block);
+   (``LinearExperts.forward_pairs``: a grouped matmul, or one bmm over a padded block);
 5. send the outputs back (the reverse all-to-all) and restore the pairs' original order.
 
 The caller combines (``Σ_j w_tj · y_tj``) on the token's own rank, so gate gradients stay local.
@@ -83,19 +83,26 @@ def dense_expert_idx(num_tokens: int, num_experts: int, device=None) -> Tensor:
 
 
 def apply_grouped(
-    x: Tensor, expert_of_pair: Tensor, k: int, num_experts: int, expert_fn: Callable[[Tensor, Tensor], Tensor],
-    *, counts: Tensor | None = None,
+    x: Tensor,
+    expert_of_pair: Tensor,
+    k: int,
+    num_experts: int,
+    expert_fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+    *,
+    counts: Tensor | None = None,
 ) -> Tensor:
     """Every (row, expert) pair through its expert, all experts in one ``expert_fn`` call.
 
     ``x [T, in]``; ``expert_of_pair [T·k]`` (int64 in ``[0, num_experts)``): pair ``s`` is row
-    ``s // k`` of ``x`` sent to expert ``expert_of_pair[s]``. The pairs' rows are gathered
-    sorted by expert (one gather, stable: pair order kept within an expert) and
-    ``expert_fn(rows [T·k, in], counts [num_experts]) -> [T·k, out]`` computes each expert on
-    its consecutive run (``LinearExperts.forward_sorted``). Returns each pair's output in pair
-    order ``[T·k, out]``. ``counts`` (pairs per expert) may be passed when the caller has it.
-    ``expert_fn`` is always called, also with no pairs, so the autograd graph is the same on
-    every rank of an expert-parallel group.
+    ``s // k`` of ``x`` sent to expert ``expert_of_pair[s]``. The pairs are sorted by expert
+    (stable: pair order kept within an expert), and
+    ``expert_fn(x, rows [T·k], counts [num_experts], position [T·k]) -> [T·k, out]``
+    (``LinearExperts.forward_pairs``) computes each expert on its consecutive run: sorted pair
+    ``r`` reads row ``rows[r]`` of ``x``, and pair ``s`` is sorted pair ``position[s]``; it
+    returns the outputs in pair order, gathering ``x`` and reordering the output once each.
+    ``counts`` (pairs per expert) may be passed when the caller has it. ``expert_fn`` is always
+    called, also with no pairs, so the autograd graph is the same on every rank of an
+    expert-parallel group.
     """
     n = expert_of_pair.numel()
     with torch.no_grad():  # integer bookkeeping
@@ -103,18 +110,16 @@ def apply_grouped(
         if counts is None:
             counts = torch.bincount(expert_of_pair, minlength=num_experts)  # (E,)
         position = torch.empty_like(order)
-        position[order] = torch.arange(n, device=x.device)  # each pair's row in the sorted run
-    y = expert_fn(x.index_select(0, order // k), counts)  # (T·k, out), sorted by expert
-    return y.index_select(0, position)  # (T·k, out), pair order
+        position[order] = torch.arange(n, device=x.device)  # each pair's index in the sorted order
+    return expert_fn(x, order // k, counts, position)  # (T·k, out), pair order
 
 
-def padded_expert_rows(counts: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Layout of expert-sorted rows in a zero-padded ``[E, C, ·]`` block (C = the largest
-    count): ``(src [E·C], slot [R], C)``: block slot ``j`` reads sorted row ``src[j]`` (padding
-    slots read row 0; their outputs are never read back, so their gradient is exactly zero),
+def padded_expert_rows(counts: Tensor, n: int) -> tuple[Tensor, Tensor, int]:
+    """Layout of ``n`` expert-sorted rows in a padded ``[E, C, ·]`` block (C = the largest
+    count): ``(src [E·C], slot [n], C)``: block slot ``j`` holds sorted row ``src[j]`` (padding
+    slots hold row 0; their outputs are never read back, so their gradient is exactly zero),
     and sorted row ``r`` sits in slot ``slot[r]``."""
     with torch.no_grad():
-        n = int(counts.sum())
         capacity = int(counts.max()) if n else 0
         E = counts.numel()
         first = counts.cumsum(0) - counts  # start of each expert's run
@@ -139,8 +144,8 @@ def expert_parallel_apply(
 
     x:          ``[T, in]`` this rank's tokens (T may differ between ranks, and may be 0).
     expert_idx: ``[T, k]`` int64 *global* expert indices per token (k = E for dense routing).
-    expert_fn:  ``(rows [R, in] sorted by local expert, counts [E_local]) -> [R, out]``: this
-                rank's experts, each on its run of rows (``LinearExperts.forward_sorted``).
+    expert_fn:  this rank's experts on (row, local expert) pairs, with the signature
+                :func:`apply_grouped` calls (``LinearExperts.forward_pairs``).
     experts_per_rank: experts held by each rank of ``group`` (sums to E, contiguous slices in
                 rank order); ``ep_rank`` is this rank's index in it.
     Returns ``[T, k, out]``: ``y[t, j] = Expert_{expert_idx[t, j]}(x[t])``. Collective over

@@ -20,7 +20,7 @@ index (``moe/checkpoint.py``).
 (``moe/parallel.py``: E // P each, the first E % P ranks one more) on the expert-parallel group
 (``ep_group``, default: consecutive ranks, see ``init_expert_parallel``). The dispatch layer
 (``moe/dispatch.py``) routes tokens to the owning rank with all-to-all and calls
-:meth:`LinearExperts.forward_sorted` on the received rows sorted by local expert. The
+:meth:`LinearExperts.forward_pairs` on the received rows, by local expert. The
 *results* do not depend on ``ep_size``: :meth:`LinearExperts.forward` still returns every (global) expert on every token,
 :meth:`LinearExperts.forward_selected` the selected experts, and gradients reach the expert
 shards from the tokens of every rank of the group. With ``ep_size = 1`` (the default) there is
@@ -105,7 +105,7 @@ class LinearExperts(nn.Module):
         self.expert_offset = expert_offset
         self.in_features = in_features
         self.out_features = out_features
-        # How forward_sorted runs each expert on its run of rows: "grouped_mm" (one
+        # How forward_pairs runs each expert on its run of rows: "grouped_mm" (one
         # torch.nn.functional.grouped_mm over the jagged runs, no padding), "padded_bmm" (one
         # bmm over a [E, C, in] block padded to the busiest expert's count C) or "auto":
         # grouped_mm on CPU, where it is measured, when in/out rows are multiples of 16 bytes
@@ -183,7 +183,7 @@ class LinearExperts(nn.Module):
         ``[..., k, out]`` with ``y[..., j] = Expert_{expert_idx[..., j]}(x)``. With
         ``ep_size > 1`` each token is sent only to the ranks owning its k experts (top-k
         routing). With ``ep_size = 1`` the (token, expert) pairs are sorted by expert and all
-        experts computed in one call (:meth:`forward_sorted`), so top-k of E costs about k/E
+        experts computed in one call (:meth:`forward_pairs`), so top-k of E costs about k/E
         of evaluating every expert (``counts``: the pairs per expert, when the caller has them)."""
         k = expert_idx.shape[-1]
         flat = x.reshape(-1, self.in_features)  # (T, in)
@@ -192,7 +192,7 @@ class LinearExperts(nn.Module):
             return y.view(*x.shape[:-1], k, self.out_features)
         if self.num_experts != self.num_global_experts:
             raise ValueError("forward_selected on a static shard: use ep_size instead")
-        y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_sorted, counts=counts)
+        y = apply_grouped(flat, expert_idx.reshape(-1), k, self.num_experts, self.forward_pairs, counts=counts)
         return y.view(*x.shape[:-1], k, self.out_features)  # y was (T·k, out)
 
     def _kernel(self, x: Tensor) -> str:
@@ -205,19 +205,22 @@ class LinearExperts(nn.Module):
         aligned = (self.in_features * size) % 16 == 0 and (self.out_features * size) % 16 == 0
         return "grouped_mm" if x.device.type == "cpu" and aligned else "padded_bmm"
 
-    def forward_sorted(self, x: Tensor, counts: Tensor) -> Tensor:
-        """Each expert on its own consecutive run of rows: ``x [R, in]`` sorted by expert,
-        ``counts [E]`` rows per expert (summing to R) -> ``[R, out]``, all experts in one call
-        (see ``sorted_kernel``)."""
+    def forward_pairs(self, x: Tensor, rows: Tensor, counts: Tensor, position: Tensor) -> Tensor:
+        """Each expert on its own (row, expert) pairs, all experts in one call (see
+        ``sorted_kernel``). ``x [T, in]``; the pairs sorted by expert: sorted pair ``r`` reads
+        row ``rows[r]`` of ``x``, ``counts [E]`` pairs per expert (consecutive runs); pair ``s``
+        (in the caller's order) is sorted pair ``position[s]``. Returns ``[R, out]`` in the
+        caller's pair order (:func:`~moedist.moe.dispatch.apply_grouped` builds the arguments)."""
         if self._kernel(x) == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)  # end of each expert's run
-            y = F.grouped_mm(x, self.weight, offs=offs)  # (R, out)
+            y = F.grouped_mm(x.index_select(0, rows), self.weight, offs=offs)  # (R, out), sorted
             if self.bias is not None:
-                y = y + self.bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
-            return y
-        src, slot, capacity = padded_expert_rows(counts)
-        y = self.forward_grouped(x.index_select(0, src).view(self.num_experts, capacity, x.shape[-1]))  # (E, C, out)
-        return y.reshape(-1, y.shape[-1]).index_select(0, slot)  # (R, out)
+                y = y + self.bias.repeat_interleave(counts, dim=0, output_size=rows.shape[0])
+            return y.index_select(0, position)
+        src, slot, capacity = padded_expert_rows(counts, rows.shape[0])
+        block = x.index_select(0, rows[src]).view(self.num_experts, capacity, x.shape[-1])  # one gather
+        y = self.forward_grouped(block)  # (E, C, out)
+        return y.reshape(-1, y.shape[-1]).index_select(0, slot[position])  # (R, out), pair order
 
     def forward_topk(self, x: Tensor, weights: Tensor, topk_idx: Tensor) -> Tensor:
         """The top-k combination ``Σ_j w_j · Expert_{topk_idx[..., j]}(x)`` -> ``[..., out]``.
@@ -251,13 +254,13 @@ class LinearExperts(nn.Module):
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:
         return expert_parallel_apply(
-            x, expert_idx, expert_fn=self.forward_sorted, experts_per_rank=self.experts_per_rank,
+            x, expert_idx, expert_fn=self.forward_pairs, experts_per_rank=self.experts_per_rank,
             ep_rank=self.ep.ep_rank, group=self.ep.ep_group, out_features=self.out_features,
         )
 
     def forward_grouped(self, x: Tensor) -> Tensor:
         """Each expert on its own block of rows: ``x [E, C, in] -> [E, C, out]`` (the padded
-        form of :meth:`forward_sorted`)."""
+        form of :meth:`forward_pairs`)."""
         if self.bias is not None:
             return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # (E, C, out), bias fused
         return torch.bmm(x, self.weight)  # y: (E, C, out)
