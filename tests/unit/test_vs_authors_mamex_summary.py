@@ -36,3 +36,23 @@ def test_summary_p_value_of_a_uniform_win(bench):
     t = bench.summarize(splits, "ndcg@10")["test ndcg@10"]
     assert t["splits_moedist_ahead"] == 6
     assert t["p_value"] == pytest.approx(2 / 64)  # only all-plus and all-minus reach the observed sum
+
+
+def test_summary_over_all_evaluated_epochs(bench):
+    def curve(pairs):
+        return [{"epoch": i, "moedist": {"valid": v, "test": o}, "authors": {"valid": v, "test": t}}
+                for i, (o, t, v) in enumerate(pairs)]
+    a = _split(0.20, 0.10, 1.0, 1.0)
+    a["curve"] = curve([(0.1, 0.2, 0.3), (0.3, 0.2, 0.3)])  # test differences -0.1, +0.1
+    b = _split(0.10, 0.20, 1.0, 1.0)
+    b["curve"] = curve([(0.5, 0.2, 0.1), (0.4, 0.4, 0.1), (0.4, 0.1, 0.1)])  # +0.3, 0, +0.3
+    s = bench.summarize({"a": a, "b": b}, "ndcg@10")
+    t = s["test ndcg@10 over all evaluated epochs"]
+    assert t["evaluations"] == 5 and (t["moedist_ahead"], t["authors_ahead"]) == (3, 1)
+    assert t["mean_diff"] == pytest.approx(0.6 / 5)
+    # split means 0 and +0.2: sign flips give |sum| 0.2 in all 4 patterns, so p = 1
+    assert t["exact"] and t["split_mean_diff_p_value"] == pytest.approx(1.0)
+    v = s["valid ndcg@10 over all evaluated epochs"]
+    assert v["mean_diff"] == 0 and v["moedist_ahead"] == v["authors_ahead"] == 0
+    # without curves the block is absent
+    assert "test ndcg@10 over all evaluated epochs" not in bench.summarize({"x": _split(0.2, 0.1, 1.0, 1.0)}, "ndcg@10")
