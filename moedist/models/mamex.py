@@ -306,17 +306,23 @@ class MAMEX(nn.Module):
         """Bool ``[N]``: which rows have modality ``m`` (row 0 never)."""
         return self.get_buffer(f"present_{m}")
 
-    def _fusion_weights(self, z: dict[str, Tensor], present: Tensor) -> Tensor:
-        """α ``[N, M]`` from z; ``present [N, M]``. Rows with no modality get α = 0."""
-        any_present = present.any(dim=1, keepdim=True)  # (N, 1)
+    def _fusion_weights(self, z: dict[str, Tensor], present: Tensor | None) -> Tensor:
+        """α ``[N, M]`` from z; ``present [N, M]``, or None when every row has every modality.
+        Rows with no modality get α = 0."""
+        any_z = z[self.modalities[0]]
         if self.fusion_gate is None:
             # "w/o MMF" (and M = 1): plain average over the modalities the item has
-            alpha = present.to(z[self.modalities[0]].dtype)
+            if present is None:
+                return any_z.new_full((any_z.shape[0], len(self.modalities)), 1.0 / len(self.modalities))
+            alpha = present.to(any_z.dtype)
             return alpha / alpha.sum(dim=1, keepdim=True).clamp(min=1.0)
         logits = self.fusion_gate(torch.cat([z[m] for m in self.modalities], dim=-1))  # (N, M)
+        if present is None:
+            return F.softmax(logits, dim=-1)
         # Absent modality -> -inf logit -> α_m = 0. Rows with no modality at all are left
         # unmasked (an all -inf softmax is NaN, and NaN would leak into the gradients)
         # and zeroed afterwards.
+        any_present = present.any(dim=1, keepdim=True)  # (N, 1)
         keep = present | ~any_present
         alpha = F.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
         return alpha * any_present
@@ -326,31 +332,22 @@ class MAMEX(nn.Module):
         present = {m: self.present(m) for m in self.modalities}
         present_nm = torch.stack([present[m] for m in self.modalities], dim=1)  # (N, M)
         items = present_nm.any(dim=1)  # real items with >= 1 modality (pad excluded)
-        if self._complete:
-            h = {m: self.features(m)[1:] for m in self.modalities}  # views, no copy
-            z, adapter_loss, adapter_stats = self.adapters(h, {m: p[1:] for m, p in present.items()}, complete=True)
-            if self.fusion_gate is None:
-                alpha = z[self.modalities[0]].new_full((h[self.modalities[0]].shape[0], len(self.modalities)),
-                                                       1.0 / len(self.modalities))
-            else:
-                alpha = F.softmax(self.fusion_gate(torch.cat([z[m] for m in self.modalities], dim=-1)), dim=-1)
-            e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (N-1, d)
-            if self.learned_fusion and alpha.shape[0]:
-                fusion_loss = kl_balance_loss(alpha.mean(0), direction=self.config.kl_direction)
-            else:
-                fusion_loss = e.new_zeros(())
-            # row 0 (padding) back in, all zeros
+        # complete catalogue: rows 1.. (views, no copy) and no masking; row 0 is added back below
+        rows = slice(1, None) if self._complete else slice(None)
+        h = {m: self.features(m)[rows] for m in self.modalities}
+        z, adapter_loss, adapter_stats = self.adapters(
+            h, {m: p[rows] for m, p in present.items()}, complete=self._complete
+        )
+        alpha = self._fusion_weights(z, None if self._complete else present_nm)  # (rows, M)
+        e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (rows, d)
+        fused = alpha if self._complete else alpha[items]  # the real items' α
+        if self.learned_fusion and fused.shape[0]:
+            fusion_loss = kl_balance_loss(fused.mean(0), direction=self.config.kl_direction)
+        else:
+            fusion_loss = e.new_zeros(())
+        if self._complete:  # row 0 (padding) back in, all zeros
             e, alpha = F.pad(e, (0, 0, 1, 0)), F.pad(alpha, (0, 0, 1, 0))
             z = {m: F.pad(t, (0, 0, 1, 0)) for m, t in z.items()}
-        else:
-            h = {m: self.features(m) for m in self.modalities}
-            z, adapter_loss, adapter_stats = self.adapters(h, present)
-            alpha = self._fusion_weights(z, present_nm)  # (N, M)
-            e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (N, d)
-            if self.learned_fusion and bool(items.any()):
-                fusion_loss = kl_balance_loss(alpha[items].mean(0), direction=self.config.kl_direction)
-            else:
-                fusion_loss = e.new_zeros(())
         self._record_stats(alpha.detach(), items, adapter_stats)
         aux = MAMEXAux(adapter_loss=adapter_loss, fusion_loss=fusion_loss, alpha=alpha, adapters=adapter_stats)
         return e, z, aux
