@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from moedist.errors import ConfigError
 from moedist.models.common import Dropout, modality_table
 from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, kl_balance_loss
+from moedist.moe.gates import softmax
 
 AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
 
@@ -318,13 +319,13 @@ class MAMEX(nn.Module):
             return alpha / alpha.sum(dim=1, keepdim=True).clamp(min=1.0)
         logits = self.fusion_gate(torch.cat([z[m] for m in self.modalities], dim=-1))  # (N, M)
         if present is None:
-            return F.softmax(logits, dim=-1)
+            return softmax(logits)
         # Absent modality -> -inf logit -> α_m = 0. Rows with no modality at all are left
         # unmasked (an all -inf softmax is NaN, and NaN would leak into the gradients)
         # and zeroed afterwards.
         any_present = present.any(dim=1, keepdim=True)  # (N, 1)
         keep = present | ~any_present
-        alpha = F.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        alpha = softmax(logits.masked_fill(~keep, float("-inf")))
         return alpha * any_present
 
     def item_representations(self) -> tuple[Tensor, dict[str, Tensor], MAMEXAux]:

@@ -53,6 +53,29 @@ def test_dense_gate_is_softmax_and_noise_only_in_training():
     assert not torch.allclose(gate(x).weights, out.weights)  # noisy in training
 
 
+@pytest.mark.parametrize("shape", [(1349, 2), (1349, 4), (64, 50, 3), (5, 8), (40, 9), (7, 64), (0, 4)])
+def test_gate_softmax_equals_the_last_dim_softmax_in_value_and_gradient(shape):
+    """``moe.gates.softmax`` (a transposed view for at most SMALL_SOFTMAX_MAX columns on CPU,
+    both sides of the threshold here) against ``F.softmax``, with a -inf entry in every row
+    but the last, as MAMEX's fusion masks absent modalities."""
+    from moedist.moe.gates import softmax
+
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 4).requires_grad_()
+    masked = torch.zeros(shape, dtype=torch.bool)
+    if shape[0]:
+        masked[..., :-1, 0] = True
+    xm = x.masked_fill(masked, float("-inf"))
+    y, ref = softmax(xm), F.softmax(xm, dim=-1)
+    assert y.shape == ref.shape and y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-7)
+    assert bool((y[masked] == 0).all()) and torch.allclose(y.sum(-1), torch.ones(shape[:-1]))
+    g = torch.randn(shape)
+    (a,) = torch.autograd.grad((y * g).sum(), x, retain_graph=True)  # xm is shared
+    (b,) = torch.autograd.grad((ref * g).sum(), x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_kl_balance_loss_both_directions_by_hand():
     p = [0.7, 0.1, 0.1, 0.1]
     paper = sum(pi * math.log(pi / 0.25) for pi in p)  # KL(p̄ ‖ U)
