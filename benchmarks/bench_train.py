@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moedist.io import atomic_write_json
+
 VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
             "local-torch-dropout": (1, 1, False), "local-dense-topk": (1, 1, False)}
 
@@ -163,7 +165,8 @@ def main() -> None:
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device,
                     "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "torch": torch.__version__},
-        "data": args.data, "steps": args.steps, "threads": args.threads, "results": {}, "ratios": {},
+        "data": args.data, "features": args.features, "steps": args.steps, "warmup": args.warmup,
+        "threads": args.threads, "overrides": {m: args.overrides[m] for m in args.models}, "results": {}, "ratios": {},
     }
     for model in args.models:
         report["results"][model] = {}
@@ -177,7 +180,7 @@ def main() -> None:
             report["ratios"][model] = {v: r["samples_per_second"] / base["samples_per_second"] for v, r in report["results"][model].items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    atomic_write_json(out, report, indent=2)
     print(json.dumps(report["ratios"], indent=2))
 
 
