@@ -19,7 +19,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q -U pip wheel "setuptools>=70"
+"${PIP[@]}" install -q -U pip wheel "setuptools>=77"
 # torch first: DeepSpeed builds against the installed torch (no build isolation), and the
 # explicit pins keep every later resolver step from replacing it with another build.
 "${PIP[@]}" install -q -c constraints.txt torch torchvision
