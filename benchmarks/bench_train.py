@@ -15,6 +15,9 @@ Variants (each the real training loop on real batches, ``--steps`` timed steps a
 * ``local-dense-topk``  ``local`` with every top-k MoE layer evaluating all its experts and
                  zeroing the unselected ones (``MoELayer.sparse_topk = False``), instead of
                  computing only the selected experts (HM4SR's gates are dense: no change there)
+* ``dp-2-whole-catalogue``, ``ep-2-whole-catalogue``  MAMEX only: ``dp-2`` / ``ep-2`` with
+                 every worker encoding the whole item catalogue in each step
+                 (``mamex.shard_catalogue=false``) instead of its share of it
 
 Models run at the papers' defaults (HM4SR: hidden 64, batch 1024, max length 50; MAMEX:
 d 128, batch 2048) unless overridden. Reported per variant: samples/s over the whole global
@@ -40,14 +43,16 @@ import torch.multiprocessing as mp
 from moedist.io import atomic_write_json
 
 VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
-            "local-torch-dropout": (1, 1, False), "local-dense-topk": (1, 1, False)}
+            "local-torch-dropout": (1, 1, False), "local-dense-topk": (1, 1, False),
+            "dp-2-whole-catalogue": (2, 1, True), "ep-2-whole-catalogue": (2, 2, True)}
 
 
 def _worker(rank, world, port, model, variant, args, queue):
     from moedist.data.dataset import PreparedDataset
     from moedist.train.cli import load_experiment_config
-    from moedist.train.loop import (DeepSpeedStepper, DistContext, TorchStepper, apply_expert_parallel, build_model,
-                                    build_task, load_features_for, train_one_epoch)
+    from moedist.train.loop import (DeepSpeedStepper, DistContext, TorchStepper, apply_catalogue_sharding,
+                                    apply_expert_parallel, build_model, build_task, load_features_for,
+                                    train_one_epoch)
 
     if variant == "local-torch-dropout":
         import moedist.models.common
@@ -74,6 +79,8 @@ def _worker(rank, world, port, model, variant, args, queue):
     overrides = [f"data={args.data}", f"dist.ep_size={ep}", *args.overrides.get(model, [])]
     if args.features:
         overrides.append(f"features={args.features}")
+    if variant.endswith("-whole-catalogue"):
+        overrides.append("mamex.shard_catalogue=false")
     cfg = load_experiment_config(model, None, overrides)
     cfg.train.max_steps_per_epoch = args.warmup
     ctx = DistContext(rank=rank, world=world, device=device)
@@ -81,6 +88,7 @@ def _worker(rank, world, port, model, variant, args, queue):
     data = PreparedDataset(cfg.data)
     torch.manual_seed(0)
     net = build_model(cfg, data, load_features_for(cfg, data)).to(device)
+    apply_catalogue_sharding(net, cfg, ctx)
     if variant == "local-dense-topk":
         from moedist.moe import MoELayer
 
@@ -171,6 +179,8 @@ def main() -> None:
     for model in args.models:
         report["results"][model] = {}
         for variant in args.variants:
+            if variant.endswith("-whole-catalogue") and model != "mamex":
+                continue  # only MAMEX encodes a catalogue in its training step
             r = run_variant(model, variant, args)
             report["results"][model][variant] = r
             print(f"{model:6s} {variant:6s} {r['samples_per_second']:9.1f} samples/s  step {r['step_ms']:8.1f} ms  "

@@ -34,12 +34,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
 from moedist.models.common import Dropout, modality_table
 from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, kl_balance_loss
+from moedist.moe.dispatch import all_reduce_sum, gather_rows, shard_bounds
 from moedist.moe.gates import softmax
 
 AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
@@ -83,6 +85,9 @@ class MAMEXConfig:
     # item visits only the ranks owning its top_k experts (moe/dispatch.py). 1 = replicated.
     # Needs torch.distributed with a world size divisible by ep_size.
     ep_size: int = 1
+    # Data-parallel training: each worker encodes only its share of the catalogue and the item
+    # table is all-gathered (MAMEX.shard_catalogue); false = every worker encodes all of it.
+    shard_catalogue: bool = True
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -178,17 +183,22 @@ class ModalityAdapters(nn.Module):
         # only the top-k experts of each item (on their owners when ep_size > 1)
         return self.experts.forward_topk(x, weights, topk_idx)  # (N, d)
 
-    def _balance(self, probs: Tensor, keep: Tensor | None) -> Tensor:
+    def _balance(self, probs: Tensor, keep: Tensor | None, group) -> Tensor:
         p = probs if keep is None else probs[keep]  # (n_present, K)
-        if p.shape[0] == 0:
-            return probs.new_zeros(())
-        return kl_balance_loss(p.mean(0), direction=self.kl_direction)
+        total, n = p.sum(0), p.new_full((1,), p.shape[0])
+        if group is not None:  # this rank's rows of a catalogue spread over the group
+            summed = all_reduce_sum(torch.cat([total, n]), group)
+            total, n = summed[:-1], summed[-1:]
+        loss = kl_balance_loss(total / n.clamp_min(1.0), direction=self.kl_direction)
+        return torch.where(n[0] > 0, loss, torch.zeros_like(loss))  # no rows: no balance signal
 
     def forward(
-        self, h: dict[str, Tensor], present: dict[str, Tensor], *, complete: bool = False
+        self, h: dict[str, Tensor], present: dict[str, Tensor], *, complete: bool = False, group=None
     ) -> tuple[dict[str, Tensor], Tensor, dict[str, MoEAux]]:
         """``complete=True`` promises that every row has every modality (``present`` all
-        true): the masking steps are then skipped, with the same result."""
+        true): the masking steps are then skipped, with the same result. ``group``: the rows
+        are this rank's share of a catalogue spread over the process group, and the balance
+        losses are over the whole catalogue (MAMEX.shard_catalogue)."""
         z: dict[str, Tensor] = {}
         stats: dict[str, MoEAux] = {}
         any_h = next(iter(h.values()))
@@ -203,14 +213,14 @@ class ModalityAdapters(nn.Module):
                 z[m] = self.linears[m](h[m])  # (N, d)
         elif self.design == "mamex":
             for m in self.modalities:
-                z[m], aux = self.moes[m](h[m], mask=present[m])  # (N, d)
+                z[m], aux = self.moes[m](h[m], mask=present[m], balance_group=group)  # (N, d)
                 balance = balance + aux.balance_loss
                 stats[m] = aux
         elif self.design == "modality_router":
             for m in self.modalities:
                 g = self.gates[m](h[m])  # weights/probs: (N, K)
                 z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
-                b = self._balance(g.probs, present[m])
+                b = self._balance(g.probs, present[m], group)
                 balance = balance + b
                 stats[m] = MoEAux(b, weights=g.weights, probs=g.probs, mask=present[m])
         else:  # joint_router
@@ -218,7 +228,7 @@ class ModalityAdapters(nn.Module):
             g = self.gate(torch.cat([h[m] for m in self.modalities], dim=-1))  # (N, K)
             for m in self.modalities:
                 z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
-            balance = self._balance(g.probs, any_present)
+            balance = self._balance(g.probs, any_present, group)
             stats["joint"] = MoEAux(balance, weights=g.weights, probs=g.probs, mask=any_present)
         if not complete:
             # biases make z nonzero even for zero input: zero absent rows explicitly
@@ -239,12 +249,17 @@ class MAMEXAux:
     fusion_loss:  scalar, KL balance of mean α (0 without the learned fusion).
     alpha:        ``[N, M]`` fusion weights (rows of absent modalities are 0; row 0 all 0).
     adapters:     per-modality (or ``"joint"``) :class:`MoEAux`.
+    align_loss:   scalar, the alignment term (:meth:`MAMEX.align_loss`; 0 without it).
+    rows:         the catalogue rows that ``alpha``, ``adapters`` and the ``z`` returned beside
+                  this cover: all of them, or this rank's share when the catalogue is sharded.
     """
 
     adapter_loss: Tensor
     fusion_loss: Tensor
     alpha: Tensor
     adapters: dict[str, MoEAux]
+    align_loss: Tensor | None = None
+    rows: slice = field(default_factory=lambda: slice(None))
 
 
 class MAMEX(nn.Module):
@@ -294,8 +309,9 @@ class MAMEX(nn.Module):
             if self.learned_fusion
             else None
         )
-        self._last_pass: tuple[Tensor, Tensor, dict[str, MoEAux]] | None = None
+        self._last_pass: tuple | None = None
         self._item_cache: tuple[tuple, Tensor] | None = None
+        self._catalogue_group = None  # shard_catalogue()
 
     # ---- item side --------------------------------------------------------------------
 
@@ -328,34 +344,95 @@ class MAMEX(nn.Module):
         alpha = softmax(logits.masked_fill(~keep, float("-inf")))
         return alpha * any_present
 
+    def shard_catalogue(self, group) -> None:
+        """Data-parallel training with the catalogue split over ``group`` (a process group, e.g.
+        ``dist.group.WORLD``; None = off): in a training pass each rank encodes only its
+        contiguous share of the items, the item table is all-gathered, and the catalogue-wide
+        terms (adapter and fusion balance, alignment) sum over the group. Each rank's loss, and
+        the gradients summed over the ranks, are those of every rank encoding the whole
+        catalogue, for 1/world of the encoding work, and every item gets one fusion-dropout
+        draw per step instead of one per rank. Passes without gradient (evaluation) encode the
+        whole catalogue on every rank. Every rank of the group must run the same number of
+        training passes and back-propagate through each (as data parallelism does anyway), and
+        call :meth:`moe_stats` together."""
+        self._catalogue_group = group
+        self._item_cache = None
+
+    def _shard_rows(self, first: int, group) -> tuple[slice, list[int] | None]:
+        """This rank's rows of ``first..N-1`` and every rank's row count (None: unsharded)."""
+        if group is None:
+            return slice(first, self.n_items), None
+        world = dist.get_world_size(group)
+        bounds = [shard_bounds(self.n_items - first, r, world) for r in range(world)]
+        lo, hi = bounds[dist.get_rank(group)]
+        return slice(first + lo, first + hi), [b - a for a, b in bounds]
+
     def item_representations(self) -> tuple[Tensor, dict[str, Tensor], MAMEXAux]:
-        """The whole catalogue: ``e [N, d]``, ``z {m: [N, d]}`` and the balance terms."""
+        """The whole catalogue: ``e [N, d]``, ``z {m: [rows, d]}`` and the balance and alignment
+        terms (``aux.rows``: all rows, or this rank's share under :meth:`shard_catalogue`)."""
         present = {m: self.present(m) for m in self.modalities}
         present_nm = torch.stack([present[m] for m in self.modalities], dim=1)  # (N, M)
         items = present_nm.any(dim=1)  # real items with >= 1 modality (pad excluded)
+        group = self._catalogue_group if self.training and torch.is_grad_enabled() else None
         # complete catalogue: rows 1.. (views, no copy) and no masking; row 0 is added back below
-        rows = slice(1, None) if self._complete else slice(None)
+        first = 1 if self._complete else 0
+        rows, sizes = self._shard_rows(first, group)
         h = {m: self.features(m)[rows] for m in self.modalities}
+        keep = None if self._complete else {m: p[rows] for m, p in present.items()}
         z, adapter_loss, adapter_stats = self.adapters(
-            h, {m: p[rows] for m, p in present.items()}, complete=self._complete
+            h, {m: p[rows] for m, p in present.items()}, complete=self._complete, group=group
         )
-        alpha = self._fusion_weights(z, None if self._complete else present_nm)  # (rows, M)
+        alpha = self._fusion_weights(z, None if self._complete else present_nm[rows])  # (rows, M)
         e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (rows, d)
-        fused = alpha if self._complete else alpha[items]  # the real items' α
-        if self.learned_fusion and fused.shape[0]:
-            fusion_loss = kl_balance_loss(fused.mean(0), direction=self.config.kl_direction)
+        real = items[rows]
+        if self.learned_fusion:
+            fused = alpha if self._complete else alpha[real]  # the real items' α
+            fusion_loss = self._catalogue_kl(fused.sum(0), fused.shape[0], group)
         else:
             fusion_loss = e.new_zeros(())
+        align = self._align(e, z, keep, group) if self.config.use_align else e.new_zeros(())
+        if group is not None:
+            e = gather_rows(e, sizes, group)  # (N - first, d): every rank's rows
         if self._complete:  # row 0 (padding) back in, all zeros
-            e, alpha = F.pad(e, (0, 0, 1, 0)), F.pad(alpha, (0, 0, 1, 0))
-            z = {m: F.pad(t, (0, 0, 1, 0)) for m, t in z.items()}
-        self._record_stats(alpha.detach(), items, adapter_stats)
-        aux = MAMEXAux(adapter_loss=adapter_loss, fusion_loss=fusion_loss, alpha=alpha, adapters=adapter_stats)
+            e = F.pad(e, (0, 0, 1, 0))
+            if group is None:
+                alpha = F.pad(alpha, (0, 0, 1, 0))
+                z = {m: F.pad(t, (0, 0, 1, 0)) for m, t in z.items()}
+                rows, real = slice(None), items
+        # kept, not computed: moe_stats() derives the statistics when the trainer logs them
+        self._last_pass = (alpha.detach(), real, {n: a.detached() for n, a in adapter_stats.items()}, sizes, group)
+        aux = MAMEXAux(adapter_loss=adapter_loss, fusion_loss=fusion_loss, alpha=alpha, adapters=adapter_stats,
+                       align_loss=align, rows=rows)
         return e, z, aux
 
-    def _record_stats(self, alpha: Tensor, items: Tensor, adapter_stats: dict[str, MoEAux]) -> None:
-        # kept, not computed: moe_stats() derives the statistics when the trainer logs them
-        self._last_pass = (alpha, items, {name: aux.detached() for name, aux in adapter_stats.items()})
+    def _catalogue_kl(self, total: Tensor, n: int, group) -> Tensor:
+        """KL balance of the mean of rows whose sum is ``total [M]`` (``n`` rows here, summed
+        over ``group`` when sharded); 0 when there are no rows."""
+        count = total.new_full((1,), n)
+        if group is not None:
+            summed = all_reduce_sum(torch.cat([total, count]), group)
+            total, count = summed[:-1], summed[-1:]
+        loss = kl_balance_loss(total / count.clamp_min(1.0), direction=self.config.kl_direction)
+        return torch.where(count[0] > 0, loss, torch.zeros_like(loss))
+
+    def _align(self, e: Tensor, z: dict[str, Tensor], keep: dict[str, Tensor] | None, group) -> Tensor:
+        """Σ_m of the mean over (items having m) × d of (e − z_m)² (A6), for rows where
+        ``keep[m]`` (None: every row has every modality), summed over ``group`` when sharded.
+        Gradient reaches both e (hence α) and z_m."""
+        sq, n = [], []
+        for m in self.modalities:
+            diff = (e - z[m]).pow(2).sum(-1)  # (rows,)
+            if keep is None:
+                sq.append(diff.sum())
+                n.append(diff.new_tensor(float(diff.shape[0])))
+            else:
+                sq.append((diff * keep[m]).sum())
+                n.append(keep[m].sum().to(diff.dtype))
+        sq, n = torch.stack(sq), torch.stack(n)  # (M,), (M,)
+        if group is not None:
+            summed = all_reduce_sum(torch.cat([sq, n]), group)
+            sq, n = summed[: len(self.modalities)], summed[len(self.modalities) :]
+        return (sq / (n * e.shape[-1]).clamp_min(1.0)).sum()  # a modality no item has adds 0
 
     def _version_key(self) -> tuple:
         # Optimiser steps and load_state_dict modify parameters in place, which bumps
@@ -408,7 +485,7 @@ class MAMEX(nn.Module):
         parts["reg"] = (e_u.pow(2).sum(-1) + e_i.pow(2).sum(-1) + e_j.pow(2).sum(-1)).mean()
         loss = parts["bpr"] + cfg.reg_coeff * parts["reg"]
         if cfg.use_align:
-            parts["align"] = self.align_loss(e, z)
+            parts["align"] = aux.align_loss
             loss = loss + cfg.lambda_align * parts["align"]
         if cfg.use_moe:
             parts["adapter"] = aux.adapter_loss
@@ -419,19 +496,9 @@ class MAMEX(nn.Module):
         return loss, {k: v.detach() for k, v in parts.items()}
 
     def align_loss(self, e: Tensor, z: dict[str, Tensor]) -> Tensor:
-        """Σ_m mean over (items having m) × d of (e - z_m)² (A6). Gradient reaches both e
-        (hence α) and z_m."""
-        total = e.new_zeros(())
-        if self._complete:  # every real item: rows 1.. (views instead of boolean indexing)
-            for m in self.modalities:
-                if e.shape[0] > 1:
-                    total = total + F.mse_loss(e[1:], z[m][1:])
-            return total
-        for m in self.modalities:
-            keep = self.present(m)
-            if bool(keep.any()):
-                total = total + F.mse_loss(e[keep], z[m][keep])
-        return total
+        """The alignment term from whole tables ``e [N, d]``, ``z {m: [N, d]}``: Σ_m mean over
+        (items having m) × d of (e − z_m)² (A6); :meth:`item_representations` computes it."""
+        return self._align(e, z, {m: self.present(m) for m in self.modalities}, None)
 
     def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
         """``batch["user"] [B]`` -> scores ``[B, N]`` over all items (the evaluator keeps the
@@ -443,10 +510,20 @@ class MAMEX(nn.Module):
         """Last item pass: ``adapter.<m>.load`` / ``adapter.<m>.gate_mean`` ``[K]`` and
         ``adapter.<m>.entropy`` (:func:`~moedist.moe.routing_entropy`) per modality
         (``adapter.joint.*`` for the joint router) and ``fusion.alpha_mean.<m>`` /
-        ``fusion.alpha_std.<m>`` over real items."""
+        ``fusion.alpha_std.<m>`` over real items. After a sharded pass (:meth:`shard_catalogue`)
+        the ranks' rows are gathered first, so every rank of the group must call it."""
         if self._last_pass is None:
             return {}
-        alpha, items, adapter_stats = self._last_pass
+        alpha, items, adapter_stats, sizes, group = self._last_pass
+        if group is not None:  # every rank's rows: the statistics are over the whole catalogue
+
+            def whole(t: Tensor) -> Tensor:
+                if t.dtype == torch.bool:  # as bytes: not every backend gathers bool
+                    return gather_rows(t.to(torch.uint8), sizes, group).bool()
+                return gather_rows(t, sizes, group)
+
+            alpha, items = whole(alpha), whole(items)
+            adapter_stats = {n: a.map_tokens(whole) for n, a in adapter_stats.items()}
         stats: dict[str, Tensor] = {}
         for name, aux in adapter_stats.items():
             stats[f"adapter.{name}.load"] = aux.load

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["all_to_all", "dense_expert_idx", "expert_parallel_apply"]
+__all__ = ["all_reduce_sum", "all_to_all", "dense_expert_idx", "expert_parallel_apply", "gather_rows", "shard_bounds"]
 
 
 class _AllToAllSingle(Function):
@@ -75,6 +75,69 @@ def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], gro
     """Differentiable all-to-all of the rows of ``x``: ``input_splits[r]`` rows go to group rank
     ``r``; ``output_splits[r]`` rows arrive from it. Returns ``[sum(output_splits), ...]``."""
     return _AllToAllSingle.apply(x, list(output_splits), list(input_splits), group)
+
+
+class _AllReduceSum(Function):
+    """Autograd all-reduce (sum): every rank gets ``Σ_r x_r``; since every rank's output
+    enters its own loss, the gradient of ``x_r`` is the sum of the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad = grad_out.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: Tensor, group=None) -> Tensor:
+    """Differentiable ``Σ_r x_r`` over the ranks of ``group`` (gloo and NCCL)."""
+    return _AllReduceSum.apply(x, group)
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[lo, hi)`` of ``range(n)``; sizes differ by at most one."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+class _GatherRows(Function):
+    """Autograd all-gather of each rank's rows (any count, zero included), concatenated in rank
+    order. Backward: the summed gradient of the whole result, of which each rank keeps its rows
+    (an all-reduce: reduce-scatter is not available on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int], group) -> Tensor:
+        rank = dist.get_rank(group)
+        ctx.group, ctx.lo, ctx.n = group, sum(sizes[:rank]), sizes[rank]
+        width = max(sizes)
+        x = x.contiguous()
+        padded = x.new_zeros((width, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad = grad_out.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.lo : ctx.lo + ctx.n], None, None
+
+
+def gather_rows(x: Tensor, sizes: list[int], group=None) -> Tensor:
+    """Every rank's ``x [sizes[r], ...]`` concatenated in rank order (differentiable). The
+    ranks of ``group`` call it together with the same ``sizes`` and, in training, all
+    back-propagate through it."""
+    if x.shape[0] != sizes[dist.get_rank(group)]:
+        raise ValueError(f"gather_rows: this rank has {x.shape[0]} rows, sizes say {sizes[dist.get_rank(group)]}")
+    return _GatherRows.apply(x, list(sizes), group)
 
 
 def dense_expert_idx(num_tokens: int, num_experts: int, device=None) -> Tensor:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedist.moe.dispatch import apply_grouped, dense_expert_idx, expert_parallel_apply, padded_expert_rows
+from moedist.moe.dispatch import all_reduce_sum, apply_grouped, dense_expert_idx, expert_parallel_apply, padded_expert_rows
 from moedist.moe.gates import (
     BalanceDirection,
     DenseGate,
@@ -328,10 +328,13 @@ class MoELayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, gate_input: Tensor | None = None, *, mask: Tensor | None = None
+        self, x: Tensor, gate_input: Tensor | None = None, *, mask: Tensor | None = None, balance_group=None
     ) -> tuple[Tensor, MoEAux]:
         """x: ``[..., in]``; gate_input: ``[..., gate_in]``; mask: optional bool ``[...]`` of the
-        tokens that count for the balance loss and statistics. Returns ``([..., out], aux)``."""
+        tokens that count for the balance loss and statistics. ``balance_group`` (a process
+        group, e.g. ``dist.group.WORLD``): the tokens are this rank's share of a set spread over
+        the group, and the balance loss is over the whole set (its token sums are all-reduced,
+        differentiably). Returns ``([..., out], aux)``."""
         g = self.gate(x if gate_input is None else gate_input)  # weights/probs: (..., E)
         if g.topk_idx is not None and self.sparse_topk:
             # only the k selected experts (on their owners when ep_size > 1)
@@ -344,8 +347,11 @@ class MoELayer(nn.Module):
         else:
             probs = g.probs.reshape(-1, self.num_experts).float()  # (T, E)
             keep = token_weights(mask, probs)  # (T, 1)
-            n = keep.sum()
-            mean_probs = (probs * keep).sum(0) / n.clamp_min(1.0)  # p̄: (E,)
+            total, n = (probs * keep).sum(0), keep.sum()  # (E,), ()
+            if balance_group is not None:
+                summed = all_reduce_sum(torch.cat([total, n.view(1)]), balance_group)
+                total, n = summed[:-1], summed[-1]
+            mean_probs = total / n.clamp_min(1.0)  # p̄: (E,)
             # No tokens (all masked) → no balance signal rather than KL(0 ‖ U).
             balance_loss = torch.where(
                 n > 0, kl_balance_loss(mean_probs, direction=self.balance), torch.zeros((), device=n.device)

@@ -79,6 +79,12 @@ class MoEAux:
         """The same statistics without the autograd graph of ``balance_loss`` (to keep for logging)."""
         return MoEAux(self.balance_loss.detach(), weights=self._weights, probs=self._probs, mask=self._mask)
 
+    def map_tokens(self, fn) -> "MoEAux":
+        """The statistics over other tokens: ``fn`` maps each kept ``[T, ...]`` gate output
+        (weights, probs, mask) to its new rows, e.g. gathering every rank's tokens."""
+        mask = None if self._mask is None else fn(self._mask)
+        return MoEAux(self.balance_loss, weights=fn(self._weights), probs=fn(self._probs), mask=mask)
+
     @functools.cached_property
     def _load_and_gate_mean(self) -> tuple[Tensor, Tensor]:
         return expert_load(self._weights, probs=self._probs, mask=self._mask)

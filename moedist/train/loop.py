@@ -196,6 +196,14 @@ def apply_expert_parallel(cfg: ExperimentConfig, ctx: DistContext) -> None:
     getattr(cfg, cfg.model).ep_size = ep
 
 
+def apply_catalogue_sharding(model: torch.nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> None:
+    """MAMEX on several workers: each encodes only its share of the item catalogue in a
+    training step, and the item table is all-gathered (``mamex.shard_catalogue``, on by
+    default; ``MAMEX.shard_catalogue``)."""
+    if cfg.model == "mamex" and ctx.distributed and cfg.mamex.shard_catalogue:
+        model.shard_catalogue(dist.group.WORLD)
+
+
 def model_ep_size(cfg: ExperimentConfig) -> int:
     sub = getattr(cfg, cfg.model, None)
     return int(getattr(sub, "ep_size", 1) or 1)
@@ -582,6 +590,7 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     features = load_features_for(cfg, data, echo)
     task = build_task(cfg, data)
     model = build_model(cfg, data, features).to(ctx.device)
+    apply_catalogue_sharding(model, cfg, ctx)
     # per-rank seeds from here on: dropout masks differ across workers, as across a larger batch
     seed_everything(tc.seed + 1000003 * ctx.rank)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -373,6 +373,76 @@ def test_mamex_ep2_matches_single_process():
     spawn(_mamex_worker, 2)
 
 
+def _mamex_catalogue_worker(rank: int, world: int, ep_size: int) -> None:
+    """MAMEX with the catalogue sharded over the ranks (each encodes its share, the item table
+    is all-gathered) against one process encoding everything: loss and loss terms of each
+    rank's batch, gradients of the summed loss, statistics, and the unsharded evaluation."""
+    from types import SimpleNamespace
+
+    from moedist.models.mamex import MAMEX, MAMEXConfig
+
+    n_items, n_users = 25, 12
+    sizes = [4, 1, 3][:world]
+    g0 = torch.Generator().manual_seed(0)
+    feats = {
+        "complete": torch.ones(n_items, dtype=torch.bool),
+        "missing": torch.rand(n_items, generator=g0) > 0.2,  # some items have no image
+    }
+    tables = {"image": torch.randn(n_items, 16, generator=g0), "text": torch.randn(n_items, 8, generator=g0)}
+    cases = [
+        ("mamex", True, True, "missing"), ("mamex", True, True, "complete"),
+        ("modality_router", True, True, "complete"), ("joint_router", True, True, "missing"),
+        ("mamex", False, True, "complete"), ("mamex", True, False, "missing"),
+    ]
+    for adapter, use_moe, use_fusion, image in cases:
+        what = f"adapter={adapter} use_moe={use_moe} use_fusion={use_fusion} images={image} ep_size={ep_size}"
+        item_features = SimpleNamespace(features=tables, mask={"image": feats[image], "text": feats["complete"]})
+
+        def build(ep: int) -> MAMEX:
+            torch.manual_seed(3)
+            cfg = MAMEXConfig(embed_dim=8, num_experts=4, top_k=2, adapter=adapter, use_moe=use_moe,
+                              use_fusion=use_fusion, fusion_dropout=0.0, ep_size=ep)
+            return MAMEX(cfg, n_items=n_items, n_users=n_users, item_features=item_features).train()
+
+        ref, sharded = build(1), build(ep_size)
+        sharded.shard_catalogue(dist.group.WORLD)
+        gen = torch.Generator().manual_seed(5)
+        batches = [
+            {"user": torch.randint(1, n_users, (B,), generator=gen),
+             "pos_item": torch.randint(1, n_items, (B,), generator=gen),
+             "neg_item": torch.randint(1, n_items, (B,), generator=gen)}
+            for B in sizes
+        ]
+        # the reference encodes every item and back-propagates every rank's loss
+        total = sum(ref.calculate_loss(b)[0] for b in batches)
+        total.backward()
+        with torch.no_grad():
+            ref_loss, ref_parts = ref.calculate_loss(batches[rank])
+        loss, parts = sharded.calculate_loss(batches[rank])
+        e, z, aux = sharded.item_representations()
+        assert aux.rows != slice(None) and z["text"].shape[0] == aux.rows.stop - aux.rows.start, what
+        _close(loss, ref_loss, f"{what}: loss of rank {rank}")
+        assert parts.keys() == ref_parts.keys()
+        for k in parts:
+            _close(parts[k], ref_parts[k], f"{what}: {k}")
+        (loss + 0 * e.sum()).backward()
+        check_grads(sharded, ref, what)
+        stats, ref_stats = sharded.moe_stats(), ref.moe_stats()
+        assert stats.keys() == ref_stats.keys() and stats, what
+        for k in stats:
+            _close(stats[k], ref_stats[k], f"{what}: {k}")
+        # evaluation (no gradient) encodes the whole catalogue on every rank, without collectives
+        sharded.eval()
+        ref.eval()
+        with torch.no_grad():
+            _close(sharded.full_sort_predict(batches[rank]), ref.full_sort_predict(batches[rank]), f"{what}: scores")
+
+
+@pytest.mark.parametrize("world,ep_size", [(2, 1), (3, 1), (2, 2)])
+def test_mamex_sharded_catalogue_matches_single_process(world, ep_size):
+    spawn(_mamex_catalogue_worker, world, ep_size)
+
+
 # ------------------------------------------------------------------------------------ DeepSpeed
 
 

@@ -104,7 +104,7 @@ def test_features_are_l2_normalised():
 def _fake_items(model, e, z, *, adapter_loss=0.0, fusion_loss=0.0):
     aux = MAMEXAux(
         adapter_loss=torch.tensor(adapter_loss), fusion_loss=torch.tensor(fusion_loss),
-        alpha=torch.zeros(e.shape[0], 2), adapters={},
+        alpha=torch.zeros(e.shape[0], 2), adapters={}, align_loss=model.align_loss(e, z),
     )
     model.item_representations = lambda: (e, z, aux)
 
