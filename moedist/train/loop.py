@@ -196,12 +196,14 @@ def apply_expert_parallel(cfg: ExperimentConfig, ctx: DistContext) -> None:
     getattr(cfg, cfg.model).ep_size = ep
 
 
-def apply_catalogue_sharding(model: torch.nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> None:
+def apply_catalogue_sharding(model: torch.nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> int:
     """MAMEX on several workers: each encodes only its share of the item catalogue in a
     training step, and the item table is all-gathered (``mamex.shard_catalogue``, on by
-    default; ``MAMEX.shard_catalogue``)."""
+    default; ``MAMEX.shard_catalogue``). Returns the number of shards (1: not sharded)."""
     if cfg.model == "mamex" and ctx.distributed and cfg.mamex.shard_catalogue:
         model.shard_catalogue(dist.group.WORLD)
+        return ctx.world
+    return 1
 
 
 def model_ep_size(cfg: ExperimentConfig) -> int:
@@ -590,7 +592,7 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     features = load_features_for(cfg, data, echo)
     task = build_task(cfg, data)
     model = build_model(cfg, data, features).to(ctx.device)
-    apply_catalogue_sharding(model, cfg, ctx)
+    catalogue_shards = apply_catalogue_sharding(model, cfg, ctx)
     # per-rank seeds from here on: dropout masks differ across workers, as across a larger batch
     seed_everything(tc.seed + 1000003 * ctx.rank)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -601,7 +603,8 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         stepper = DeepSpeedStepper(model, cfg, ctx) if use_ds else TorchStepper(model, cfg)
         model = stepper.model
     echo(f"{cfg.model}: {n_params:,} trainable parameters on {ctx.device} x{ctx.world}"
-         f"{' (' + stepper.kind + ')' if stepper else ''}; {task.n_train():,} training samples; run dir {run_dir}")
+         f"{' (' + stepper.kind + ')' if stepper else ''}; {task.n_train():,} training samples"
+         f"{f'; item catalogue in {catalogue_shards} shards' if catalogue_shards > 1 else ''}; run dir {run_dir}")
 
     ckpt = run_dir / "checkpoints"
     logger = RunLogger(run_dir, enabled=ctx.is_main)
@@ -634,6 +637,8 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         "trainable_parameters": n_params,
         "workers": ctx.world,
     }
+    if cfg.model == "mamex":
+        results["catalogue_shards"] = catalogue_shards
     ranks: dict = {}
     results["valid"] = evaluate_split(model, task, "valid", ctx, bs, ranks_out=ranks)
     results["test"] = evaluate_split(model, task, "test", ctx, bs, ranks_out=ranks)

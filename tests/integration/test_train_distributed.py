@@ -285,3 +285,32 @@ def test_router_lr_scale_is_honoured_by_deepspeed_with_expert_parallelism(toy_da
     assert gate_keys
     for k in gate_keys:
         assert (w_one[k] - w_base[k]).abs().max().item() > 1e-3, k
+
+
+MAMEX_SMALL = ["mamex.embed_dim=8", "mamex.fusion_dropout=0.0", "train.eval_every=1", "train.patience=5"]
+
+
+def mamex_cfg(data, features, run_dir, *extra):
+    return load_experiment_config("mamex", None, [f"data={data}", f"features={features}", f"run_dir={run_dir}",
+                                                  *BASE[:4], "dist.max_failures=0", "dist.cpus_per_worker=1",
+                                                  *MAMEX_SMALL, *extra])
+
+
+def test_mamex_two_workers_with_a_sharded_catalogue_equal_one_process(toy_data, toy_features, tmp_path, ray_local):
+    """Two workers that each encode half of the item catalogue per step (the default) train
+    MAMEX like one process encoding all of it, and like two workers that each encode all of it
+    (``mamex.shard_catalogue=false``): losses, weights, routing statistics and test metrics."""
+    one, two, whole = tmp_path / "one", tmp_path / "two", tmp_path / "whole"
+    r1 = run_training(mamex_cfg(toy_data, toy_features, one, "train.epochs=3"), echo=lambda s: None)
+    r2 = launch(mamex_cfg(toy_data, toy_features, two, "train.epochs=3", "dist.workers=2"), echo=lambda s: None)
+    r3 = launch(mamex_cfg(toy_data, toy_features, whole, "train.epochs=3", "dist.workers=2",
+                          "mamex.shard_catalogue=false"), echo=lambda s: None)
+    assert (r1["catalogue_shards"], r2["catalogue_shards"], r3["catalogue_shards"]) == (1, 2, 1)
+    for d in (two, whole):
+        assert losses(d) == pytest.approx(losses(one), rel=1e-5)
+        assert_same_weights(one, d)
+    records = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    moe_keys = [k for k in ref[-1] if k.startswith("moe/")]
+    assert moe_keys and all(records[-1][k] == pytest.approx(ref[-1][k], rel=1e-4, abs=1e-6) for k in moe_keys)
+    assert r2["workers"] == 2 and r2["test"] == pytest.approx(r1["test"], abs=1e-6)
