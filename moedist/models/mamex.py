@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from moedist.errors import ConfigError
 from moedist.models.common import Dropout, modality_table
-from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate, kl_balance_loss
-from moedist.moe.dispatch import all_reduce_sum, gather_rows, shard_bounds
-from moedist.moe.gates import softmax
+from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate
+from moedist.moe.dispatch import gather_rows, gather_rows_and_sum, shard_bounds
+from moedist.moe.gates import balance_from_sums, balance_token_sums, softmax
 
 AdapterDesign = Literal["mamex", "joint_router", "modality_router"]
 
@@ -134,8 +134,8 @@ class ModalityAdapters(nn.Module):
     each modality gets a plain ``nn.Linear(D_m → d)`` and no balance loss.
 
     ``ep_size > 1`` shards every expert set over the expert-parallel group; items are sent
-    only to the owners of their top-k experts (every rank encodes the whole catalogue, so
-    each expert sees the items of every rank of its group).
+    only to the owners of their top-k experts, so each expert sees the items of every rank of
+    its group (all of them, or each rank's share under ``MAMEX.shard_catalogue``).
     """
 
     def __init__(
@@ -183,26 +183,17 @@ class ModalityAdapters(nn.Module):
         # only the top-k experts of each item (on their owners when ep_size > 1)
         return self.experts.forward_topk(x, weights, topk_idx)  # (N, d)
 
-    def _balance(self, probs: Tensor, keep: Tensor | None, group) -> Tensor:
-        p = probs if keep is None else probs[keep]  # (n_present, K)
-        total, n = p.sum(0), p.new_full((1,), p.shape[0])
-        if group is not None:  # this rank's rows of a catalogue spread over the group
-            summed = all_reduce_sum(torch.cat([total, n]), group)
-            total, n = summed[:-1], summed[-1:]
-        loss = kl_balance_loss(total / n.clamp_min(1.0), direction=self.kl_direction)
-        return torch.where(n[0] > 0, loss, torch.zeros_like(loss))  # no rows: no balance signal
-
     def forward(
-        self, h: dict[str, Tensor], present: dict[str, Tensor], *, complete: bool = False, group=None
-    ) -> tuple[dict[str, Tensor], Tensor, dict[str, MoEAux]]:
+        self, h: dict[str, Tensor], present: dict[str, Tensor], *, complete: bool = False
+    ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]], dict[str, MoEAux]]:
         """``complete=True`` promises that every row has every modality (``present`` all
-        true): the masking steps are then skipped, with the same result. ``group``: the rows
-        are this rank's share of a catalogue spread over the process group, and the balance
-        losses are over the whole catalogue (MAMEX.shard_catalogue)."""
+        true): the masking steps are then skipped, with the same result. Returns ``z``, the
+        token sums ``(Σ p [K], n [1])`` of every gate's balance loss (:func:`balance_token_sums`:
+        the caller adds those of other ranks when the catalogue is sharded, then takes
+        :func:`balance_from_sums`), and the routing statistics."""
         z: dict[str, Tensor] = {}
         stats: dict[str, MoEAux] = {}
-        any_h = next(iter(h.values()))
-        balance = any_h.new_zeros(())
+        sums: list[tuple[Tensor, Tensor]] = []
         if complete:
             present = {m: None for m in self.modalities}
         else:
@@ -213,27 +204,26 @@ class ModalityAdapters(nn.Module):
                 z[m] = self.linears[m](h[m])  # (N, d)
         elif self.design == "mamex":
             for m in self.modalities:
-                z[m], aux = self.moes[m](h[m], mask=present[m], balance_group=group)  # (N, d)
-                balance = balance + aux.balance_loss
+                z[m], aux = self.moes[m](h[m], mask=present[m], balance_sums=True)  # (N, d)
+                sums.append(aux.balance_sums)
                 stats[m] = aux
         elif self.design == "modality_router":
             for m in self.modalities:
                 g = self.gates[m](h[m])  # weights/probs: (N, K)
                 z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
-                b = self._balance(g.probs, present[m], group)
-                balance = balance + b
-                stats[m] = MoEAux(b, weights=g.weights, probs=g.probs, mask=present[m])
+                sums.append(balance_token_sums(g.probs, present[m]))
+                stats[m] = MoEAux(g.probs.new_zeros(()), weights=g.weights, probs=g.probs, mask=present[m])
         else:  # joint_router
             any_present = None if complete else torch.stack([present[m] for m in self.modalities]).any(0)  # (N,)
             g = self.gate(torch.cat([h[m] for m in self.modalities], dim=-1))  # (N, K)
             for m in self.modalities:
                 z[m] = self._shared_expert_out(h[m], g.weights, g.topk_idx)
-            balance = self._balance(g.probs, any_present, group)
-            stats["joint"] = MoEAux(balance, weights=g.weights, probs=g.probs, mask=any_present)
+            sums.append(balance_token_sums(g.probs, any_present))
+            stats["joint"] = MoEAux(g.probs.new_zeros(()), weights=g.weights, probs=g.probs, mask=any_present)
         if not complete:
             # biases make z nonzero even for zero input: zero absent rows explicitly
             z = {m: z[m] * present[m][:, None].to(z[m].dtype) for m in self.modalities}
-        return z, balance, stats
+        return z, sums, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,20 +369,34 @@ class MAMEX(nn.Module):
         rows, sizes = self._shard_rows(first, group)
         h = {m: self.features(m)[rows] for m in self.modalities}
         keep = None if self._complete else {m: p[rows] for m, p in present.items()}
-        z, adapter_loss, adapter_stats = self.adapters(
-            h, {m: p[rows] for m, p in present.items()}, complete=self._complete, group=group
+        z, balance_sums, adapter_stats = self.adapters(
+            h, {m: p[rows] for m, p in present.items()}, complete=self._complete
         )
         alpha = self._fusion_weights(z, None if self._complete else present_nm[rows])  # (rows, M)
         e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (rows, d)
         real = items[rows]
+        # Catalogue-wide terms from sums over rows, so that shards can add theirs up:
+        # each gate's (Σ p, n), the fusion's (Σ α, n) and the alignment's (Σ (e - z_m)², n_m).
+        sums = list(balance_sums)
         if self.learned_fusion:
             fused = alpha if self._complete else alpha[real]  # the real items' α
-            fusion_loss = self._catalogue_kl(fused.sum(0), fused.shape[0], group)
-        else:
-            fusion_loss = e.new_zeros(())
-        align = self._align(e, z, keep, group) if self.config.use_align else e.new_zeros(())
-        if group is not None:
-            e = gather_rows(e, sizes, group)  # (N - first, d): every rank's rows
+            sums.append((fused.sum(0), fused.new_full((1,), fused.shape[0])))
+        if self.config.use_align:
+            sums.append(self._align_sums(e, z, keep))
+        if group is not None:  # one collective: every rank's rows of e, and the summed sums
+            shapes = [(a.numel(), b.numel()) for a, b in sums]
+            flat = torch.cat([t.reshape(-1).float() for pair in sums for t in pair] + [e.new_zeros(0).float()])
+            e, flat = gather_rows_and_sum(e, flat, sizes, group)  # e: (N - first, d)
+            sums, at = [], 0
+            for a, b in shapes:
+                sums.append((flat[at : at + a], flat[at + a : at + a + b]))
+                at += a + b
+        direction = self.config.kl_direction
+        n_gates = len(balance_sums)
+        adapter_loss = sum((balance_from_sums(t, n, direction=direction) for t, n in sums[:n_gates]), e.new_zeros(()))
+        rest = iter(sums[n_gates:])
+        fusion_loss = balance_from_sums(*next(rest), direction=direction) if self.learned_fusion else e.new_zeros(())
+        align = self._align_from_sums(*next(rest), e.shape[-1]) if self.config.use_align else e.new_zeros(())
         if self._complete:  # row 0 (padding) back in, all zeros
             e = F.pad(e, (0, 0, 1, 0))
             if group is None:
@@ -405,20 +409,8 @@ class MAMEX(nn.Module):
                        align_loss=align, rows=rows)
         return e, z, aux
 
-    def _catalogue_kl(self, total: Tensor, n: int, group) -> Tensor:
-        """KL balance of the mean of rows whose sum is ``total [M]`` (``n`` rows here, summed
-        over ``group`` when sharded); 0 when there are no rows."""
-        count = total.new_full((1,), n)
-        if group is not None:
-            summed = all_reduce_sum(torch.cat([total, count]), group)
-            total, count = summed[:-1], summed[-1:]
-        loss = kl_balance_loss(total / count.clamp_min(1.0), direction=self.config.kl_direction)
-        return torch.where(count[0] > 0, loss, torch.zeros_like(loss))
-
-    def _align(self, e: Tensor, z: dict[str, Tensor], keep: dict[str, Tensor] | None, group) -> Tensor:
-        """Σ_m of the mean over (items having m) × d of (e − z_m)² (A6), for rows where
-        ``keep[m]`` (None: every row has every modality), summed over ``group`` when sharded.
-        Gradient reaches both e (hence α) and z_m."""
+    def _align_sums(self, e: Tensor, z: dict[str, Tensor], keep: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """``(Σ (e − z_m)² [M], n_m [M])`` over the rows where ``keep[m]`` (None: all rows)."""
         sq, n = [], []
         for m in self.modalities:
             diff = (e - z[m]).pow(2).sum(-1)  # (rows,)
@@ -428,11 +420,12 @@ class MAMEX(nn.Module):
             else:
                 sq.append((diff * keep[m]).sum())
                 n.append(keep[m].sum().to(diff.dtype))
-        sq, n = torch.stack(sq), torch.stack(n)  # (M,), (M,)
-        if group is not None:
-            summed = all_reduce_sum(torch.cat([sq, n]), group)
-            sq, n = summed[: len(self.modalities)], summed[len(self.modalities) :]
-        return (sq / (n * e.shape[-1]).clamp_min(1.0)).sum()  # a modality no item has adds 0
+        return torch.stack(sq), torch.stack(n)
+
+    @staticmethod
+    def _align_from_sums(sq: Tensor, n: Tensor, d: int) -> Tensor:
+        """Σ_m of the mean over (items having m) × d of (e − z_m)² (A6); a modality no item has adds 0."""
+        return (sq / (n * d).clamp_min(1.0)).sum()
 
     def _version_key(self) -> tuple:
         # Optimiser steps and load_state_dict modify parameters in place, which bumps
@@ -497,8 +490,10 @@ class MAMEX(nn.Module):
 
     def align_loss(self, e: Tensor, z: dict[str, Tensor]) -> Tensor:
         """The alignment term from whole tables ``e [N, d]``, ``z {m: [N, d]}``: Σ_m mean over
-        (items having m) × d of (e − z_m)² (A6); :meth:`item_representations` computes it."""
-        return self._align(e, z, {m: self.present(m) for m in self.modalities}, None)
+        (items having m) × d of (e − z_m)² (A6); gradient reaches both e (hence α) and z_m.
+        :meth:`item_representations` computes it with the rest of the catalogue terms."""
+        sums = self._align_sums(e, z, {m: self.present(m) for m in self.modalities})
+        return self._align_from_sums(*sums, e.shape[-1])
 
     def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
         """``batch["user"] [B]`` -> scores ``[B, N]`` over all items (the evaluator keeps the

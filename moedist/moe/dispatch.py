@@ -40,6 +40,7 @@ Rules that keep the collectives matched (otherwise: a hang):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -47,7 +48,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["all_reduce_sum", "all_to_all", "dense_expert_idx", "expert_parallel_apply", "gather_rows", "shard_bounds"]
+__all__ = ["all_to_all", "dense_expert_idx", "expert_parallel_apply", "gather_rows", "gather_rows_and_sum", "shard_bounds"]
 
 
 class _AllToAllSingle(Function):
@@ -77,29 +78,6 @@ def all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], gro
     return _AllToAllSingle.apply(x, list(output_splits), list(input_splits), group)
 
 
-class _AllReduceSum(Function):
-    """Autograd all-reduce (sum): every rank gets ``Σ_r x_r``; since every rank's output
-    enters its own loss, the gradient of ``x_r`` is the sum of the ranks' output gradients."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad = grad_out.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def all_reduce_sum(x: Tensor, group=None) -> Tensor:
-    """Differentiable ``Σ_r x_r`` over the ranks of ``group`` (gloo and NCCL)."""
-    return _AllReduceSum.apply(x, group)
-
-
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rank ``rank``'s contiguous share ``[lo, hi)`` of ``range(n)``; sizes differ by at most one."""
     base, extra = divmod(n, world)
@@ -107,37 +85,56 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-class _GatherRows(Function):
-    """Autograd all-gather of each rank's rows (any count, zero included), concatenated in rank
-    order. Backward: the summed gradient of the whole result, of which each rank keeps its rows
-    (an all-reduce: reduce-scatter is not available on gloo)."""
+class _GatherRowsAndSum(Function):
+    """One all-gather: every rank's rows ``x [sizes[r], d]`` concatenated in rank order, and
+    the sum over ranks of a vector ``extra [L]`` (carried in padding rows of the same message).
+    Backward, one all-reduce: the summed gradients of the whole result, of which each rank
+    keeps its rows, and that of the sum (reduce-scatter is not available on gloo)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sizes: list[int], group) -> Tensor:
+    def forward(ctx, x: Tensor, extra: Tensor, sizes: list[int], group) -> tuple[Tensor, Tensor]:
         rank = dist.get_rank(group)
-        ctx.group, ctx.lo, ctx.n = group, sum(sizes[:rank]), sizes[rank]
-        width = max(sizes)
-        x = x.contiguous()
-        padded = x.new_zeros((width, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=group)
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        ctx.group, ctx.lo, ctx.n, ctx.total = group, sum(sizes[:rank]), sizes[rank], sum(sizes)
+        width, d, n_extra = max(sizes), x.shape[1], extra.numel()
+        extra_rows = -(-n_extra // d) if d else 0
+        # at least float32, so that sums and counts in `extra` keep their precision
+        buf = x.new_zeros((width + extra_rows, d), dtype=torch.promote_types(x.dtype, torch.float32))
+        buf[: x.shape[0]] = x
+        buf[width:].view(-1)[:n_extra] = extra
+        parts = [torch.empty_like(buf) for _ in sizes]
+        dist.all_gather(parts, buf, group=group)
+        rows = torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(x.dtype)
+        summed = torch.stack([part[width:].reshape(-1)[:n_extra] for part in parts]).sum(0).to(extra.dtype)
+        return rows, summed
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad = grad_out.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.lo : ctx.lo + ctx.n], None, None
+    def backward(ctx, grad_rows: Tensor, grad_sum: Tensor):
+        dtype = torch.promote_types(grad_rows.dtype, torch.float32)
+        flat = torch.cat([grad_rows.reshape(-1).to(dtype), grad_sum.reshape(-1).to(dtype)])
+        dist.all_reduce(flat, group=ctx.group)
+        d = grad_rows.shape[1]
+        mine = flat[ctx.lo * d : (ctx.lo + ctx.n) * d].view(ctx.n, d).to(grad_rows.dtype)
+        return mine, flat[ctx.total * d :].to(grad_sum.dtype), None, None
+
+
+def gather_rows_and_sum(x: Tensor, extra: Tensor, sizes: list[int], group=None) -> tuple[Tensor, Tensor]:
+    """``(rows, summed)``: every rank's ``x [sizes[r], d]`` concatenated in rank order, and
+    ``Σ_r extra_r`` for a 1-D ``extra`` of the same length on every rank, in one collective
+    (differentiable; one all-reduce in backward). The ranks of ``group`` call it together
+    with the same ``sizes`` and, in training, all back-propagate through it."""
+    if x.dim() != 2 or extra.dim() != 1:
+        raise ValueError(f"gather_rows_and_sum: x must be [n, d] and extra 1-D, got {tuple(x.shape)} and {tuple(extra.shape)}")
+    if x.shape[0] != sizes[dist.get_rank(group)]:
+        raise ValueError(f"gather_rows_and_sum: this rank has {x.shape[0]} rows, sizes say {sizes[dist.get_rank(group)]}")
+    return _GatherRowsAndSum.apply(x, extra, list(sizes), group)
 
 
 def gather_rows(x: Tensor, sizes: list[int], group=None) -> Tensor:
-    """Every rank's ``x [sizes[r], ...]`` concatenated in rank order (differentiable). The
-    ranks of ``group`` call it together with the same ``sizes`` and, in training, all
-    back-propagate through it."""
-    if x.shape[0] != sizes[dist.get_rank(group)]:
-        raise ValueError(f"gather_rows: this rank has {x.shape[0]} rows, sizes say {sizes[dist.get_rank(group)]}")
-    return _GatherRows.apply(x, list(sizes), group)
+    """Every rank's ``x [sizes[r], ...]`` concatenated in rank order (see
+    :func:`gather_rows_and_sum`)."""
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    rows, _ = gather_rows_and_sum(flat, flat.new_zeros(0), sizes, group)
+    return rows.view(-1, *x.shape[1:])
 
 
 def dense_expert_idx(num_tokens: int, num_experts: int, device=None) -> Tensor:

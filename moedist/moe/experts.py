@@ -34,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedist.moe.dispatch import all_reduce_sum, apply_grouped, dense_expert_idx, expert_parallel_apply, padded_expert_rows
+from moedist.moe.dispatch import apply_grouped, dense_expert_idx, expert_parallel_apply, padded_expert_rows
 from moedist.moe.gates import (
     BalanceDirection,
     DenseGate,
     MoEAux,
     TopKGate,
+    balance_from_sums,
+    balance_token_sums,
     expert_load,
     kl_balance_loss,
     routing_entropy,
@@ -328,13 +330,15 @@ class MoELayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, gate_input: Tensor | None = None, *, mask: Tensor | None = None, balance_group=None
+        self, x: Tensor, gate_input: Tensor | None = None, *, mask: Tensor | None = None,
+        balance_sums: bool = False,
     ) -> tuple[Tensor, MoEAux]:
         """x: ``[..., in]``; gate_input: ``[..., gate_in]``; mask: optional bool ``[...]`` of the
-        tokens that count for the balance loss and statistics. ``balance_group`` (a process
-        group, e.g. ``dist.group.WORLD``): the tokens are this rank's share of a set spread over
-        the group, and the balance loss is over the whole set (its token sums are all-reduced,
-        differentiably). Returns ``([..., out], aux)``."""
+        tokens that count for the balance loss and statistics. Returns ``([..., out], aux)``.
+
+        ``balance_sums=True`` leaves the balance loss to the caller: ``aux.balance_sums`` holds
+        the differentiable token sums it is computed from (:func:`balance_token_sums`), e.g. to
+        add those of other ranks first, and ``aux.balance_loss`` is 0."""
         g = self.gate(x if gate_input is None else gate_input)  # weights/probs: (..., E)
         if g.topk_idx is not None and self.sparse_topk:
             # only the k selected experts (on their owners when ep_size > 1)
@@ -342,18 +346,12 @@ class MoELayer(nn.Module):
         else:
             expert_out = self.experts(x)  # (..., E, out)
             out = torch.einsum("...e,...eo->...o", g.weights.to(expert_out.dtype), expert_out)
+        sums = None
         if self.balance is None:
             balance_loss = out.new_zeros(())
         else:
-            probs = g.probs.reshape(-1, self.num_experts).float()  # (T, E)
-            keep = token_weights(mask, probs)  # (T, 1)
-            total, n = (probs * keep).sum(0), keep.sum()  # (E,), ()
-            if balance_group is not None:
-                summed = all_reduce_sum(torch.cat([total, n.view(1)]), balance_group)
-                total, n = summed[:-1], summed[-1]
-            mean_probs = total / n.clamp_min(1.0)  # p̄: (E,)
-            # No tokens (all masked) → no balance signal rather than KL(0 ‖ U).
-            balance_loss = torch.where(
-                n > 0, kl_balance_loss(mean_probs, direction=self.balance), torch.zeros((), device=n.device)
-            )
-        return out, MoEAux(balance_loss, weights=g.weights, probs=g.probs, mask=mask)
+            sums = balance_token_sums(g.probs, mask)
+            balance_loss = out.new_zeros(()) if balance_sums else balance_from_sums(*sums, direction=self.balance)
+        aux = MoEAux(balance_loss, weights=g.weights, probs=g.probs, mask=mask)
+        aux.balance_sums = sums if balance_sums else None
+        return out, aux

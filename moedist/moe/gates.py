@@ -74,6 +74,8 @@ class MoEAux:
         self._weights = weights.detach()
         self._probs = probs.detach()
         self._mask = None if mask is None else mask.detach()
+        # (Σ_t p_t [E], n [1]) when the layer leaves its balance loss to the caller
+        self.balance_sums: tuple[Tensor, Tensor] | None = None
 
     def detached(self) -> "MoEAux":
         """The same statistics without the autograd graph of ``balance_loss`` (to keep for logging)."""
@@ -173,6 +175,22 @@ def kl_balance_loss(mean_probs: Tensor, *, direction: BalanceDirection = "paper"
     if direction == "code":
         return ((log_u - p.log()) / num_experts).sum(-1)
     raise ValueError(f"direction must be 'paper' or 'code', got {direction!r}")
+
+
+def balance_token_sums(probs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(Σ_t p_t [E], n [1])`` over the (unmasked) tokens of dense gate probabilities ``probs
+    [..., E]``, in float32 and differentiable: what a balance loss needs, in a form that adds
+    up across ranks holding different tokens of one set."""
+    p = probs.reshape(-1, probs.shape[-1]).float()  # (T, E)
+    keep = token_weights(mask, p)  # (T, 1)
+    return (p * keep).sum(0), keep.sum().view(1)
+
+
+def balance_from_sums(total: Tensor, n: Tensor, *, direction: BalanceDirection = "paper") -> Tensor:
+    """:func:`kl_balance_loss` of the mean gate distribution ``total / n``; 0 with no tokens
+    (no balance signal rather than KL(0 ‖ U))."""
+    loss = kl_balance_loss(total / n.clamp_min(1.0), direction=direction)
+    return torch.where(n.reshape(()) > 0, loss, torch.zeros_like(loss))
 
 
 def expert_load(
