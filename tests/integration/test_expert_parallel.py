@@ -308,6 +308,17 @@ def test_hm4sr_ep2_matches_single_process():
 # ------------------------------------------------------------------------------------ MAMEX
 
 
+def _bpr_batches(sizes: list[int], n_users: int, n_items: int) -> list[dict]:
+    """One (user, pos_item, neg_item) batch per rank, of ``sizes[r]`` triples; the same on every rank."""
+    gen = torch.Generator().manual_seed(5)
+    return [
+        {"user": torch.randint(1, n_users, (B,), generator=gen),
+         "pos_item": torch.randint(1, n_items, (B,), generator=gen),
+         "neg_item": torch.randint(1, n_items, (B,), generator=gen)}
+        for B in sizes
+    ]
+
+
 def _mamex_worker(rank: int, world: int) -> None:
     from types import SimpleNamespace
 
@@ -331,13 +342,7 @@ def _mamex_worker(rank: int, world: int) -> None:
             return MAMEX(cfg, n_items=n_items, n_users=n_users, item_features=feats).eval()
 
         ref, ep = build(1), build(2)
-        gen = torch.Generator().manual_seed(5)
-        batches = [
-            {"user": torch.randint(1, n_users, (B,), generator=gen),
-             "pos_item": torch.randint(1, n_items, (B,), generator=gen),
-             "neg_item": torch.randint(1, n_items, (B,), generator=gen)}
-            for B in sizes
-        ]
+        batches = _bpr_batches(sizes, n_users, n_items)
         with torch.no_grad():
             _close(ep.full_sort_predict(batches[rank]), ref.full_sort_predict(batches[rank]), f"{what}: scores")
         total = sum(ref.calculate_loss(b)[0] for b in batches)
@@ -406,13 +411,7 @@ def _mamex_catalogue_worker(rank: int, world: int, ep_size: int) -> None:
 
         ref, sharded = build(1), build(ep_size)
         sharded.shard_catalogue(dist.group.WORLD)
-        gen = torch.Generator().manual_seed(5)
-        batches = [
-            {"user": torch.randint(1, n_users, (B,), generator=gen),
-             "pos_item": torch.randint(1, n_items, (B,), generator=gen),
-             "neg_item": torch.randint(1, n_items, (B,), generator=gen)}
-            for B in sizes
-        ]
+        batches = _bpr_batches(sizes, n_users, n_items)
         # the reference encodes every item and back-propagates every rank's loss
         total = sum(ref.calculate_loss(b)[0] for b in batches)
         total.backward()
