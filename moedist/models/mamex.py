@@ -385,7 +385,8 @@ class MAMEX(nn.Module):
             sums.append(self._align_sums(e, z, keep))
         if group is not None:  # one collective: every rank's rows of e, and the summed sums
             shapes = [(a.numel(), b.numel()) for a, b in sums]
-            flat = torch.cat([t.reshape(-1).float() for pair in sums for t in pair] + [e.new_zeros(0).float()])
+            parts = [t.reshape(-1).float() for pair in sums for t in pair]
+            flat = torch.cat(parts) if parts else e.new_zeros(0, dtype=torch.float32)
             e, flat = gather_rows_and_sum(e, flat, sizes, group)  # e: (N - first, d)
             sums, at = [], 0
             for a, b in shapes:
