@@ -57,7 +57,6 @@ import importlib.util
 import json
 import math
 import platform
-import sys
 import time
 import types
 from pathlib import Path

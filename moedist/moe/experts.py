@@ -42,10 +42,6 @@ from moedist.moe.gates import (
     TopKGate,
     balance_from_sums,
     balance_token_sums,
-    expert_load,
-    kl_balance_loss,
-    routing_entropy,
-    token_weights,
 )
 from moedist.moe.parallel import ExpertParallelGroups, expert_split, init_expert_parallel, mark_expert_params
 

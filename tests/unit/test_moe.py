@@ -322,6 +322,26 @@ def test_moe_layer_mask_restricts_balance_and_stats_to_real_tokens():
     assert aux_none.balance_loss.item() == 0.0 and aux_none.load.sum().item() == 0.0
 
 
+def test_moe_layer_leaves_the_balance_loss_to_the_caller_as_token_sums_that_add_up():
+    """balance_sums=True: the sums of two halves of the tokens give the whole set's loss."""
+    from moedist.moe.gates import balance_from_sums
+
+    torch.manual_seed(4)
+    layer = MoELayer(in_features=3, out_features=2, num_experts=4, k=2, balance="code")
+    x = torch.randn(7, 3)
+    mask = torch.tensor([True, True, False, True, True, True, False])
+    out, aux = layer(x, mask=mask)
+    parts = [layer(x[s], mask=mask[s], balance_sums=True) for s in (slice(0, 3), slice(3, None))]
+    assert all(a.balance_loss.item() == 0.0 for _, a in parts)
+    torch.testing.assert_close(torch.cat([o for o, _ in parts]), out)
+    total = sum(a.balance_sums[0] for _, a in parts)
+    n = sum(a.balance_sums[1] for _, a in parts)
+    assert n.item() == 5.0
+    torch.testing.assert_close(total, layer.gate(x).probs[mask].sum(0))
+    torch.testing.assert_close(balance_from_sums(total, n, direction="code"), aux.balance_loss)
+    assert balance_from_sums(torch.zeros(4), torch.zeros(1)).item() == 0.0  # no tokens: no signal
+
+
 def test_routing_entropy_by_hand():
     from moedist.moe import routing_entropy
 
