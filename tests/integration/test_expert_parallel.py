@@ -387,7 +387,7 @@ def _mamex_catalogue_worker(rank: int, world: int, ep_size: int) -> None:
     from moedist.models.mamex import MAMEX, MAMEXConfig
 
     n_items, n_users = 25, 12
-    sizes = [4, 1, 3][:world]
+    sizes = [4, 1, 3, 2][:world]
     g0 = torch.Generator().manual_seed(0)
     feats = {
         "complete": torch.ones(n_items, dtype=torch.bool),
@@ -437,7 +437,7 @@ def _mamex_catalogue_worker(rank: int, world: int, ep_size: int) -> None:
             _close(sharded.full_sort_predict(batches[rank]), ref.full_sort_predict(batches[rank]), f"{what}: scores")
 
 
-@pytest.mark.parametrize("world,ep_size", [(2, 1), (3, 1), (2, 2)])
+@pytest.mark.parametrize("world,ep_size", [(2, 1), (3, 1), (2, 2), (4, 2)])
 def test_mamex_sharded_catalogue_matches_single_process(world, ep_size):
     spawn(_mamex_catalogue_worker, world, ep_size)
 
