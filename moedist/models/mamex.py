@@ -380,7 +380,7 @@ class MAMEX(nn.Module):
         sums = list(balance_sums)
         if self.learned_fusion:
             fused = alpha if self._complete else alpha[real]  # the real items' α
-            sums.append((fused.sum(0), fused.new_full((1,), fused.shape[0])))
+            sums.append((fused.float().sum(0), fused.new_full((1,), fused.shape[0], dtype=torch.float32)))
         if self.config.use_align:
             sums.append(self._align_sums(e, z, keep))
         if group is not None:  # one collective: every rank's rows of e, and the summed sums
@@ -411,10 +411,11 @@ class MAMEX(nn.Module):
         return e, z, aux
 
     def _align_sums(self, e: Tensor, z: dict[str, Tensor], keep: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """``(Σ (e − z_m)² [M], n_m [M])`` over the rows where ``keep[m]`` (None: all rows)."""
+        """``(Σ (e − z_m)² [M], n_m [M])`` over the rows where ``keep[m]`` (None: all rows),
+        in float32 (sums over a whole catalogue)."""
         sq, n = [], []
         for m in self.modalities:
-            diff = (e - z[m]).pow(2).sum(-1)  # (rows,)
+            diff = (e - z[m]).float().pow(2).sum(-1)  # (rows,)
             if keep is None:
                 sq.append(diff.sum())
                 n.append(diff.new_tensor(float(diff.shape[0])))
