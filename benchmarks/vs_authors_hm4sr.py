@@ -2,7 +2,7 @@
 
     python benchmarks/vs_authors_hm4sr.py --authors /path/to/HM4SR --extra-path /tmp/authors-deps \\
         --data data/prepared/movielens-100k --features data/prepared/movielens-100k/features/minilm+none \\
-        --epochs 40 --patience 10 --out benchmarks/results/vs-authors-hm4sr-ml100k.json
+        --epochs 60 --patience 10 --out benchmarks/results/vs-authors-hm4sr-ml100k.json
 
 ``--authors`` is a checkout of github.com/SStarCCat/HM4SR (checked at f1c0a15). Its bundled
 RecBole imports colorlog, colorama, texttable and thop; install those *beside* moedist's
@@ -28,6 +28,10 @@ Two parts, both in one process:
    stream, so the two curves are two samples of the same process, not bitwise twins. Every
    epoch's result is written (atomically) to ``--out`` and both models' state to
    ``<out>.state.pt``; rerunning the same command continues after the last finished epoch.
+3. **time input** (``--time-input-check``, after training): the last saved moedist weights are
+   evaluated with exact-second and with float32-rounded times (``hm4sr.time_float32``, the
+   authors' RecBole pipeline), beside the authors' model, and the share of interval buckets
+   the rounding moves is counted (``time_input_check``).
 
 Adaptations of the authors' code, applied to its source text as it is loaded (each must apply
 exactly as expected, so a different commit fails loudly instead of silently):
@@ -556,6 +560,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--override", action="append", default=[], help="extra hm4sr.* settings for both, key=value")
+    p.add_argument("--time-input-check", action="store_true",
+                   help="evaluate the last saved weights with exact and with float32-rounded times")
     args = p.parse_args()
     sys.path[:0] = args.extra_path
     torch.set_num_threads(args.threads)
@@ -618,7 +624,51 @@ def main() -> None:
         print(json.dumps(result["equivalence"], indent=2), flush=True)
     if args.epochs > 0:
         train_side_by_side(ours, theirs, task, args, result, out)
+    if args.time_input_check:
+        result["time_input_check"] = time_input_check(ours, theirs, task, cfg, out, args.eval_batch_size)
+        print(json.dumps(result["time_input_check"], indent=2), flush=True)
     atomic_write_json(out, result, indent=2)
+
+
+def time_input_check(ours, theirs, task, cfg, out: Path, batch_size: int) -> dict:
+    """NDCG@10 of the last saved weights: moedist's with exact and with float32-rounded times
+    (the authors' model always rounds), and how many interval buckets the rounding moves."""
+    from moedist.models.hm4sr import interval_bucket
+    from moedist.train.loop import DistContext, evaluate_split
+
+    state_path = out.with_suffix(".state.pt")
+    if not state_path.is_file():
+        raise SystemExit(f"--time-input-check needs the trained state {state_path}")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    ours.load_state_dict(state["ours"])
+    theirs.load_state_dict(state["theirs"])
+    with torch.no_grad():  # the authors' temporal experts are not registered parameters
+        for vec, saved in zip(theirs.time_moe.expert, state["theirs_time_experts"]):
+            vec.copy_(saved)
+    ours.eval()
+    theirs.eval()
+    ctx = DistContext()
+    splits = ("valid", "test")
+    check: dict = {"after_epoch": state["epoch"] - 1, "ndcg@10": {}, "buckets_moved": {}}
+    for rounded in (False, True):
+        ours.temporal_moe.float32_times = rounded
+        name = "moedist, float32 times" if rounded else "moedist, exact times"
+        check["ndcg@10"][name] = {s: evaluate_split(ours, task, s, ctx, batch_size)["ndcg@10"] for s in splits}
+    ours.temporal_moe.float32_times = cfg.hm4sr.time_float32
+    adapter = AuthorsAdapter(theirs)
+    check["ndcg@10"]["authors (float32 times)"] = {s: evaluate_split(adapter, task, s, ctx, batch_size)["ndcg@10"] for s in splits}
+    for s in splits:
+        batch = task.splits[s].batch(np.arange(len(task.splits[s])))
+        exact = interval_bucket(batch["time_seq"], batch["item_seq_len"], cfg.hm4sr.mu)
+        rounded = interval_bucket(batch["time_seq"], batch["item_seq_len"], cfg.hm4sr.mu, float32_times=True)
+        lengths = batch["item_seq_len"]
+        real = torch.arange(exact.shape[1])[None, :] < lengths[:, None]
+        last = (torch.arange(len(lengths)), (lengths - 1).clamp_min(0))
+        check["buckets_moved"][s] = {
+            "real_positions": float(((exact != rounded) & real).sum() / real.sum()),
+            "last_position": float((exact[last] != rounded[last]).float().mean()),
+        }
+    return check
 
 
 if __name__ == "__main__":
