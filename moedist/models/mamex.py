@@ -368,10 +368,9 @@ class MAMEX(nn.Module):
         first = 1 if self._complete else 0
         rows, sizes = self._shard_rows(first, group)
         h = {m: self.features(m)[rows] for m in self.modalities}
-        keep = None if self._complete else {m: p[rows] for m, p in present.items()}
-        z, balance_sums, adapter_stats = self.adapters(
-            h, {m: p[rows] for m, p in present.items()}, complete=self._complete
-        )
+        present_rows = {m: p[rows] for m, p in present.items()}
+        keep = None if self._complete else present_rows
+        z, balance_sums, adapter_stats = self.adapters(h, present_rows, complete=self._complete)
         alpha = self._fusion_weights(z, None if self._complete else present_nm[rows])  # (rows, M)
         e = sum(alpha[:, i : i + 1] * z[m] for i, m in enumerate(self.modalities))  # (rows, d)
         real = items[rows]
