@@ -43,6 +43,7 @@ from moedist.config import save_config
 from moedist.data.dataset import ColdStartData, PreparedDataset, SequentialSamples
 from moedist.errors import CheckpointError, ConfigError, DataError, MoedistError
 from moedist.io import atomic_write_bytes, atomic_write_text
+from moedist.moe.dispatch import shard_bounds
 from moedist.train.checkpoint import latest_complete, load_checkpoint, previous_of, save_checkpoint
 from moedist.train.config import ExperimentConfig
 from moedist.train.evaluate import (
@@ -216,8 +217,7 @@ def model_ep_size(cfg: ExperimentConfig) -> int:
 
 def _shard(n: int, rank: int, world: int) -> np.ndarray:
     """Rank ``rank``'s contiguous share of ``range(n)`` (sizes differ by at most one)."""
-    bounds = np.linspace(0, n, world + 1).round().astype(np.int64)
-    return np.arange(bounds[rank], bounds[rank + 1])
+    return np.arange(*shard_bounds(n, rank, world))
 
 
 class SequentialTask:
