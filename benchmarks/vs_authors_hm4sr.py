@@ -369,6 +369,15 @@ def check_equivalence(ours, theirs, module, task, batches, seed: int) -> dict:
 # ------------------------------------------------------------------------ part 2: training
 
 
+def load_models(ours, theirs, state: dict) -> None:
+    """Both models' weights from a saved ``<out>.state.pt``."""
+    ours.load_state_dict(state["ours"])
+    theirs.load_state_dict(state["theirs"])
+    with torch.no_grad():  # the authors' temporal experts are not registered parameters
+        for vec, saved in zip(theirs.time_moe.expert, state["theirs_time_experts"]):
+            vec.copy_(saved)
+
+
 def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> None:
     from moedist.train.loop import DistContext
 
@@ -382,11 +391,7 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> Non
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state["epoch"] != len(epochs):
             raise SystemExit(f"{state_path} is at epoch {state['epoch']} but {out} records {len(epochs)}; delete both to restart")
-        ours.load_state_dict(state["ours"])
-        theirs.load_state_dict(state["theirs"])
-        with torch.no_grad():  # the authors' temporal experts are not registered parameters
-            for vec, saved in zip(theirs.time_moe.expert, state["theirs_time_experts"]):
-                vec.copy_(saved)
+        load_models(ours, theirs, state)
         opt_o.load_state_dict(state["opt_ours"])
         opt_t.load_state_dict(state["opt_theirs"])
         ranks_by_epoch = state.get("ranks_by_epoch", {})
@@ -640,11 +645,7 @@ def time_input_check(ours, theirs, task, cfg, out: Path, batch_size: int) -> dic
     if not state_path.is_file():
         raise SystemExit(f"--time-input-check needs the trained state {state_path}")
     state = torch.load(state_path, map_location="cpu", weights_only=True)
-    ours.load_state_dict(state["ours"])
-    theirs.load_state_dict(state["theirs"])
-    with torch.no_grad():  # the authors' temporal experts are not registered parameters
-        for vec, saved in zip(theirs.time_moe.expert, state["theirs_time_experts"]):
-            vec.copy_(saved)
+    load_models(ours, theirs, state)
     ours.eval()
     theirs.eval()
     ctx = DistContext()
