@@ -16,7 +16,7 @@ from typing import Callable
 
 from moedist.config import to_dict
 from moedist.train.config import ExperimentConfig
-from moedist.train.loop import DistContext, default_run_dir, resolve_device, run_training
+from moedist.train.loop import DistContext, check_expert_parallel, default_run_dir, resolve_device, run_training
 
 
 def launch(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) -> dict:
@@ -26,6 +26,7 @@ def launch(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) 
 
             raise ConfigError(f"dist.ep_size={cfg.dist.ep_size} needs dist.workers >= {cfg.dist.ep_size}")
         return run_training(cfg, echo=echo)
+    check_expert_parallel(cfg, cfg.dist.workers)  # before any worker starts: a clear error, not a worker traceback
     return launch_ray(cfg, echo=echo)
 
 

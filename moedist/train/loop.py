@@ -177,15 +177,16 @@ def build_model(cfg: ExperimentConfig, data: PreparedDataset, features) -> torch
     raise ConfigError(f"unknown model {cfg.model!r}")
 
 
-def apply_expert_parallel(cfg: ExperimentConfig, ctx: DistContext) -> None:
-    """Carry ``dist.ep_size`` into the model's MoE layers (they shard their experts)."""
+def check_expert_parallel(cfg: ExperimentConfig, world: int) -> None:
+    """ConfigError unless ``dist.ep_size`` can run on ``world`` workers with this model and
+    ZeRO stage (the launcher checks before starting any worker)."""
     ep = cfg.dist.ep_size
     if ep == 1:
         return
     if cfg.model not in ("hm4sr", "mamex"):
         raise ConfigError(f"dist.ep_size={ep}: model {cfg.model} has no MoE layers to shard")
-    if ep < 1 or ctx.world % ep:
-        raise ConfigError(f"dist.ep_size={ep} must divide the number of workers ({ctx.world})")
+    if ep < 1 or world % ep:
+        raise ConfigError(f"dist.ep_size={ep} must divide the number of workers ({world})")
     if cfg.dist.zero_stage > 0:
         # DeepSpeed 0.19 maps ZeRO's flat optimizer partitions back to parameters only for the
         # dense groups (its fragment links of expert groups are empty on all but one rank), so
@@ -194,7 +195,13 @@ def apply_expert_parallel(cfg: ExperimentConfig, ctx: DistContext) -> None:
             f"dist.ep_size={ep} needs dist.zero_stage=0 (got {cfg.dist.zero_stage}): expert-parallel "
             "checkpoints must store the experts' optimizer state by global index"
         )
-    getattr(cfg, cfg.model).ep_size = ep
+
+
+def apply_expert_parallel(cfg: ExperimentConfig, ctx: DistContext) -> None:
+    """Carry ``dist.ep_size`` into the model's MoE layers (they shard their experts)."""
+    check_expert_parallel(cfg, ctx.world)
+    if cfg.dist.ep_size > 1:
+        getattr(cfg, cfg.model).ep_size = cfg.dist.ep_size
 
 
 def apply_catalogue_sharding(model: torch.nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> int:

@@ -171,9 +171,14 @@ def test_expert_parallel_with_zero_is_refused_up_front(toy_data, toy_features, t
     c = hm4sr_cfg(toy_data, toy_features, tmp_path, "dist.workers=2", "dist.ep_size=2", "dist.zero_stage=1")
     with pytest.raises(ConfigError, match="zero_stage=0"):
         apply_expert_parallel(c, DistContext(rank=0, world=2))
+    with pytest.raises(ConfigError, match="zero_stage=0"):  # by the launcher, before any worker starts
+        launch(c, echo=lambda s: None)
     c = hm4sr_cfg(toy_data, toy_features, tmp_path, "dist.workers=3", "dist.ep_size=2")
     with pytest.raises(ConfigError, match="must divide"):
         apply_expert_parallel(c, DistContext(rank=0, world=3))
+    with pytest.raises(ConfigError, match="must divide"):
+        launch(c, echo=lambda s: None)
+    assert not (tmp_path / "config.yaml").exists()  # nothing was started
 
 
 def test_two_worker_runs_are_deterministic(toy_data, tmp_path, two_workers, ray_local):
