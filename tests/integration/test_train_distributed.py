@@ -91,18 +91,16 @@ def test_checkpoint_from_two_workers_resumes_on_one(toy_data, tmp_path, two_work
 
 
 def _kill_a_worker_after_first_epoch(run_dir: Path, done: threading.Event, killed: list) -> None:
-    import psutil
-
-    metrics = run_dir / "metrics.jsonl"
-    while not done.is_set():
-        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
-            for p in psutil.process_iter(["cmdline"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "RayTrainWorker" in cmd and p.pid != os.getpid():
-                    os.kill(p.pid, signal.SIGKILL)
-                    killed.append(p.pid)
-                    return
-        time.sleep(0.2)
+    """Kill one training worker at a moment when at least one epoch, and not the last, is on disk."""
+    try:
+        workers = _train_workers(2, lambda: not done.is_set(), timeout=600)
+        seen = _freeze_after_first_epoch(run_dir, workers, lambda: not done.is_set(), timeout=600)
+        workers[0].kill()
+        killed.append((workers[0].pid, seen))
+        for p in workers[1:]:
+            p.resume()
+    except Exception as e:  # reported by the test, which cannot see this thread's failures
+        killed.append(e)
 
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(toy_data, tmp_path, two_workers, ray_local):
@@ -115,7 +113,8 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(toy_data, tmp_path,
     finally:
         done.set()
         t.join(5)
-    assert killed, "no training worker was found to kill"
+    assert killed and not isinstance(killed[0], Exception), killed
+    assert killed[0][1] < 3, f"the worker was killed after the last epoch ({killed[0][1]} on disk)"
     assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert losses(d) == pytest.approx(losses(two_workers[0]), rel=1e-5)
     assert_same_weights(two_workers[0], d)
@@ -189,31 +188,52 @@ def test_two_worker_runs_are_deterministic(toy_data, tmp_path, two_workers, ray_
     assert res["test"] == two_workers[1]["test"] and res["valid"] == two_workers[1]["valid"]
 
 
-def _wait_for_epochs(run_dir: Path, n: int, proc, timeout: float) -> None:
+def _train_workers(n: int, running, timeout: float) -> list:
+    """psutil handles of the run's ``n`` Ray Train worker processes, once they exist;
+    ``running()`` says whether the run is still going."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in psutil.process_iter(["cmdline"])
+                 if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+        if len(found) >= n:
+            return found
+        if not running():
+            raise RuntimeError("the run ended before its workers were found")
+        time.sleep(0.05)
+    raise RuntimeError(f"fewer than {n} training workers after {timeout:.0f} s")
+
+
+def _freeze_after_first_epoch(run_dir: Path, workers: list, running, timeout: float) -> int:
+    """Leave the workers SIGSTOPped at a moment when at least one epoch is on disk; returns
+    the number of epochs on disk then.
+
+    The file is read only while every worker is stopped, so what it shows is where the run
+    stays: a toy epoch takes tens of milliseconds, far less than a poll interval plus a
+    process scan, so checking first and stopping afterwards can miss the whole run."""
+    import psutil
+
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metrics.is_file() and metrics.read_text().count("\n") >= n:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the driver exited (rc {proc.returncode}) before epoch {n} finished")
-        time.sleep(0.2)
-    pytest.fail(f"no epoch {n} in {metrics} after {timeout:.0f} s")
-
-
-def _pause_train_workers() -> list:
-    """SIGSTOP every Ray Train worker process; returns their psutil handles."""
-    import psutil
-
-    paused = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+        for p in workers:
             try:
                 p.suspend()
-                paused.append(p)
             except psutil.NoSuchProcess:
                 pass
-    return paused
+        n = metrics.read_text().count("\n") if metrics.is_file() else 0
+        if n >= 1:
+            return n
+        if not running():
+            raise RuntimeError("the run ended before epoch 0 was on disk")
+        for p in workers:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.01)
+    raise RuntimeError(f"no epoch in {metrics} after {timeout:.0f} s")
 
 
 def _kill_quietly(p) -> None:
@@ -242,11 +262,9 @@ def test_interrupted_driver_rerun_resumes_in_ray_mode(toy_data, tmp_path, two_wo
         first = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         paused = []
         try:
-            _wait_for_epochs(d, 1, first, timeout=600)
-            # freeze the workers first, so that on a fast machine no further epoch can finish
-            # between seeing epoch 0 and the driver going down
-            paused += _pause_train_workers()
-            assert paused, "no training worker was found to pause"
+            running = lambda: first.poll() is None  # noqa: E731
+            paused += _train_workers(2, running, timeout=600)
+            _freeze_after_first_epoch(d, paused, running, timeout=600)
             first.send_signal(sig)
             try:
                 first.wait(timeout=30)
