@@ -31,7 +31,18 @@ Two parts, both in one process:
 3. **time input** (``--time-input-check``, after training): the last saved moedist weights are
    evaluated with exact-second and with float32-rounded times (``hm4sr.time_float32``, the
    authors' RecBole pipeline), beside the authors' model, and the share of interval buckets
-   the rounding moves is counted (``time_input_check``).
+   the rounding moves is counted (``time_input_check``). It also splits the users by whether
+   the rounding moves the interval bucket at the last position of their input, and gives each
+   group's mean paired test/valid NDCG@10 difference over the first and the second half of the
+   epochs whose ranks were stored (``by_bucket_move``): a gap that comes from the time input
+   should sit with the users whose input the rounding changes.
+4. **dropout on** (``--dropout-check N``, after the above): moedist's last saved weights are
+   copied into the authors' model, and both compute the training loss in train mode (dropout
+   and PCL placeholders drawn afresh) ``N`` times on each of ``--dropout-check-batches``
+   training batches; moedist once with exact and once with float32-rounded times. Part 1 has
+   dropout off, so only this shows that the two codes drop out in the same places at the same
+   rates: with the same inputs the expected losses must agree within their standard error
+   (``dropout_check``).
 
 Adaptations of the authors' code, applied to its source text as it is loaded (each must apply
 exactly as expected, so a different commit fails loudly instead of silently):
@@ -567,6 +578,9 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[], help="extra hm4sr.* settings for both, key=value")
     p.add_argument("--time-input-check", action="store_true",
                    help="evaluate the last saved weights with exact and with float32-rounded times")
+    p.add_argument("--dropout-check", type=int, default=0, metavar="N",
+                   help="expected training loss over N dropout draws per batch, same weights in both (0 = skip)")
+    p.add_argument("--dropout-check-batches", type=int, default=4)
     args = p.parse_args()
     sys.path[:0] = args.extra_path
     torch.set_num_threads(args.threads)
@@ -632,6 +646,9 @@ def main() -> None:
     if args.time_input_check:
         result["time_input_check"] = time_input_check(ours, theirs, task, cfg, out, args.eval_batch_size)
         print(json.dumps(result["time_input_check"], indent=2), flush=True)
+    if args.dropout_check:
+        result["dropout_check"] = dropout_check(ours, theirs, task, out, args, trained_epochs=len(result.get("epochs", [])))
+        print(json.dumps(result["dropout_check"], indent=2), flush=True)
     atomic_write_json(out, result, indent=2)
 
 
@@ -669,6 +686,84 @@ def time_input_check(ours, theirs, task, cfg, out: Path, batch_size: int) -> dic
             "real_positions": float(((exact != rounded) & real).sum() / real.sum()),
             "last_position": float((exact[last] != rounded[last]).float().mean()),
         }
+        check.setdefault("by_bucket_move", {})[s] = gap_by_bucket_move(
+            state.get("ranks_by_epoch", {}), s, (exact[last] != rounded[last]).numpy())
+    return check
+
+
+def gap_by_bucket_move(ranks_by_epoch: dict, split: str, moved: np.ndarray) -> dict:
+    """Per-user NDCG@10 difference (moedist − authors) averaged over the first and the second
+    half of the stored epochs, for the users whose last interval bucket the float32 rounding
+    moves and for the others, with bootstrap intervals and a permutation p-value for the
+    difference between the groups."""
+    from moedist.report.compare import bootstrap_ci
+    from moedist.train.evaluate import loo_metric_values
+
+    epochs = sorted(int(e) for e in ranks_by_epoch)
+    if len(epochs) < 2:
+        return {}
+    rng = np.random.default_rng(0)
+    half = len(epochs) // 2
+    out = {}
+    for window in (epochs[:half], epochs[half:]):
+        d = np.mean([(loo_metric_values(ranks_by_epoch[str(e)]["moedist"][split])["ndcg@10"]
+                      - loo_metric_values(ranks_by_epoch[str(e)]["authors"][split])["ndcg@10"]).numpy()
+                     for e in window], axis=0)
+        row = {"all": {"users": int(d.size), "mean_diff": float(d.mean())}}
+        for name, g in (("bucket moved", moved), ("bucket kept", ~moved)):
+            lo, hi = bootstrap_ci(d[g], resamples=10_000, confidence=0.95, rng=rng)
+            row[name] = {"users": int(g.sum()), "mean_diff": float(d[g].mean()), "ci95": [lo, hi]}
+        between = d[moved].mean() - d[~moved].mean()
+        perm = np.array([d[p].mean() - d[~p].mean() for p in (rng.permutation(moved) for _ in range(10_000))])
+        row["moved_minus_kept"] = {"diff": float(between), "p_value": float((np.abs(perm) >= abs(between)).mean())}
+        out[f"epochs {window[0]}-{window[-1]}"] = row
+    return out
+
+
+def dropout_check(ours, theirs, task, out: Path, args, *, trained_epochs: int) -> dict:
+    """Mean training loss over ``args.dropout_check`` fresh dropout/PCL draws on each of
+    ``args.dropout_check_batches`` training batches, moedist's last saved weights in both
+    models: moedist with exact and with float32 times, and the authors' model."""
+    state_path = out.with_suffix(".state.pt")
+    trained = state_path.is_file() and trained_epochs > 0
+    if trained:
+        load_models(ours, theirs, torch.load(state_path, map_location="cpu", weights_only=True))
+    copy_weights(parameter_map(ours, theirs))
+    adapter = AuthorsAdapter(theirs)
+    ours.train()
+    theirs.train()
+    perm = np.random.default_rng(args.seed).permutation(task.n_train())
+    draws, n_batches = args.dropout_check, args.dropout_check_batches
+    losses = {"moedist, exact times": [], "moedist, float32 times": [], "authors (float32 times)": []}
+    saved = ours.temporal_moe.float32_times
+    try:
+        with torch.no_grad():
+            for b in range(n_batches):
+                batch = task.make_batch(perm[b * args.batch_size:(b + 1) * args.batch_size])
+                for d in range(draws):
+                    for name in losses:
+                        torch.manual_seed(args.seed + 1000 * b + d)
+                        random.seed(args.seed + 1000 * b + d)
+                        if name.startswith("authors"):
+                            loss = adapter.calculate_loss(batch)
+                        else:
+                            ours.temporal_moe.float32_times = "float32" in name
+                            loss = ours.calculate_loss(batch)[0]
+                        losses[name].append(float(loss))
+                print(f"dropout check: batch {b + 1}/{n_batches}", flush=True)
+    finally:
+        ours.temporal_moe.float32_times = saved
+    arr = {k: np.array(v).reshape(n_batches, draws) for k, v in losses.items()}
+    ref = arr["authors (float32 times)"]
+    check = {"weights": f"moedist's after epoch {trained_epochs - 1}" if trained else "moedist's initial",
+             "batches": n_batches, "batch_size": args.batch_size,
+             "draws": draws, "mean_loss": {k: float(v.mean()) for k, v in arr.items()},
+             "loss_std_per_draw": float(ref.std(axis=1, ddof=1).mean())}
+    for name in ("moedist, exact times", "moedist, float32 times"):
+        a = arr[name]
+        diff = a.mean(axis=1) - ref.mean(axis=1)  # per batch: the batch's own loss level cancels
+        se = float(np.sqrt(((a.var(axis=1, ddof=1) + ref.var(axis=1, ddof=1)) / draws).sum()) / n_batches)
+        check[f"{name} − authors"] = {"mean_diff": float(diff.mean()), "standard_error": se}
     return check
 
 

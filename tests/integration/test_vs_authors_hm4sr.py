@@ -67,3 +67,21 @@ def test_training_side_by_side_records_each_epoch_once_and_resumes(toy_data, toy
     t = final["test ndcg@10"]
     assert t["mean_diff"] == pytest.approx(t["moedist"] - t["authors"])
     assert t["ci95"][0] <= t["mean_diff"] <= t["ci95"][1] and 0.0 < t["p_value"] <= 1.0
+
+
+def test_with_dropout_on_both_codes_have_the_same_expected_loss(toy_data, toy_features, tmp_path):
+    """Dropout and PCL draws in train mode, moedist's weights after 3 epochs in both: the two
+    codes' mean losses agree within a few standard errors, and moedist's exact and float32 times
+    (identical on whole days) give identical losses under the same draws. (Trained weights, not
+    initial ones: there the loss hardly depends on dropout. With the authors' embedding dropout
+    at 0.4 instead of 0.5 the difference here is 18 standard errors.)"""
+    res = _run(toy_data, toy_features, tmp_path / "drop.json", "--epochs", "3", "--check-batches", "1",
+               "--dropout-check", "30", "--dropout-check-batches", "2")
+    chk = res["dropout_check"]
+    assert chk["weights"] == "moedist's after epoch 2" and chk["draws"] == 30 and chk["batches"] == 2
+    means = chk["mean_loss"]
+    assert means["moedist, exact times"] == means["moedist, float32 times"]
+    assert chk["loss_std_per_draw"] > 0  # dropout really is on: the draws differ
+    d = chk["moedist, float32 times − authors"]
+    assert d["standard_error"] > 0
+    assert abs(d["mean_diff"]) < 4 * d["standard_error"], chk
