@@ -383,14 +383,11 @@ class MAMEX(nn.Module):
         if self.config.use_align:
             sums.append(self._align_sums(e, z, keep))
         if group is not None:  # one collective: every rank's rows of e, and the summed sums
-            shapes = [(a.numel(), b.numel()) for a, b in sums]
             parts = [t.reshape(-1).float() for pair in sums for t in pair]
             flat = torch.cat(parts) if parts else e.new_zeros(0, dtype=torch.float32)
             e, flat = gather_rows_and_sum(e, flat, sizes, group)  # e: (N - first, d)
-            sums, at = [], 0
-            for a, b in shapes:
-                sums.append((flat[at : at + a], flat[at + a : at + a + b]))
-                at += a + b
+            pieces = flat.split([t.numel() for t in parts])
+            sums = list(zip(pieces[0::2], pieces[1::2]))  # back into (sum, count) pairs
         direction = self.config.kl_direction
         n_gates = len(balance_sums)
         adapter_loss = sum((balance_from_sums(t, n, direction=direction) for t, n in sums[:n_gates]), e.new_zeros(()))
