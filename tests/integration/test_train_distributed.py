@@ -212,35 +212,29 @@ def _freeze_after_first_epoch(run_dir: Path, workers: list, running, timeout: fl
     The file is read only while every worker is stopped, so what it shows is where the run
     stays: a toy epoch takes tens of milliseconds, far less than a poll interval plus a
     process scan, so checking first and stopping afterwards can miss the whole run."""
-    import psutil
-
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in workers:
-            try:
-                p.suspend()
-            except psutil.NoSuchProcess:
-                pass
+            _quietly(p.suspend)
         n = metrics.read_text().count("\n") if metrics.is_file() else 0
         if n >= 1:
             return n
         if not running():
             raise RuntimeError("the run ended before epoch 0 was on disk")
         for p in workers:
-            try:
-                p.resume()
-            except psutil.NoSuchProcess:
-                pass
+            _quietly(p.resume)
         time.sleep(0.01)
     raise RuntimeError(f"no epoch in {metrics} after {timeout:.0f} s")
 
 
-def _kill_quietly(p) -> None:
+def _quietly(signal_process) -> None:
+    """``signal_process()`` (a psutil ``suspend``/``resume``/``kill``), ignoring a process
+    that has already exited."""
     import psutil
 
     try:
-        p.kill()  # SIGKILL also ends a stopped process
+        signal_process()
     except psutil.NoSuchProcess:
         pass
 
@@ -272,7 +266,7 @@ def test_interrupted_driver_rerun_resumes_in_ray_mode(toy_data, tmp_path, two_wo
                 pass
         finally:
             for p in paused:
-                _kill_quietly(p)
+                _quietly(p.kill)  # SIGKILL also ends a stopped process
             try:
                 first.wait(timeout=120)
             finally:
