@@ -12,9 +12,14 @@ Every step is resumable: a second ``moedist demo`` reuses what is already comple
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from moedist.data.api import DataConfig, prepare
+
+
+# GiB of Ray's memory resource each HM4SR trial worker reserves (its measured peak RSS on CPU)
+DEMO_WORKER_GIB = 6.0
 
 
 def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 1, epochs: int = 8, samples: int = 4,
@@ -52,7 +57,12 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 1, epochs:
         from moedist.tune.run import run_tune
 
         common = [f"data={data}", f"features={features}", "train.progress=false"]
-        base = load_experiment_config("hm4sr", None, [*common, f"train.epochs={epochs}", f"dist.workers={workers}"])
+        # Each trial's worker peaks at about 6 GB RSS here (batch 1,024, three branches): the
+        # memory reservation keeps Tune from starting more trials than the RAM holds (one at
+        # a time where Ray's memory resource is below one worker's share).
+        memory = math.floor(min(DEMO_WORKER_GIB, ray.cluster_resources().get("memory", 0.0) / 2**30) * 100) / 100
+        base = load_experiment_config("hm4sr", None, [*common, f"train.epochs={epochs}", f"dist.workers={workers}",
+                                                      f"dist.memory_per_worker={memory:.2f}"])
         tuned = run_tune(base, num_samples=samples, experiment_name=f"tune-hm4sr-{data.name}",
                          storage_path=runs, seed=seed, echo=quiet, verbose=0)
         best = tuned["best_results"]

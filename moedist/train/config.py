@@ -49,6 +49,11 @@ class DistConfig:
     deepspeed_config: str | None = None  # JSON whose keys override the generated DeepSpeed config
     use_gpu: bool | None = None  # None = use GPUs when the cluster has them
     cpus_per_worker: float = 1.0  # Ray CPUs per training worker
+    # GiB of Ray's "memory" resource each training worker reserves (0 = none). Ray then places
+    # workers, and Tune starts trials, only where the node's memory resource has room, instead
+    # of oversubscribing RAM until its memory monitor kills workers. On CPU, an HM4SR worker at
+    # the papers' batch of 1,024 peaks at about 4-6 GiB (README); on GPUs host memory is small.
+    memory_per_worker: float = 0.0
     ray_address: str | None = None  # None = connect to RAY_ADDRESS / a running cluster, else start a local one
     max_failures: int = 2  # Ray Train restarts after a worker failure (resume from the last checkpoint)
     storage_path: str | None = None  # Ray run storage (shared path or s3:// URI); default: <run_dir>/ray

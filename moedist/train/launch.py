@@ -10,11 +10,13 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Callable
 
 from moedist.config import to_dict
+from moedist.errors import ConfigError
 from moedist.train.config import ExperimentConfig
 from moedist.train.loop import DistContext, check_expert_parallel, default_run_dir, resolve_device, run_training
 
@@ -22,8 +24,6 @@ from moedist.train.loop import DistContext, check_expert_parallel, default_run_d
 def launch(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) -> dict:
     if cfg.dist.workers <= 0:
         if cfg.dist.ep_size > 1:
-            from moedist.errors import ConfigError
-
             raise ConfigError(f"dist.ep_size={cfg.dist.ep_size} needs dist.workers >= {cfg.dist.ep_size}")
         return run_training(cfg, echo=echo)
     check_expert_parallel(cfg, cfg.dist.workers)  # before any worker starts: a clear error, not a worker traceback
@@ -130,6 +130,40 @@ def resolve_use_gpu(cfg: ExperimentConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
+    """The Ray resources one training worker reserves: ``dist.cpus_per_worker`` CPUs, a GPU
+    when ``use_gpu``, and ``dist.memory_per_worker`` GiB of Ray's ``memory`` resource (bytes)."""
+    mem = cfg.dist.memory_per_worker
+    if not (isinstance(mem, (int, float)) and math.isfinite(mem) and mem >= 0):
+        raise ConfigError(f"dist.memory_per_worker must be a number of GiB >= 0 (0 = no reservation), got {mem!r}")
+    if not (isinstance(cfg.dist.cpus_per_worker, (int, float)) and cfg.dist.cpus_per_worker > 0):
+        raise ConfigError(f"dist.cpus_per_worker must be > 0, got {cfg.dist.cpus_per_worker!r}")
+    res = {"CPU": float(cfg.dist.cpus_per_worker)}
+    if use_gpu:
+        res["GPU"] = 1.0
+    if mem > 0:
+        res["memory"] = float(int(mem * 2**30))
+    return res
+
+
+def check_cluster_fits(need: dict[str, float], workers: int) -> None:
+    """Refuse a run whose ``workers`` (``need``: one worker's resources) can never be placed
+    at once on the cluster this process started, where Ray Train would wait for them forever.
+    (A cluster given by address may autoscale, so it is not checked.)"""
+    import ray
+
+    have = ray.cluster_resources()
+    short = [r for r, n in need.items() if n * workers > have.get(r, 0.0) + 1e-9]
+    if short:
+        def amount(r: str, v: float) -> str:
+            return f"{v / 2**30:.1f} GiB memory" if r == "memory" else f"{v:g} {r}"
+
+        want = ", ".join(amount(r, need[r] * workers) for r in short)
+        got = ", ".join(amount(r, have.get(r, 0.0)) for r in short)
+        raise ConfigError(f"{workers} worker(s) need {want} but the local Ray cluster has {got}; lower "
+                          "dist.workers, dist.cpus_per_worker or dist.memory_per_worker")
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     *,
@@ -154,8 +188,7 @@ def build_trainer(
         _worker_loop,
         train_loop_config={"cfg": to_dict(cfg), "threads": max(1, int(cfg.dist.cpus_per_worker))},
         scaling_config=ScalingConfig(
-            num_workers=cfg.dist.workers, use_gpu=bool(use_gpu),
-            resources_per_worker={"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            num_workers=cfg.dist.workers, use_gpu=bool(use_gpu), resources_per_worker=worker_resources(cfg, use_gpu),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -174,6 +207,8 @@ def launch_ray(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = No
     started = init_ray(cfg)
     try:
         use_gpu = resolve_use_gpu(cfg)
+        if started:
+            check_cluster_fits(worker_resources(cfg, use_gpu), cfg.dist.workers)
         trainer = build_trainer(cfg, use_gpu=use_gpu)
         echo(f"Ray Train: {cfg.dist.workers} worker(s), ep_size {cfg.dist.ep_size}, ZeRO {cfg.dist.zero_stage}, {'GPU' if use_gpu else 'CPU'}")
         result = trainer.fit()

@@ -27,6 +27,8 @@ def add_tune_arguments(p: argparse.ArgumentParser, *, model_required: bool = Tru
     p.add_argument("--space", help="YAML overriding the search space (key: {grid|choice|uniform|quniform|loguniform: [...]})")
     p.add_argument("--workers", type=int, help="Ray Train workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, help="Ray CPUs per worker")
+    p.add_argument("--memory-per-worker", dest="memory_per_worker", type=float, metavar="GIB",
+                   help="GiB of Ray's memory resource each worker reserves, so trials at once fit the RAM (default 0: none)")
     p.add_argument("--epochs", type=int, help="maximum epochs per trial (train.epochs)")
     p.add_argument("--max-concurrent", dest="max_concurrent", type=int,
                    help="trials at once (default: as many as the cluster holds with all their workers)")
@@ -48,7 +50,8 @@ def config_from_args(args, model: str):
 
     overrides = list(args.overrides)
     for key, value in (("data", args.data), ("features", args.features), ("train.epochs", args.epochs),
-                       ("dist.workers", args.workers), ("dist.cpus_per_worker", args.cpus_per_worker)):
+                       ("dist.workers", args.workers), ("dist.cpus_per_worker", args.cpus_per_worker),
+                       ("dist.memory_per_worker", args.memory_per_worker)):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_experiment_config(model, args.config, overrides + [f"model={model}"])

@@ -8,9 +8,10 @@ Ray 2.60 runs Train V2, which refuses ``Tuner(TorchTrainer)``. A trial is theref
 ExperimentConfig and runs a ``TorchTrainer`` (``moedist.train.launch.build_trainer``, the same
 trainer ``moedist train --workers N`` runs); a Train callback forwards each validation
 report to Tune, where ASHA compares trials at its rungs. The trial driver itself takes 0.01
-CPU; its workers take ``dist.workers x dist.cpus_per_worker`` CPUs (+1 GPU each), so at most
-``cluster CPUs / that`` trials run at once: a trial never holds its driver while waiting for
-workers that other trials occupy.
+CPU; its workers take ``dist.workers x dist.cpus_per_worker`` CPUs (+1 GPU each, and
+``dist.memory_per_worker`` GiB of Ray's ``memory`` resource each when set), so at most
+``cluster resources / that`` trials run at once: a trial never holds its driver while waiting
+for workers that other trials occupy, and trials do not together outgrow the node's memory.
 
 One experiment folder holds everything (``<storage>/<name>``)::
 
@@ -123,9 +124,10 @@ def moedist_trial(config: dict, *, base: dict, trials_dir: str, train_storage: s
 
 def trial_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
     """What one trial holds while it runs: its driver plus its training workers."""
-    need = {"CPU": TRIAL_DRIVER_CPU + cfg.dist.workers * cfg.dist.cpus_per_worker}
-    if use_gpu:
-        need["GPU"] = float(cfg.dist.workers)
+    from moedist.train.launch import worker_resources
+
+    need = {r: cfg.dist.workers * n for r, n in worker_resources(cfg, use_gpu).items()}
+    need["CPU"] += TRIAL_DRIVER_CPU
     return need
 
 
@@ -133,11 +135,14 @@ def max_concurrent_trials(need: Mapping[str, float], available: Mapping[str, flo
     """How many trials fit the cluster at once, each with all its workers (>= 1 or an error)."""
     fits = min(math.floor(available.get(r, 0.0) / n + 1e-9) for r, n in need.items() if n > 0)
     if fits < 1:
-        have = ", ".join(f"{r} {available.get(r, 0):g}" for r in need)
-        want = ", ".join(f"{r} {n:g}" for r, n in need.items())
-        raise ConfigError(f"one trial needs {want} (dist.workers x dist.cpus_per_worker + its driver) but the Ray "
-                          f"cluster has {have}; lower dist.workers / dist.cpus_per_worker, or pass max_concurrent "
-                          "on an autoscaling cluster")
+        def amount(r: str, v: float) -> str:
+            return f"memory {v / 2**30:.1f} GiB" if r == "memory" else f"{r} {v:g}"
+
+        have = ", ".join(amount(r, available.get(r, 0.0)) for r in need)
+        want = ", ".join(amount(r, n) for r, n in need.items())
+        raise ConfigError(f"one trial needs {want} (dist.workers x dist.cpus_per_worker / dist.memory_per_worker, "
+                          f"+ its driver) but the Ray cluster has {have}; lower dist.workers / dist.cpus_per_worker / "
+                          "dist.memory_per_worker, or pass max_concurrent on an autoscaling cluster")
     return fits
 
 
@@ -431,7 +436,8 @@ def run_tune(
                 raise ConfigError(f"experiment {exp_path} exists; resume it (the default) or choose another name")
             echo(f"search space ({cfg.model}, {num_samples} sample(s), metric {metric} {mode}):\n{describe(resolved)}")
             echo(f"each trial: {cfg.dist.workers} worker(s) x {cfg.dist.cpus_per_worker:g} CPU"
-                 f"{' + 1 GPU' if use_gpu else ''}; up to {max_concurrent} trial(s) at once; ASHA grace period "
+                 f"{' + 1 GPU' if use_gpu else ''}"
+                 f"{f' + {cfg.dist.memory_per_worker:g} GiB memory' if cfg.dist.memory_per_worker else ''}; up to {max_concurrent} trial(s) at once; ASHA grace period "
                  f"{grace_period} of {n_evals} evaluation(s), reduction factor {reduction_factor:g}")
             save_config(cfg, base_path)
             atomic_write_text(plan_path, json.dumps({

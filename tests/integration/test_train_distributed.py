@@ -180,6 +180,26 @@ def test_expert_parallel_with_zero_is_refused_up_front(toy_data, toy_features, t
     assert not (tmp_path / "config.yaml").exists()  # nothing was started
 
 
+def test_memory_per_worker_is_reserved_from_rays_memory_resource(toy_data, toy_features, tmp_path, ray_local):
+    """``dist.memory_per_worker`` becomes each Ray Train worker's ``memory`` reservation, and a
+    run whose workers cannot all fit the local cluster is refused instead of waiting forever."""
+    from moedist.errors import ConfigError
+    from moedist.train.launch import build_trainer, check_cluster_fits, worker_resources
+
+    c = hm4sr_cfg(toy_data, toy_features, tmp_path, "dist.workers=2", "dist.memory_per_worker=0.5")
+    res = worker_resources(c, use_gpu=False)
+    assert res == {"CPU": 1.0, "memory": 0.5 * 2**30}
+    trainer = build_trainer(c, use_gpu=False)
+    assert trainer.scaling_config.resources_per_worker == res
+    assert worker_resources(hm4sr_cfg(toy_data, toy_features, tmp_path), use_gpu=True) == {"CPU": 1.0, "GPU": 1.0}
+    node_memory = ray_local.cluster_resources()["memory"]  # Ray's logical memory resource (bytes)
+    check_cluster_fits({"CPU": 1.0, "memory": node_memory / 2}, 2)  # fits exactly
+    with pytest.raises(ConfigError, match=r"3 worker\(s\) need .* GiB memory .*dist.memory_per_worker"):
+        check_cluster_fits({"CPU": 1.0, "memory": node_memory / 2}, 3)
+    with pytest.raises(ConfigError, match="need 8 CPU"):
+        check_cluster_fits({"CPU": 1.0}, 8)
+
+
 def test_two_worker_runs_are_deterministic(toy_data, tmp_path, two_workers, ray_local):
     """The same seed and worker count give identical losses and metrics, not just close ones."""
     d = tmp_path / "again"

@@ -132,6 +132,34 @@ def test_concurrency_is_capped_by_what_a_trial_holds():
         max_concurrent_trials(need, {"CPU": 2.0})
 
 
+def test_memory_reservation_caps_concurrency_by_the_node_memory():
+    """Trials whose workers would together outgrow the node's RAM are not started at once
+    (the demo's HM4SR workers peak at about 6 GB: three at once were OOM-killed on 24 GB)."""
+    from moedist.tune.run import max_concurrent_trials, trial_resources
+
+    gib = 2**30
+    cfg = small_cfg("/nowhere", "dist.workers=1", "dist.memory_per_worker=6")
+    need = trial_resources(cfg, use_gpu=False)
+    assert need == {"CPU": pytest.approx(1.01), "memory": 6 * gib}
+    node = {"CPU": 4.0, "memory": 15.5 * gib}  # a 24 GB machine: Ray's memory resource
+    assert max_concurrent_trials(need, node) == 2  # CPUs alone would allow 3
+    assert max_concurrent_trials(trial_resources(small_cfg("/nowhere"), use_gpu=False), node) == 3
+    two = trial_resources(small_cfg("/nowhere", "dist.workers=2", "dist.memory_per_worker=6"), use_gpu=False)
+    assert two["memory"] == 12 * gib and max_concurrent_trials(two, {"CPU": 8.0, "memory": 30 * gib}) == 2
+    with pytest.raises(ConfigError, match=r"memory 6\.0 GiB.*memory 5\.0 GiB.*dist.memory_per_worker"):
+        max_concurrent_trials(need, {"CPU": 4.0, "memory": 5 * gib})
+    with pytest.raises(ConfigError, match="dist.memory_per_worker must be"):
+        trial_resources(small_cfg("/nowhere", "dist.memory_per_worker=-1"), use_gpu=False)
+    import argparse
+
+    from moedist.tune.cli import add_tune_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_tune_arguments(p)
+    args = p.parse_args(["--model", "hm4sr", "--data", "/nowhere", "--memory-per-worker", "5.5"])
+    assert config_from_args(args, "hm4sr").dist.memory_per_worker == 5.5
+
+
 # ----------------------------------------------------------------------------- (d) ray job submit
 
 
