@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -174,12 +175,23 @@ def _trial_records(trial, run_dir: Path, frames: dict) -> list[dict]:
     return df.to_dict("records")
 
 
+OOM_HINT = ("set dist.memory_per_worker (GiB per worker; moedist tune --memory-per-worker) so that fewer "
+            "trials run at once")
+
+
 def _first_line(err: Any) -> str | None:
+    """One line for the results table: the error's last line, or, for workers that Ray's
+    memory monitor killed (whose text ends in a long help paragraph), what the node's memory
+    was and the remedy."""
     if err is None:
         return None
-    text = str(err).strip().splitlines()
-    tail = [ln for ln in text if ln.strip()]
-    return tail[-1][:300] if tail else type(err).__name__
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if "killed due to the node running low on memory" in ln:
+            m = re.search(r"was ([\d.]+\s*GB) used / ([\d.]+\s*GB) limit", ln)
+            at = f" (node memory {m.group(1)} of {m.group(2)})" if m else ""
+            return f"out of memory: killed by Ray's memory monitor{at}; {OOM_HINT}"
+    return lines[-1][:300] if lines else type(err).__name__
 
 
 def saved_statuses(exp_path: str) -> dict[str, str]:
@@ -471,6 +483,10 @@ def run_tune(
         complete = finished == len(rows) and finished >= int(plan.get("expected_trials", 0))
         best_row = pick_best(rows, metric, mode)
         echo(format_table(rows, keys=keys, metric=metric, mode=mode, best_id=best_row["trial_id"] if best_row else None))
+        oom = [r["trial_id"] for r in rows if (r.get("error") or "").startswith("out of memory")]
+        if oom:
+            echo(f"trial(s) {', '.join(oom)} ran out of memory. Rerunning the same command resumes them with this "
+                 f"experiment's stored settings; for a new search, {OOM_HINT}")
         summary: dict[str, Any] = {
             "experiment": name, "experiment_path": exp_path, "experiment_dir": str(local_exp),
             "restored": restored, "complete": complete, "metric": metric, "mode": mode,

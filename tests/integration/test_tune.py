@@ -132,6 +132,24 @@ def test_concurrency_is_capped_by_what_a_trial_holds():
         max_concurrent_trials(need, {"CPU": 2.0})
 
 
+def test_a_trial_killed_for_memory_is_named_with_the_remedy():
+    from moedist.tune.run import _first_line
+
+    # the shape of Ray 2.60's ControllerError text for workers its memory monitor killed
+    err = RuntimeError(
+        "Training failed due to controller error:\n"
+        "7 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 10.0.0.2, "
+        "ID: 3fc6e9) was 22.14GB used / 23.54GB limit (0.940664)\n"
+        "OOM kill reason: Memory usage 24033521664B exceeded threshold of 24012259328B\n"
+        "Top 10 memory users: PID\tMEM(GB)\tCOMMAND\n5666\t5.46\tray::RayTrainWorker\n"
+        "Refer to the documentation on how to address the out of memory issue: https://docs.ray.io/...\n")
+    line = _first_line(err)
+    assert line.startswith("out of memory: killed by Ray's memory monitor (node memory 22.14GB of 23.54GB)")
+    assert "dist.memory_per_worker" in line and "\n" not in line
+    assert _first_line(ValueError("a\n\nlast line\n")) == "last line"  # anything else: its last line
+    assert _first_line(None) is None
+
+
 def test_memory_reservation_caps_concurrency_by_the_node_memory():
     """Trials whose workers would together outgrow the node's RAM are not started at once
     (the demo's HM4SR workers peak at about 6 GB: three at once were OOM-killed on 24 GB)."""
