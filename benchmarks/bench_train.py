@@ -12,6 +12,9 @@ Variants (each the real training loop on real batches, ``--steps`` timed steps a
 * ``ep-2``       two workers, experts sharded with ep_size=2 (all-to-all dispatch)
 * ``local-torch-dropout``  ``local`` with ``F.dropout`` on CPU instead of moedist's cheaper
                  CPU dropout mask (``moedist.models.common.dropout``)
+* ``local-uniform-dropout``  ``local`` with the dropout-0.5 mask drawn as one uniform number per
+                 element (as for other rates) instead of one random bit per element
+                 (``moedist.models.common.fair_bits``)
 * ``local-dense-topk``  ``local`` with every top-k MoE layer evaluating all its experts and
                  zeroing the unselected ones (``MoELayer.sparse_topk = False``), instead of
                  computing only the selected experts (HM4SR's gates are dense: no change there)
@@ -43,7 +46,7 @@ import torch.multiprocessing as mp
 from moedist.io import atomic_write_json
 
 VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
-            "local-torch-dropout": (1, 1, False), "local-dense-topk": (1, 1, False),
+            "local-torch-dropout": (1, 1, False), "local-uniform-dropout": (1, 1, False), "local-dense-topk": (1, 1, False),
             "dp-2-whole-catalogue": (2, 1, True), "ep-2-whole-catalogue": (2, 2, True)}
 
 
@@ -58,6 +61,10 @@ def _worker(rank, world, port, model, variant, args, queue):
         import moedist.models.common
 
         moedist.models.common.FAST_CPU_DROPOUT = False
+    if variant == "local-uniform-dropout":
+        import moedist.models.common
+
+        moedist.models.common.FAIR_BIT_DROPOUT = False
     threads = max(1, args.threads // world)
     torch.set_num_threads(threads)
     world_, ep, use_ds = VARIANTS[variant]

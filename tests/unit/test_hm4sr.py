@@ -478,6 +478,31 @@ def test_cpu_dropout_matches_f_dropout_in_distribution(p):
     assert torch.equal(a, dropout(x, 0.5, True))  # reproducible under the seed
 
 
+def test_dropout_half_draws_one_fair_bit_per_element():
+    """At p = 0.5 the CPU mask is bits of random 64-bit words (:func:`fair_bits`): every bit
+    position of a word must be a fair, independent coin (a byte holding the words' always-zero
+    top bit would drop one element in 56 every time)."""
+    from moedist.models.common import LITTLE_ENDIAN, dropout, fair_bits
+
+    if not LITTLE_ENDIAN:
+        pytest.skip("the bit path runs on little-endian machines only")
+    torch.manual_seed(1)
+    x = torch.rand(3000, 56) + 0.5
+    bits = fair_bits(x)
+    assert bits.shape == x.shape and bits.dtype == x.dtype and set(bits.unique().tolist()) == {0.0, 1.0}
+    per_position = bits.mean(0)  # each of a word's 56 bits over 3000 words: 0.5 ± 0.009
+    assert (per_position - 0.5).abs().max().item() < 0.05
+    b = bits.flatten()
+    assert abs(b.mean().item() - 0.5) < 0.004  # 168,000 coins: 0.5 ± 0.0012
+    assert torch.corrcoef(torch.stack([b[:-1], b[1:]]))[0, 1].abs().item() < 0.02  # neighbours independent
+    odd = torch.rand(7, 13, 5)  # a size that is not a multiple of 56
+    assert fair_bits(odd).shape == odd.shape
+    torch.manual_seed(5)
+    y = dropout(x, 0.5, True)
+    torch.manual_seed(5)
+    assert torch.equal(y, x * fair_bits(x) * 2.0)  # p = 0.5 takes the bit path
+
+
 def test_cpu_attention_path_equals_sdpa_without_dropout():
     """The CPU training path (used when attention dropout is on) computes the same attention as
     SDPA: with a dropout probability so small that no entry is dropped, outputs agree."""
