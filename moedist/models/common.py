@@ -73,7 +73,8 @@ _SHIFTS: dict[torch.device, Tensor] = {}
 def fair_bits(x: Tensor) -> Tensor:
     """Independent fair bits as a ``{0, 1}`` tensor shaped and typed like ``x``, 56 per random
     64-bit word instead of one random number per element (HM4SR's dropout 0.5, the papers'
-    setting, on CPU: the mask of a ``[1024, 2, 50, 50]`` attention map in 5.7 instead of 16 ms).
+    setting, on CPU: dropout of a ``[1024, 2, 50, 50]`` attention map in 5.7 instead of 16 ms
+    on two threads).
     ``int64.random_()`` fills bits 0-62 of each word; bytes 0-6 (bits 0-55 on a little-endian
     machine) are used, each expanded into its 8 bits."""
     n = x.numel()

@@ -146,6 +146,11 @@ def worker_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
     return res
 
 
+def format_resources(res: dict[str, float]) -> str:
+    """Ray resources for a message: ``{"CPU": 2.0, "memory": 2**32}`` -> ``"CPU 2, memory 4.0 GiB"``."""
+    return ", ".join(f"memory {v / 2**30:.1f} GiB" if r == "memory" else f"{r} {v:g}" for r, v in res.items())
+
+
 def check_cluster_fits(need: dict[str, float], workers: int) -> None:
     """Refuse a run whose ``workers`` (``need``: one worker's resources) can never be placed
     at once on the cluster this process started, where Ray Train would wait for them forever.
@@ -155,11 +160,8 @@ def check_cluster_fits(need: dict[str, float], workers: int) -> None:
     have = ray.cluster_resources()
     short = [r for r, n in need.items() if n * workers > have.get(r, 0.0) + 1e-9]
     if short:
-        def amount(r: str, v: float) -> str:
-            return f"{v / 2**30:.1f} GiB memory" if r == "memory" else f"{v:g} {r}"
-
-        want = ", ".join(amount(r, need[r] * workers) for r in short)
-        got = ", ".join(amount(r, have.get(r, 0.0)) for r in short)
+        want = format_resources({r: need[r] * workers for r in short})
+        got = format_resources({r: have.get(r, 0.0) for r in short})
         raise ConfigError(f"{workers} worker(s) need {want} but the local Ray cluster has {got}; lower "
                           "dist.workers, dist.cpus_per_worker or dist.memory_per_worker")
 

@@ -136,11 +136,10 @@ def max_concurrent_trials(need: Mapping[str, float], available: Mapping[str, flo
     """How many trials fit the cluster at once, each with all its workers (>= 1 or an error)."""
     fits = min(math.floor(available.get(r, 0.0) / n + 1e-9) for r, n in need.items() if n > 0)
     if fits < 1:
-        def amount(r: str, v: float) -> str:
-            return f"memory {v / 2**30:.1f} GiB" if r == "memory" else f"{r} {v:g}"
+        from moedist.train.launch import format_resources
 
-        have = ", ".join(amount(r, available.get(r, 0.0)) for r in need)
-        want = ", ".join(amount(r, n) for r, n in need.items())
+        have = format_resources({r: available.get(r, 0.0) for r in need})
+        want = format_resources(dict(need))
         raise ConfigError(f"one trial needs {want} (dist.workers x dist.cpus_per_worker / dist.memory_per_worker, "
                           f"+ its driver) but the Ray cluster has {have}; lower dist.workers / dist.cpus_per_worker / "
                           "dist.memory_per_worker, or pass max_concurrent on an autoscaling cluster")

@@ -194,9 +194,9 @@ def test_memory_per_worker_is_reserved_from_rays_memory_resource(toy_data, toy_f
     assert worker_resources(hm4sr_cfg(toy_data, toy_features, tmp_path), use_gpu=True) == {"CPU": 1.0, "GPU": 1.0}
     node_memory = ray_local.cluster_resources()["memory"]  # Ray's logical memory resource (bytes)
     check_cluster_fits({"CPU": 1.0, "memory": node_memory / 2}, 2)  # fits exactly
-    with pytest.raises(ConfigError, match=r"3 worker\(s\) need .* GiB memory .*dist.memory_per_worker"):
+    with pytest.raises(ConfigError, match=r"3 worker\(s\) need memory .* GiB but the local Ray cluster has memory .* GiB; .*dist.memory_per_worker"):
         check_cluster_fits({"CPU": 1.0, "memory": node_memory / 2}, 3)
-    with pytest.raises(ConfigError, match="need 8 CPU"):
+    with pytest.raises(ConfigError, match="need CPU 8 but the local Ray cluster has CPU 4"):
         check_cluster_fits({"CPU": 1.0}, 8)
 
 
