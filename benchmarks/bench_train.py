@@ -6,7 +6,7 @@
 Variants (each the real training loop on real batches, ``--steps`` timed steps after
 ``--warmup``):
 
-* ``local``      one process, plain torch Adam (the local debugging mode)
+* ``local``      one process, torch Adam (the local debugging mode)
 * ``ds-1``       one worker with a DeepSpeed engine
 * ``dp-2``       two workers, data parallel (DeepSpeed, gloo on CPU / NCCL on GPU)
 * ``ep-2``       two workers, experts sharded with ep_size=2 (all-to-all dispatch)
@@ -18,6 +18,12 @@ Variants (each the real training loop on real batches, ``--steps`` timed steps a
 * ``local-dense-topk``  ``local`` with every top-k MoE layer evaluating all its experts and
                  zeroing the unselected ones (``MoELayer.sparse_topk = False``), instead of
                  computing only the selected experts (HM4SR's gates are dense: no change there)
+* ``local-plain-adam``  ``local`` with torch's default (single-tensor) Adam instead of its fused
+                 kernel (``train.fused_adam=false``)
+* ``local-composed-ops``  ``local`` with MAMEX's BPR + regulariser and the top-k combination of
+                 the selected experts' outputs built from elementwise autograd ops instead of
+                 one autograd node each (``moedist.models.common.bpr_and_reg``,
+                 ``LinearExperts._topk_grouped``); also the content-mapping baseline's BPR
 * ``dp-2-whole-catalogue``, ``ep-2-whole-catalogue``  MAMEX only: ``dp-2`` / ``ep-2`` with
                  every worker encoding the whole item catalogue in each step
                  (``mamex.shard_catalogue=false``) instead of its share of it
@@ -47,6 +53,7 @@ from moedist.io import atomic_write_json
 
 VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
             "local-torch-dropout": (1, 1, False), "local-uniform-dropout": (1, 1, False), "local-dense-topk": (1, 1, False),
+            "local-plain-adam": (1, 1, False), "local-composed-ops": (1, 1, False),
             "dp-2-whole-catalogue": (2, 1, True), "ep-2-whole-catalogue": (2, 2, True)}
 
 
@@ -65,6 +72,12 @@ def _worker(rank, world, port, model, variant, args, queue):
         import moedist.models.common
 
         moedist.models.common.FAIR_BIT_DROPOUT = False
+    if variant == "local-composed-ops":
+        import moedist.models.common
+        import moedist.moe.experts
+
+        moedist.models.common.FUSED_BPR = False
+        moedist.moe.experts.FUSED_TOPK_COMBINE = False
     threads = max(1, args.threads // world)
     torch.set_num_threads(threads)
     world_, ep, use_ds = VARIANTS[variant]
@@ -88,6 +101,8 @@ def _worker(rank, world, port, model, variant, args, queue):
         overrides.append(f"features={args.features}")
     if variant.endswith("-whole-catalogue"):
         overrides.append("mamex.shard_catalogue=false")
+    if variant == "local-plain-adam":
+        overrides.append("train.fused_adam=false")
     cfg = load_experiment_config(model, None, overrides)
     cfg.train.max_steps_per_epoch = args.warmup
     ctx = DistContext(rank=rank, world=world, device=device)

@@ -17,26 +17,26 @@ Two parts, both in one process:
    authors' ``random.sample`` is handed moedist's mask), the total loss, and its gradient with
    respect to every mapped parameter. Reported: the largest absolute and relative differences.
 2. **training.** Both models start from those same weights and train on the same batches in the
-   same order (Adam, the authors' configuration), one epoch at a time; after each epoch both are
-   evaluated on valid and test with moedist's exact full-ranking evaluator, and each code's
-   seconds per training step are recorded, with the paired comparison of that epoch
-   (``paired``: per-user NDCG on the same users, bootstrap interval, sign-flip p-value);
-   ``final_paired`` repeats it after the last epoch. With ``--patience P`` training stops once
-   both codes have gone P epochs without a better valid NDCG@20 (``--epochs`` stays the cap),
-   and ``at_best`` compares each code at its own best validation epoch, which is what each
-   code's early-stopping trainer would test. Dropout and PCL draw from each code's own random
-   stream, so the two curves are two samples of the same process, not bitwise twins. Every
-   epoch's result is written (atomically) to ``--out`` and both models' state to
-   ``<out>.state.pt``; rerunning the same command continues after the last finished epoch.
-3. **time input** (``--time-input-check``, after training): the last saved moedist weights are
-   evaluated with exact-second and with float32-rounded times (``hm4sr.time_float32``, the
-   authors' RecBole pipeline), beside the authors' model, and the share of interval buckets
-   the rounding moves is counted (``time_input_check``). It also splits the users by whether
-   the rounding moves the interval bucket at the last position of their input, and gives each
-   group's mean paired test/valid NDCG@10 difference over the first and the second half of the
-   epochs whose ranks were stored (``by_bucket_move``): a gap that comes from the time input
-   should sit with the users whose input the rounding changes.
-4. **dropout on** (``--dropout-check N``, after the above): moedist's last saved weights are
+   same order (Adam, the authors' configuration; moedist with its trainer's fused Adam), one
+   epoch at a time; after each epoch both are evaluated on valid and test with moedist's exact
+   full-ranking evaluator, and each code's seconds per training step are recorded, with the
+   paired comparison of that epoch (``paired``: per-user NDCG on the same users, bootstrap
+   interval, sign-flip p-value); ``final_paired`` repeats it after the last epoch. With
+   ``--patience P`` training stops once both codes have gone P epochs without a better valid
+   NDCG@20 (``--epochs`` stays the cap), and ``at_best`` compares each code at its own best
+   validation epoch, which is what each code's early-stopping trainer would test. Dropout and
+   PCL draw from each code's own random stream, so the two curves are two samples of the same
+   process, not bitwise twins. Every epoch's result is written (atomically) to ``--out`` and
+   both models' state to ``<out>.state.pt``; rerunning the same command continues after the
+   last finished epoch. 3. **time input** (``--time-input-check``, after training): the last
+   saved moedist weights are evaluated with exact-second and with float32-rounded times
+   (``hm4sr.time_float32``, the authors' RecBole pipeline), beside the authors' model, and the
+   share of interval buckets the rounding moves is counted (``time_input_check``). It also
+   splits the users by whether the rounding moves the interval bucket at the last position of
+   their input, and gives each group's mean paired test/valid NDCG@10 difference over the first
+   and the second half of the epochs whose ranks were stored (``by_bucket_move``): a gap that
+   comes from the time input should sit with the users whose input the rounding changes. 4.
+   **dropout on** (``--dropout-check N``, after the above): moedist's last saved weights are
    copied into the authors' model, and both compute the training loss in train mode (dropout
    and PCL placeholders drawn afresh) ``N`` times on each of ``--dropout-check-batches``
    training batches; moedist once with exact and once with float32-rounded times. Part 1 has
@@ -389,11 +389,13 @@ def load_models(ours, theirs, state: dict) -> None:
             vec.copy_(saved)
 
 
-def train_side_by_side(ours, theirs, task, args, result: dict, out: Path) -> None:
+def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -> None:
+    from moedist.train.distributed import make_adam
     from moedist.train.loop import DistContext
 
     state_path = out.with_suffix(".state.pt")
-    opt_o = torch.optim.Adam(ours.parameters(), lr=args.lr)
+    # each code's own trainer's optimizer: moedist's (fused Adam unless train.fused_adam=false), RecBole's plain Adam
+    opt_o = make_adam([{"params": list(ours.parameters())}], cfg)
     opt_t = torch.optim.Adam(theirs.parameters(), lr=args.lr)
     adapter = AuthorsAdapter(theirs)
     ctx = DistContext()
@@ -593,7 +595,8 @@ def main() -> None:
     from moedist.train.loop import build_task
 
     cfg = load_experiment_config("hm4sr", None, [f"data={args.data}", f"features={args.features}",
-                                                 "hm4sr.temporal_experts_trainable=false", *args.override])
+                                                 "hm4sr.temporal_experts_trainable=false", f"train.lr={args.lr}",
+                                                 *args.override])
     data = PreparedDataset(cfg.data)
     feats = load_item_features(args.features, n_items=data.n_items)
     if "text" not in feats.features:
@@ -642,7 +645,7 @@ def main() -> None:
         atomic_write_json(out, result, indent=2)
         print(json.dumps(result["equivalence"], indent=2), flush=True)
     if args.epochs > 0:
-        train_side_by_side(ours, theirs, task, args, result, out)
+        train_side_by_side(ours, theirs, task, args, result, out, cfg)
     if args.time_input_check:
         result["time_input_check"] = time_input_check(ours, theirs, task, cfg, out, args.eval_batch_size)
         print(json.dumps(result["time_input_check"], indent=2), flush=True)

@@ -25,17 +25,18 @@ Two parts, both in one process, for every prepared dataset given (each a differe
    BPR, regularisation, alignment, adapter-balance and fusion-balance terms, the total loss,
    and its gradient with respect to every mapped parameter. Reported: the largest absolute
    and relative differences.
-2. **training.** Both models start from those same weights and train on the same batches in
-   the same order (Adam, the authors' configuration). After every ``--eval-every`` epochs both
-   are evaluated on valid and test; each code keeps its best validation epoch (strict
-   improvement of valid NDCG@10, the authors' rule) and stops after ``--patience`` evaluations
-   without one. Per split the JSON records each code's test metrics at its best epoch, the
-   paired per-user comparison of those two checkpoints, and each code's seconds per training
-   step. ``summary`` compares the codes over the splits (the independent units; sign-flip
-   test over the split-level differences). Each code's fusion dropout draws from its own
-   random stream, so the two runs are two samples of the same process, not bitwise twins.
-   Each finished split is written (atomically) to ``--out``; rerunning the same command skips
-   the splits already there.
+2. **training.** Both models start from those same weights and train on the same batches in the
+   same order (Adam, the authors' configuration; each code with its own trainer's Adam:
+   moedist's fused kernel, the authors' plain ``torch.optim.Adam``). After every
+   ``--eval-every`` epochs both are evaluated on valid and test; each code keeps its best
+   validation epoch (strict improvement of valid NDCG@10, the authors' rule) and stops after
+   ``--patience`` evaluations without one. Per split the JSON records each code's test metrics
+   at its best epoch, the paired per-user comparison of those two checkpoints, and each code's
+   seconds per training step. ``summary`` compares the codes over the splits (the independent
+   units; sign-flip test over the split-level differences). Each code's fusion dropout draws
+   from its own random stream, so the two runs are two samples of the same process, not bitwise
+   twins. Each finished split is written (atomically) to ``--out``; rerunning the same command
+   skips the splits already there.
 
 Inputs match what the authors' model expects: their item table has no padding row, so
 moedist's item ``i`` is their row ``i - 1``; the user table is the same size as moedist's (row 0,
@@ -245,14 +246,24 @@ def train_step(model, opt, batch) -> tuple[float, float]:
     return float(loss.detach()), time.perf_counter() - t0
 
 
-def time_steps(ours, authors, task, args) -> dict:
+def optimizers(models: dict, cfg, lr: float) -> dict:
+    """Each code's own optimizer: moedist's trainer's (:func:`moedist.train.distributed.make_adam`,
+    fused Adam unless ``train.fused_adam=false``) and the authors' ``session.py`` one (plain
+    ``torch.optim.Adam``), both at ``lr``."""
+    from moedist.train.distributed import make_adam
+
+    return {"moedist": make_adam([{"params": list(models["moedist"].parameters())}], cfg),
+            "authors": torch.optim.Adam(models["authors"].parameters(), lr=lr)}
+
+
+def time_steps(ours, authors, task, args, cfg) -> dict:
     """Seconds per training step of each code on the same batches, alternating step by step so
     both see the same machine load; from copies of the current weights (training is not
     affected). Median over ``--speed-steps`` steps after 3 warm-up steps each."""
     import copy
 
     models = {"moedist": copy.deepcopy(ours).train(), "authors": copy.deepcopy(authors).train()}
-    opts = {who: torch.optim.Adam(m.parameters(), lr=args.lr) for who, m in models.items()}
+    opts = optimizers(models, cfg, args.lr)
     rng = np.random.default_rng(args.seed)
     batches = list(task.global_batches(rng, args.batch_size))
     times: dict[str, list[float]] = {who: [] for who in models}
@@ -295,13 +306,13 @@ def paired_test(ranks_o: torch.Tensor, ranks_t: torch.Tensor, seed: int) -> dict
     return out
 
 
-def train_split(ours, authors, task, args) -> dict:
+def train_split(ours, authors, task, args, cfg) -> dict:
     """Train both on the same batches until each has spent its patience; see the module doc."""
     from moedist.train.loop import DistContext
 
     ctx = DistContext()
     models = {"moedist": ours, "authors": authors}
-    opts = {who: torch.optim.Adam(m.parameters(), lr=args.lr) for who, m in models.items()}
+    opts = optimizers(models, cfg, args.lr)
     best = {who: {"valid": -math.inf, "epoch": None, "test": None, "ranks": None} for who in models}
     waited = {who: 0 for who in models}
     secs = {who: 0.0 for who in models}
@@ -493,14 +504,14 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out, result, indent=2)
         if args.speed_steps and "speed" not in result:
-            result["speed"] = {"data": name, **time_steps(ours, authors, task, args)}
+            result["speed"] = {"data": name, **time_steps(ours, authors, task, args, cfg)}
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out, result, indent=2)
             print(json.dumps(result["speed"], indent=2), flush=True)
         if args.max_epochs == 0:  # equivalence (and speed) only
             break
         t0 = time.time()
-        row = train_split(ours, authors, task, args)
+        row = train_split(ours, authors, task, args, cfg)
         row.update({"data": str(data_dir), "image_features": "text (none extracted)" if image_is_text else "image",
                     "n_items": data.n_items, "cold_candidates": int(len(task.candidates)),
                     "train_interactions": task.n_train(), "seconds": round(time.time() - t0, 1)})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import Dropout, modality_table
+from moedist.models.common import Dropout, bpr_and_reg, modality_table
 from moedist.models.hm4sr import TransformerEncoder, causal_padding_mask, gather_last, init_bert_weights
 
 
@@ -245,8 +245,7 @@ class ContentMapping(nn.Module):
         e_u = self.user_embedding(batch["user"])  # (B, d)
         e_i = self.item_embeddings(batch["pos_item"])  # (B, d)
         e_j = self.item_embeddings(batch["neg_item"])  # (B, d)
-        bpr = F.softplus((e_u * e_j).sum(-1) - (e_u * e_i).sum(-1)).mean()
-        reg = (e_u.pow(2).sum(-1) + e_i.pow(2).sum(-1) + e_j.pow(2).sum(-1)).mean()
+        bpr, reg = bpr_and_reg(e_u, e_i, e_j)  # mean softplus(s_uj − s_ui); mean of squared norms
         return bpr + self.config.reg_coeff * reg, {"bpr": bpr.detach(), "reg": reg.detach()}
 
     def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:

@@ -101,3 +101,82 @@ class Dropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+# ------------------------------------------------------------------------------ BPR
+
+
+# False = BPR and reg composed from elementwise autograd ops (benchmarks/bench_train.py compares)
+FUSED_BPR = True
+
+
+def _composed_bpr_and_reg(e_u: Tensor, e_i: Tensor, e_j: Tensor) -> tuple[Tensor, Tensor]:
+    bpr = torch.nn.functional.softplus((e_u * e_j).sum(-1) - (e_u * e_i).sum(-1)).mean()
+    return bpr, (e_u.pow(2).sum(-1) + e_i.pow(2).sum(-1) + e_j.pow(2).sum(-1)).mean()
+
+
+def bpr_and_reg(e_u: Tensor, e_i: Tensor, e_j: Tensor) -> tuple[Tensor, Tensor]:
+    """BPR with negative sampling and its regulariser on a batch of ``[B, d]`` user, positive
+    and negative embeddings: ``(mean_b softplus(s_uj − s_ui), mean_b ‖e_u‖² + ‖e_i‖² + ‖e_j‖²)``
+    with ``s = <e_u, e_item>`` (``softplus(s_uj − s_ui) = −ln σ(s_ui − s_uj)``).
+
+    The same values and gradients as composing them from elementwise ops, in a handful of
+    passes over the batch instead of about twenty (a hand-written backward): on a MAMEX CPU
+    step (batch 2,048, d = 128) about 1.5 ms of ~27. Reductions in float32."""
+    if not FUSED_BPR:
+        return _composed_bpr_and_reg(e_u, e_i, e_j)
+    return _BPR.apply(e_u, e_i, e_j, None, None, None)
+
+
+def bpr_and_reg_rows(e_u: Tensor, table: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`bpr_and_reg` with the items gathered from ``table [N, d]`` at ``pos``/``neg``
+    ``[B]`` (one gather, and one scatter-add into ``table``'s gradient)."""
+    if not FUSED_BPR:
+        return _composed_bpr_and_reg(e_u, table[pos], table[neg])
+    return _BPR.apply(e_u, table, None, pos, neg, None)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """16-bit floats as float32 (for sums over a batch); other dtypes unchanged, not copied."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _BPR(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, e_u, a, e_j, pos, neg, _unused):
+        if pos is None:  # a = e_i
+            e_i = a
+        else:  # a = the item table
+            rows = torch.cat([pos, neg])
+            both = a.index_select(0, rows)  # (2B, d)
+            e_i, e_j = both[: pos.shape[0]], both[pos.shape[0]:]
+            ctx.rows, ctx.table_shape = rows, a.shape
+        u, i, j = (_wide(t) for t in (e_u, e_i, e_j))
+        b = u.shape[0]
+        diff = i - j  # (B, d)
+        margin = (u * diff).sum(-1)  # s_ui − s_uj, (B,)
+        bpr = torch.nn.functional.softplus(-margin).mean()
+        reg = sum(torch.dot(t.reshape(-1), t.reshape(-1)) for t in (u, i, j)) / max(b, 1)
+        ctx.save_for_backward(u, i, j, diff, margin)
+        ctx.dtypes = (e_u.dtype, a.dtype, e_j.dtype if e_j is not None else a.dtype)
+        ctx.gathered = pos is not None
+        return bpr, reg
+
+    @staticmethod
+    def backward(ctx, g_bpr, g_reg):
+        u, i, j, diff, margin = ctx.saved_tensors
+        b = max(u.shape[0], 1)
+        # d bpr / d margin = −σ(−margin) / B;  d reg / d t = 2 t / B
+        s = (torch.sigmoid(-margin) * (-g_bpr / b)).unsqueeze(-1)  # (B, 1)
+        c = 2.0 * g_reg / b
+        grad_u = torch.addcmul(u * c, diff, s).to(ctx.dtypes[0])  # d margin / d u = e_i − e_j
+        if not ctx.gathered:
+            grad_i = torch.addcmul(i * c, u, s).to(ctx.dtypes[1])  # d margin / d e_i = u
+            grad_j = torch.addcmul(j * c, u, s, value=-1.0).to(ctx.dtypes[2])  # d margin / d e_j = −u
+            return grad_u, grad_i, grad_j, None, None, None
+        both = torch.empty((2 * u.shape[0], u.shape[1]), dtype=u.dtype, device=u.device)
+        torch.addcmul(i * c, u, s, out=both[: u.shape[0]])
+        torch.addcmul(j * c, u, s, value=-1.0, out=both[u.shape[0]:])
+        grad_table = torch.zeros(ctx.table_shape, dtype=both.dtype, device=both.device)
+        grad_table.index_add_(0, ctx.rows, both)
+        return grad_u, grad_table.to(ctx.dtypes[1]), None, None, None, None

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import Dropout, modality_table
+from moedist.models.common import Dropout, bpr_and_reg_rows, modality_table
 from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate
 from moedist.moe.dispatch import gather_rows, gather_rows_and_sum, shard_bounds
 from moedist.moe.gates import balance_from_sums, balance_token_sums, softmax
@@ -466,14 +466,11 @@ class MAMEX(nn.Module):
         cfg = self.config
         e, z, aux = self.item_representations()  # whole catalogue, every minibatch (G-MX-4)
         e_u = self.user_embedding(batch["user"])  # (B, d)
-        e_i = e[batch["pos_item"]]  # (B, d)
-        e_j = e[batch["neg_item"]]  # (B, d)
-        s_ui = (e_u * e_i).sum(-1)
-        s_uj = (e_u * e_j).sum(-1)
         parts: dict[str, Tensor] = {}
-        parts["bpr"] = F.softplus(s_uj - s_ui).mean()  # = -ln σ(s_ui - s_uj)
-        # A7/G-MX-6: squared norms of the batch's final embeddings, not weight decay
-        parts["reg"] = (e_u.pow(2).sum(-1) + e_i.pow(2).sum(-1) + e_j.pow(2).sum(-1)).mean()
+        # BPR = mean softplus(s_uj − s_ui) = −ln σ(s_ui − s_uj) over the batch, with e_i, e_j
+        # the rows pos_item / neg_item of e; A7/G-MX-6: reg = mean squared norms of the batch's
+        # final embeddings (e_u, e_i, e_j), not weight decay. One fused pass (bpr_and_reg).
+        parts["bpr"], parts["reg"] = bpr_and_reg_rows(e_u, e, batch["pos_item"], batch["neg_item"])
         loss = parts["bpr"] + cfg.reg_coeff * parts["reg"]
         if cfg.use_align:
             parts["align"] = aux.align_loss

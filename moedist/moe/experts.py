@@ -46,6 +46,11 @@ from moedist.moe.gates import (
 from moedist.moe.parallel import ExpertParallelGroups, expert_split, init_expert_parallel, mark_expert_params
 
 
+# False = the grouped_mm top-k path combines through forward_selected and elementwise autograd
+# ops instead of LinearExperts._topk_grouped (benchmarks/bench_train.py compares)
+FUSED_TOPK_COMBINE = True
+
+
 class LinearExperts(nn.Module):
     """``E`` independent linear experts, stacked.
 
@@ -245,10 +250,34 @@ class LinearExperts(nn.Module):
             if rows > self.grouped_max_fill * self.num_experts * T:
                 y = self.forward(x)  # (..., E, out)
                 return torch.einsum("...e,...eo->...o", weights.to(y.dtype), y)
+            if self._kernel(x) == "grouped_mm" and FUSED_TOPK_COMBINE:
+                return self._topk_grouped(x, weights, topk_idx, counts)
         y = self.forward_selected(x, topk_idx, counts=counts)  # (..., k, out)
         w = weights.gather(-1, topk_idx).to(y.dtype)  # (..., k)
         # elementwise, not einsum: that becomes a bmm of T tiny [1, k] x [k, out] products
         return (w.unsqueeze(-1) * y).sum(-2)
+
+    def _topk_grouped(self, x: Tensor, weights: Tensor, topk_idx: Tensor, counts: Tensor) -> Tensor:
+        """:meth:`forward_topk` with ``ep_size = 1`` and the grouped_mm kernel, in fewer passes
+        over the ``[T·k, out]`` pair outputs: the products without bias (sorted by expert),
+        the weighted sum over each token's k outputs in one autograd node
+        (:class:`_TopKCombine`: its backward gathers the output gradient straight into
+        expert order), and the biases as one ``[T, E] @ [E, out]`` product of the kept weights
+        (``Σ_j w_j b_{e_j}``). Same values and gradients as the general path."""
+        k = topk_idx.shape[-1]
+        flat = x.reshape(-1, self.in_features)  # (T, in)
+        idx = topk_idx.reshape(-1, k)  # (T, k)
+        with torch.no_grad():  # integer bookkeeping, as apply_grouped
+            order = torch.argsort(idx.reshape(-1), stable=True)  # pairs sorted by expert
+            position = torch.empty_like(order)
+            position[order] = torch.arange(order.numel(), device=order.device)
+            offs = counts.cumsum(0).to(torch.int32)  # end of each expert's run
+        y_sorted = F.grouped_mm(flat.index_select(0, order // k), self.weight, offs=offs)  # (T·k, out)
+        w = weights.reshape(-1, weights.shape[-1]).gather(-1, idx).to(y_sorted.dtype)  # (T, k) kept weights
+        out = _TopKCombine.apply(y_sorted, w, order, position)  # (T, out)
+        if self.bias is not None:  # + Σ_j w_j b_{e_j}, read from the kept weights only
+            out = torch.addmm(out, torch.zeros_like(weights.reshape(-1, weights.shape[-1]), dtype=w.dtype).scatter(-1, idx, w), self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:
         return expert_parallel_apply(
@@ -270,6 +299,36 @@ class LinearExperts(nn.Module):
             f"global_experts={self.expert_offset}..{self.expert_offset + self.num_experts - 1}"
             f"/{self.num_global_experts}" + (f", ep_size={self.ep_size}" if self.ep_size > 1 else "")
         )
+
+
+class _TopKCombine(torch.autograd.Function):
+    """``out[t] = Σ_j w[t, j] · y_sorted[position[t·k + j]]``: each token's weighted sum of its
+    k expert outputs, from the outputs in expert order (``order``: the pairs in that order,
+    ``position``: its inverse). The backward writes ``dL/dy_sorted[r] = w_r · g[order[r] // k]``
+    with one gather in expert order, instead of building the gradient in pair order and
+    scattering it into zeros."""
+
+    @staticmethod
+    def forward(ctx, y_sorted: Tensor, w: Tensor, order: Tensor, position: Tensor) -> Tensor:
+        T, k = w.shape
+        yk = y_sorted.index_select(0, position).view(T, k, y_sorted.shape[-1])  # (T, k, out), pair order
+        out = yk[:, 0] * w[:, :1]
+        for j in range(1, k):
+            out.addcmul_(yk[:, j], w[:, j : j + 1])
+        ctx.save_for_backward(yk, w, order)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        yk, w, order = ctx.saved_tensors
+        k = w.shape[1]
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_sorted = w.reshape(-1).index_select(0, order)  # (T·k,) weight of each sorted pair
+            grad_y = g.index_select(0, order // k).mul_(w_sorted.unsqueeze(-1))  # (T·k, out)
+        if ctx.needs_input_grad[1]:
+            grad_w = (yk * g.unsqueeze(1)).sum(-1)  # (T, k)
+        return grad_y, grad_w, None, None
 
 
 class MoELayer(nn.Module):

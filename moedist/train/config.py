@@ -24,6 +24,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     router_lr_scale: float = 1.0  # lr multiplier for MoE gate (router) parameters; 1 = the papers
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the authors clip nothing)
+    # PyTorch's fused Adam kernel (CPU and CUDA): one pass over each parameter and its two
+    # moments instead of about ten elementwise ops; the same update up to float rounding.
+    # false = torch's default single-tensor Adam (the authors' optimizer, op for op).
+    fused_adam: bool = True
     eval_every: int = 1  # evaluate on validation every N epochs (MAMEX: 10), epoch 0 included
     patience: int = 10  # stop after `patience + 1` consecutive evaluations without improvement
     valid_metric: str = "ndcg@20"  # model selection metric (HM4SR: ndcg@20, MAMEX: ndcg@10)

@@ -75,6 +75,18 @@ def optimizer_param_groups(model: torch.nn.Module, cfg: ExperimentConfig) -> lis
     return split_router_groups(groups, model, lr=cfg.train.lr, scale=cfg.train.router_lr_scale)
 
 
+def make_adam(groups: list[dict], cfg: ExperimentConfig) -> torch.optim.Adam:
+    """The training optimizer: ``torch.optim.Adam`` over ``groups`` with ``train.lr`` and
+    ``train.weight_decay``; PyTorch's fused kernel when ``train.fused_adam`` and every
+    parameter is a floating-point tensor on CPU or CUDA (on a MAMEX CPU step, Adam's share
+    drops from about 2.3 ms to 0.6 ms: README "Work the step no longer does")."""
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(cfg.train.fused_adam) and bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+    )
+    return torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
+
+
 def split_router_groups(groups: list[dict], model: torch.nn.Module, *, lr: float, scale: float) -> list[dict]:
     """``groups`` with the parameters of every MoE gate (:class:`~moedist.moe.DenseGate` and
     :class:`~moedist.moe.TopKGate`) moved to a copy of their group whose ``lr`` is

@@ -392,11 +392,11 @@ class TorchStepper:
 
     def __init__(self, model, cfg: ExperimentConfig):
         self.model = model
-        from moedist.train.distributed import split_router_groups
+        from moedist.train.distributed import make_adam, split_router_groups
 
         params = [p for p in model.parameters() if p.requires_grad]
         groups = split_router_groups([{"params": params}], model, lr=cfg.train.lr, scale=cfg.train.router_lr_scale)
-        self.optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
+        self.optimizer = make_adam(groups, cfg) if params else None
         self.grad_clip = cfg.train.grad_clip
         self.micro_steps = max(1, cfg.dist.grad_accum)
         self._micro = 0
@@ -422,12 +422,17 @@ class DeepSpeedStepper:
     def __init__(self, model, cfg: ExperimentConfig, ctx: DistContext):
         import deepspeed
 
-        from moedist.train.distributed import deepspeed_config, ensure_single_process_group, optimizer_param_groups
+        from moedist.train.distributed import (
+            deepspeed_config,
+            ensure_single_process_group,
+            make_adam,
+            optimizer_param_groups,
+        )
 
         ensure_single_process_group(ctx.device)
         ds_cfg = deepspeed_config(cfg, ctx.world, ctx.device)
         groups = optimizer_param_groups(model, cfg)
-        optimizer = torch.optim.Adam(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = make_adam(groups, cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.model = self.engine.module
         self.micro_steps = int(ds_cfg["gradient_accumulation_steps"])

@@ -180,8 +180,10 @@ def test_forward_topk_selects_unless_that_costs_nearly_every_expert_with_the_sam
     experts, x, idx, shape, k = _selected_case(case, kernel)
     if grouped == "always":
         experts.grouped_max_fill = 1.0
-    calls = []
-    monkeypatch.setattr(experts_module, "apply_grouped", lambda *a, **kw: calls.append(1) or apply_grouped(*a, **kw))
+    calls = []  # the selected-experts forms: apply_grouped (padded bmm), _topk_grouped (grouped_mm)
+    monkeypatch.setattr(experts_module, "apply_grouped", lambda *a, **kw: calls.append("padded") or apply_grouped(*a, **kw))
+    topk_grouped = experts._topk_grouped
+    monkeypatch.setattr(experts, "_topk_grouped", lambda *a: calls.append("grouped") or topk_grouped(*a))
     w_k = torch.rand(*shape, k)
     weights = torch.zeros(*shape, experts.num_experts).scatter(-1, idx, w_k).requires_grad_()  # zero outside idx
     out = experts.forward_topk(x, weights, idx)
@@ -191,6 +193,7 @@ def test_forward_topk_selects_unless_that_costs_nearly_every_expert_with_the_sam
     # block (k = E, and the collapsed routing, C = T)
     every_expert = case == "k_equals_e" or (kernel == "padded_bmm" and case == "collapsed")
     assert bool(calls) != (grouped == "default" and every_expert)
+    assert set(calls) <= {"grouped" if kernel == "grouped_mm" else "padded"}
     ref_out = torch.einsum("...e,...eo->...o", weights, experts(x))  # every expert, dense weights
     torch.testing.assert_close(out, ref_out)
     g = torch.randn_like(out)

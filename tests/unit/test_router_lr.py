@@ -65,3 +65,31 @@ def test_first_adam_step_moves_gates_by_the_scaled_lr():
         moved = (p.detach() - before[name]).abs()
         expected = 1e-2 if name.startswith("moe.gate.") else 1e-3
         assert moved.max().item() == pytest.approx(expected, rel=1e-3), name
+
+
+def test_fused_adam_is_the_default_and_makes_the_plain_adam_update():
+    torch.manual_seed(0)
+    x = torch.randn(32, 5)
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(1)
+        model = Tiny()
+        cfg = ExperimentConfig()
+        cfg.train.router_lr_scale = 10.0  # two parameter groups with different lr
+        cfg.train.weight_decay = 0.01
+        cfg.train.fused_adam = fused
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        stepper = TorchStepper(model, cfg)
+        assert bool(stepper.optimizer.defaults["fused"]) is fused
+        assert len(stepper.optimizer.param_groups) == 2
+        for _ in range(5):
+            out, aux = model(x)
+            stepper.backward(out.pow(2).mean() + aux.balance_loss)
+            stepper.step()
+        runs[fused] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert ExperimentConfig().train.fused_adam is True
+    moved = 0
+    for name, p in runs[True].items():
+        torch.testing.assert_close(p, runs[False][name], rtol=1e-5, atol=1e-7)
+        moved += int((p - init[name]).abs().max() > 1e-3)
+    assert moved == len(runs[True])
