@@ -188,10 +188,15 @@ def test_forward_topk_selects_unless_that_costs_nearly_every_expert_with_the_sam
     weights = torch.zeros(*shape, experts.num_experts).scatter(-1, idx, w_k).requires_grad_()  # zero outside idx
     out = experts.forward_topk(x, weights, idx)
     assert out.shape == (*shape, 4)
-    # the form that ran: the selected experts unless that costs more than 75% of the rows of
-    # every expert on every token: T·k rows with grouped_mm (k = E), E·C with the padded
-    # block (k = E, and the collapsed routing, C = T)
-    every_expert = case == "k_equals_e" or (kernel == "padded_bmm" and case == "collapsed")
+    # the form that ran: the selected experts unless that costs more than 60% of the rows of
+    # every expert on every token (E·T): T·k rows with grouped_mm, E·C with the padded block
+    # (C = the busiest expert's count)
+    T = idx.numel() // k
+    counts = torch.bincount(idx.reshape(-1), minlength=experts.num_experts)
+    rows = T * k if kernel == "grouped_mm" else experts.num_experts * int(counts.max() if T else 0)
+    every_expert = rows > 0.6 * experts.num_experts * T
+    if case == "k_equals_e" or (kernel == "padded_bmm" and case == "collapsed"):
+        assert every_expert
     assert bool(calls) != (grouped == "default" and every_expert)
     assert set(calls) <= {"grouped" if kernel == "grouped_mm" else "padded"}
     ref_out = torch.einsum("...e,...eo->...o", weights, experts(x))  # every expert, dense weights
@@ -208,6 +213,20 @@ def test_forward_topk_selects_unless_that_costs_nearly_every_expert_with_the_sam
             assert a[~mask].abs().sum() == 0
         else:
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("experts,k,selects", [(4, 2, True), (6, 3, True), (8, 4, True), (6, 4, False), (4, 3, False)])
+def test_forward_topk_evaluates_every_expert_above_a_fill_of_60_percent(experts, k, selects, monkeypatch):
+    layer = LinearExperts(num_experts=experts, in_features=8, out_features=4)
+    calls = []
+    topk_grouped = layer._topk_grouped
+    monkeypatch.setattr(layer, "_topk_grouped", lambda *a: calls.append(1) or topk_grouped(*a))
+    x = torch.randn(30, 8)
+    idx = torch.stack([torch.randperm(experts)[:k] for _ in range(30)])  # k distinct experts per token
+    weights = torch.zeros(30, experts).scatter(-1, idx, torch.rand(30, k))
+    out = layer.forward_topk(x, weights, idx)
+    assert bool(calls) is selects
+    torch.testing.assert_close(out, torch.einsum("te,teo->to", weights, layer(x)))
 
 
 def test_sorted_kernel_choice():
