@@ -497,6 +497,14 @@ def test_dropout_half_draws_one_fair_bit_per_element():
     assert torch.corrcoef(torch.stack([b[:-1], b[1:]]))[0, 1].abs().item() < 0.02  # neighbours independent
     odd = torch.rand(7, 13, 5)  # a size that is not a multiple of 56
     assert fair_bits(odd).shape == odd.shape
+    # the bits are those of the random words, bit 0 of byte 0 first (the table lookup expands
+    # each byte exactly as shifting would)
+    torch.manual_seed(3)
+    got = fair_bits(odd, 2.0)
+    torch.manual_seed(3)
+    words = torch.empty((odd.numel() + 55) // 56, dtype=torch.int64).random_()
+    expect = [((int(w) >> i) & 1) * 2.0 for w in words for i in range(56)][: odd.numel()]
+    assert got.flatten().tolist() == expect
     torch.manual_seed(5)
     y = dropout(x, 0.5, True)
     torch.manual_seed(5)
