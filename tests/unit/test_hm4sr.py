@@ -526,3 +526,34 @@ def test_cpu_attention_path_equals_sdpa_without_dropout():
     manual = mha(x, mask)
     mha.attn_dropout_prob = 0.0  # -> the fused SDPA branch
     torch.testing.assert_close(manual, mha(x, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [7, 64, 1000])
+def test_blocked_cpu_feed_forward_equals_the_ordinary_pass(rows, monkeypatch):
+    """On CPU the feed-forward runs over blocks of rows and recomputes each block's intermediate
+    in the backward: the same output, and the gradients of the ordinary pass (float64: exact to
+    rounding; a row count that does not divide into blocks)."""
+    import moedist.models.hm4sr as H
+
+    torch.manual_seed(0)
+    ffn = H.FeedForward(hidden_size=8, inner_size=32, hidden_dropout_prob=0.0, layer_norm_eps=1e-12).double()
+    x = torch.randn(5, 23, 8, dtype=torch.float64, requires_grad=True)  # 115 rows
+    g = torch.randn(5, 23, 8, dtype=torch.float64)
+    params = [x, *ffn.parameters()]
+    results = {}
+    calls = []
+    original = H._BlockedFFN.apply
+    monkeypatch.setattr(H._BlockedFFN, "apply", lambda *a: calls.append(a[-1]) or original(*a))
+    for block in (0, rows):
+        monkeypatch.setattr(H, "FFN_BLOCK_ROWS", block)
+        calls.clear()
+        y = ffn(x)
+        assert calls == ([rows] if block else [])
+        results[block] = (y.detach(), torch.autograd.grad((y * g).sum(), params))
+    torch.testing.assert_close(results[rows][0], results[0][0], rtol=1e-12, atol=0)
+    for a, b in zip(results[rows][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(H, "FFN_BLOCK_ROWS", rows)
+    w = [p.detach().clone().requires_grad_() for p in (ffn.dense_1.weight, ffn.dense_1.bias, ffn.dense_2.weight, ffn.dense_2.bias)]
+    xs = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda xs, *w: H._BlockedFFN.apply(xs, *w, rows), (xs, *w))
