@@ -27,6 +27,10 @@ Variants (each the real training loop on real batches, ``--steps`` timed steps a
 * ``local-ffn-one-pass``  ``local`` with HM4SR's (and SASRec's) CPU feed-forward as one
                  ordinary pass that stores its ``[B·L, inner]`` intermediate instead of blocks of
                  rows recomputed in the backward (``moedist.models.hm4sr.FFN_BLOCK_ROWS = 0``)
+* ``local-attention-one-pass``  ``local`` with the CPU attention-with-dropout computed over the
+                 whole batch at once, storing its ``[B, h, L, L]`` softmax, mask and dropped
+                 probabilities, instead of blocks of sequences recomputed in the backward
+                 (``moedist.models.hm4sr.ATTN_BLOCK_SEQS = 0``)
 * ``dp-2-whole-catalogue``, ``ep-2-whole-catalogue``  MAMEX only: ``dp-2`` / ``ep-2`` with
                  every worker encoding the whole item catalogue in each step
                  (``mamex.shard_catalogue=false``) instead of its share of it
@@ -57,6 +61,7 @@ from moedist.io import atomic_write_json
 VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
             "local-torch-dropout": (1, 1, False), "local-uniform-dropout": (1, 1, False), "local-dense-topk": (1, 1, False),
             "local-plain-adam": (1, 1, False), "local-composed-ops": (1, 1, False), "local-ffn-one-pass": (1, 1, False),
+            "local-attention-one-pass": (1, 1, False),
             "dp-2-whole-catalogue": (2, 1, True), "ep-2-whole-catalogue": (2, 2, True)}
 
 
@@ -79,6 +84,10 @@ def _worker(rank, world, port, model, variant, args, queue):
         import moedist.models.hm4sr
 
         moedist.models.hm4sr.FFN_BLOCK_ROWS = 0
+    if variant == "local-attention-one-pass":
+        import moedist.models.hm4sr
+
+        moedist.models.hm4sr.ATTN_BLOCK_SEQS = 0
     if variant == "local-composed-ops":
         import moedist.models.common
         import moedist.moe.experts

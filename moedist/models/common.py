@@ -80,15 +80,38 @@ def fair_bits(x: Tensor, value: float = 1.0) -> Tensor:
     machine) are used, and each byte becomes its 8 bits (bit 0 first) by one lookup in a
     ``[256, 8]`` table, which writes the mask in ``x``'s dtype directly."""
     n = x.numel()
-    key = (x.device, x.dtype, float(value))
+    words = torch.empty((n + 55) // 56, dtype=torch.int64, device=x.device).random_()
+    return _expand_bits(words, 0, n, value, x.dtype).view(x.shape)
+
+
+def _expand_bits(words: Tensor, a: int, b: int, value: float, dtype: torch.dtype) -> Tensor:
+    """Bits ``a .. b-1`` of the random ``words`` (56 per word: bytes 0-6, bit 0 first) times
+    ``value``, as a flat ``dtype`` tensor (one lookup per byte, see :func:`fair_bits`)."""
+    key = (words.device, dtype, float(value))
     table = _BIT_TABLES.get(key)
     if table is None:
-        byte = torch.arange(256, device=x.device).unsqueeze(-1)
-        bits = (byte >> torch.arange(8, device=x.device)) & 1  # (256, 8)
-        table = _BIT_TABLES[key] = (bits.to(torch.float64) * value).to(x.dtype)
-    words = torch.empty((n + 55) // 56, dtype=torch.int64, device=x.device).random_()
-    octets = words.view(torch.uint8).view(-1, 8)[:, :7].reshape(-1)  # (W·7,): bits 0-55 of each word
-    return table.index_select(0, octets.long()).view(-1)[:n].view(x.shape)  # (W·7, 8) -> x's shape
+        byte = torch.arange(256, device=words.device).unsqueeze(-1)
+        bits = (byte >> torch.arange(8, device=words.device)) & 1  # (256, 8)
+        table = _BIT_TABLES[key] = (bits.to(torch.float64) * value).to(dtype)
+    w0, w1 = a // 56, (b + 55) // 56
+    octets = words[w0:w1].view(torch.uint8).view(-1, 8)[:, :7].reshape(-1)  # bits 0-55 of each word
+    first = a - 56 * w0
+    return table.index_select(0, octets.long()).view(-1)[first : first + (b - a)]
+
+
+def dropout_mask_source(n: int, p: float, dtype: torch.dtype, device=None):
+    """The CPU dropout mask of ``n`` elements, drawn now from the same random stream as
+    ``dropout(x, p, True)`` on an ``x`` of ``n`` elements, but kept compact: the random words
+    at ``p = 0.5`` (one bit per element), a bool per element otherwise. Returns
+    ``mask(a, b)``: the mask values ``keep / (1 − p)`` of elements ``a .. b-1`` as a flat
+    ``dtype`` tensor, the same values :func:`dropout` multiplies by. For computations that
+    apply the mask block by block and recompute it in their backward (HM4SR's CPU attention)."""
+    scale = 1.0 / (1.0 - p)
+    if p == 0.5 and LITTLE_ENDIAN and FAIR_BIT_DROPOUT:
+        words = torch.empty((n + 55) // 56, dtype=torch.int64, device=device).random_()
+        return lambda a, b: _expand_bits(words, a, b, scale, dtype)
+    keep = torch.rand(n, dtype=dtype, device=device) >= p  # as dropout(): U(0, 1) >= p; bool
+    return lambda a, b: keep[a:b].to(dtype).mul_(scale)  # a new tensor: keep stays as drawn
 
 
 class Dropout(torch.nn.Module):

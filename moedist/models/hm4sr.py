@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import Dropout, dropout, fast_cpu_dropout, modality_table
+from moedist.models.common import Dropout, dropout, dropout_mask_source, fast_cpu_dropout, modality_table
 from moedist.moe import DenseGate, LinearExperts, expert_load, routing_entropy
 
 MODALITIES = ("id", "text", "image")
@@ -156,6 +156,61 @@ def gather_last(hidden: Tensor, item_seq_len: Tensor) -> Tensor:
     return hidden.gather(1, idx).squeeze(1)
 
 
+# CPU attention with dropout: sequences per block (0 = the whole batch at once;
+# benchmarks/bench_train.py compares the two)
+ATTN_BLOCK_SEQS = 64
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """``Dropout(softmax(q·kᵀ/√(d/h) + mask)) · v`` for ``q, k, v [B, h, L, d/h]`` and an additive
+    ``mask [B or 1, 1, L, L]``, ``ATTN_BLOCK_SEQS`` sequences at a time (CPU training).
+
+    Nothing ``[B, h, L, L]`` is stored: the dropout mask is drawn up front in compact form
+    (:func:`~moedist.models.common.dropout_mask_source`: the random bits at p = 0.5), and the
+    backward recomputes each block's scores, softmax and mask from q, k and the mask source.
+    The ordinary form keeps three ``[B, h, L, L]`` float tensors per layer for its backward
+    (softmax output, dropout mask, dropped probabilities: 60 MB for HM4SR's batch), and its
+    memory traffic. Same random stream, so the same values as that form."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, p: float, block: int) -> Tensor:
+        B, h, L, _ = q.shape
+        per_seq = h * L * L
+        source = dropout_mask_source(B * per_seq, p, q.dtype, q.device)
+        out = q.new_empty(B, h, L, v.shape[-1])
+        for s in range(0, B, block):
+            e = min(B, s + block)
+            probs = _BlockedAttention._probs(q, k, mask, s, e)
+            keep = source(s * per_seq, e * per_seq).view(e - s, h, L, L)
+            torch.matmul(probs.mul_(keep), v[s:e], out=out[s:e])
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.source, ctx.block = source, block
+        return out
+
+    @staticmethod
+    def _probs(q: Tensor, k: Tensor, mask: Tensor, s: int, e: int) -> Tensor:
+        scores = (q[s:e] @ k[s:e].transpose(-1, -2)).div_(math.sqrt(q.shape[-1]))
+        return torch.softmax(scores.add_(mask[s:e] if mask.shape[0] > 1 else mask), dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        q, k, v, mask = ctx.saved_tensors
+        B, h, L, _ = q.shape
+        per_seq = h * L * L
+        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for s in range(0, B, ctx.block):
+            e = min(B, s + ctx.block)
+            probs = _BlockedAttention._probs(q, k, mask, s, e)  # recomputed
+            keep = ctx.source(s * per_seq, e * per_seq).view(e - s, h, L, L)
+            gs = g[s:e]
+            torch.matmul((probs * keep).transpose(-1, -2), gs, out=gv[s:e])
+            grad_probs = (gs @ v[s:e].transpose(-1, -2)).mul_(keep)
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).div_(math.sqrt(q.shape[-1]))
+            torch.matmul(grad_scores, k[s:e], out=gq[s:e])
+            torch.matmul(grad_scores.transpose(-1, -2), q[s:e], out=gk[s:e])
+        return gq, gk, gv, None, None, None
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with post-LN residual: ``LN(x + Dropout(Dense(Attn(x))))``."""
 
@@ -179,9 +234,12 @@ class MultiHeadAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         p = self.attn_dropout_prob if self.training else 0.0
-        if p > 0.0 and fast_cpu_dropout(q):
-            # CPU training: SDPA with dropout runs the unfused math path anyway, whose
-            # bernoulli_ mask is the slow part; the same computation with the cheaper mask
+        if p > 0.0 and fast_cpu_dropout(q) and ATTN_BLOCK_SEQS > 0 and p < 1.0:
+            # CPU training: SDPA with dropout runs the unfused math path with a bernoulli_ mask;
+            # the same computation with the cheaper mask, block by block, storing no [B, h, L, L]
+            ctx = _BlockedAttention.apply(q, k, v, attn_mask.to(q.dtype), p, ATTN_BLOCK_SEQS)  # (B, h, L, d/h)
+        elif p > 0.0 and fast_cpu_dropout(q):
+            # the same in one pass over the batch (the form _BlockedAttention reproduces)
             probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + attn_mask.to(q.dtype), dim=-1)
             ctx = dropout(probs, p, True) @ v  # ctx: (B, h, L, d/h)
         else:

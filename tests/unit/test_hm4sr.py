@@ -557,3 +557,34 @@ def test_blocked_cpu_feed_forward_equals_the_ordinary_pass(rows, monkeypatch):
     w = [p.detach().clone().requires_grad_() for p in (ffn.dense_1.weight, ffn.dense_1.bias, ffn.dense_2.weight, ffn.dense_2.bias)]
     xs = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda xs, *w: H._BlockedFFN.apply(xs, *w, rows), (xs, *w))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_blocked_cpu_attention_reproduces_the_one_pass_dropout_attention(p, monkeypatch):
+    """CPU attention with dropout runs block by block and recomputes scores, softmax and the
+    dropout mask in its backward (nothing [B, h, L, L] stored). With the same seed it draws the
+    same mask as the one-pass form (bits at p = 0.5, uniform numbers otherwise), so outputs and
+    gradients agree; checked through the layer (q, k, v are strided views there) in float64."""
+    import moedist.models.hm4sr as H
+
+    torch.manual_seed(0)
+    attn = H.MultiHeadAttention(hidden_size=8, n_heads=2, attn_dropout_prob=p, hidden_dropout_prob=0.0,
+                                layer_norm_eps=1e-12).double().train()
+    x = torch.randn(19, 7, 8, dtype=torch.float64, requires_grad=True)
+    seq = torch.randint(0, 4, (19, 7))
+    seq[:, -1] = 1  # every sequence has an item
+    mask = H.causal_padding_mask(seq).double()
+    g = torch.randn(19, 7, 8, dtype=torch.float64)
+    params = [x, *attn.parameters()]
+    results = {}
+    for block in (0, 4):  # 19 sequences: blocks of 4, the last one short
+        monkeypatch.setattr(H, "ATTN_BLOCK_SEQS", block)
+        torch.manual_seed(7)
+        y = attn(x, mask)
+        results[block] = (y.detach(), torch.autograd.grad((y * g).sum(), params))
+    torch.testing.assert_close(results[4][0], results[0][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[4][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # dropout really happened: another seed gives another output
+    torch.manual_seed(8)
+    assert not torch.allclose(attn(x, mask), results[4][0])
