@@ -57,7 +57,7 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 1, epochs:
         from moedist.tune.run import run_tune
 
         common = [f"data={data}", f"features={features}", "train.progress=false"]
-        # Each trial's worker peaks at about 6 GB RSS here (batch 1,024, three branches): the
+        # Each trial's worker peaks at about 5 GB RSS here (batch 1,024, three branches): the
         # memory reservation keeps Tune from starting more trials than the RAM holds (one at
         # a time where Ray's memory resource is below one worker's share).
         memory = math.floor(min(DEMO_WORKER_GIB, ray.cluster_resources().get("memory", 0.0) / 2**30) * 100) / 100

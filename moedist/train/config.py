@@ -56,7 +56,7 @@ class DistConfig:
     # GiB of Ray's "memory" resource each training worker reserves (0 = none). Ray then places
     # workers, and Tune starts trials, only where the node's memory resource has room, instead
     # of oversubscribing RAM until its memory monitor kills workers. On CPU, an HM4SR worker at
-    # the papers' batch of 1,024 peaks at about 4-6 GiB (README); on GPUs host memory is small.
+    # the papers' batch of 1,024 peaks at about 3-5 GiB (README); on GPUs host memory is small.
     memory_per_worker: float = 0.0
     ray_address: str | None = None  # None = connect to RAY_ADDRESS / a running cluster, else start a local one
     max_failures: int = 2  # Ray Train restarts after a worker failure (resume from the last checkpoint)
