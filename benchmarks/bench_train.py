@@ -31,6 +31,9 @@ Variants (each the real training loop on real batches, ``--steps`` timed steps a
                  whole batch at once, storing its ``[B, h, L, L]`` softmax, mask and dropped
                  probabilities, instead of blocks of sequences recomputed in the backward
                  (``moedist.models.hm4sr.ATTN_BLOCK_SEQS = 0``)
+* ``local-imoe-one-pass``  ``local`` with HM4SR's Interactive MoE evaluating every expert on every
+                 token in one einsum, storing those outputs, instead of blocks of tokens
+                 recomputed in the backward (``moedist.models.hm4sr.IMOE_BLOCK_ROWS = 0``)
 * ``dp-2-whole-catalogue``, ``ep-2-whole-catalogue``  MAMEX only: ``dp-2`` / ``ep-2`` with
                  every worker encoding the whole item catalogue in each step
                  (``mamex.shard_catalogue=false``) instead of its share of it
@@ -61,7 +64,7 @@ from moedist.io import atomic_write_json
 VARIANTS = {"local": (1, 1, False), "ds-1": (1, 1, True), "dp-2": (2, 1, True), "ep-2": (2, 2, True),
             "local-torch-dropout": (1, 1, False), "local-uniform-dropout": (1, 1, False), "local-dense-topk": (1, 1, False),
             "local-plain-adam": (1, 1, False), "local-composed-ops": (1, 1, False), "local-ffn-one-pass": (1, 1, False),
-            "local-attention-one-pass": (1, 1, False),
+            "local-attention-one-pass": (1, 1, False), "local-imoe-one-pass": (1, 1, False),
             "dp-2-whole-catalogue": (2, 1, True), "ep-2-whole-catalogue": (2, 2, True)}
 
 
@@ -88,6 +91,10 @@ def _worker(rank, world, port, model, variant, args, queue):
         import moedist.models.hm4sr
 
         moedist.models.hm4sr.ATTN_BLOCK_SEQS = 0
+    if variant == "local-imoe-one-pass":
+        import moedist.models.hm4sr
+
+        moedist.models.hm4sr.IMOE_BLOCK_ROWS = 0
     if variant == "local-composed-ops":
         import moedist.models.common
         import moedist.moe.experts

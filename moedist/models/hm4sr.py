@@ -471,6 +471,65 @@ class TemporalMoE(nn.Module):
         return u * (g @ self.experts.to(g.dtype)), g
 
 
+# CPU, ep_size 1: the Interactive MoE's experts and combination run over blocks of this many
+# tokens (0 = one pass; benchmarks/bench_train.py compares the two)
+IMOE_BLOCK_ROWS = 2048
+
+
+class _BlockedInteractiveMoE(torch.autograd.Function):
+    """``x[n, m] = Σ_i g[n, m, i] · (v[n] W_i + b_i)[block m]`` for ``v [N, M·d]``, experts
+    ``W [k1, M·d, M·d]``, ``b [k1, M·d]`` and gates ``g [N, M, k1]``; returns ``[N, M, d]``.
+
+    Over blocks of ``IMOE_BLOCK_ROWS`` tokens: one product against all experts at once (bias
+    included), the weighted sum in cache, and the backward recomputes the block's expert
+    outputs. The one-pass form stores every expert's output on every token (``[N, k1, M·d]``,
+    105 MB for HM4SR's batch with two modalities) and permuted copies of it for the einsum."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, weight: Tensor, bias: Tensor, g: Tensor, rows: int) -> Tensor:
+        E, D, _ = weight.shape
+        N, M = g.shape[0], g.shape[1]
+        w_cat = weight.permute(1, 0, 2).reshape(D, E * D)  # (M·d, k1·M·d): every expert side by side
+        b_cat = bias.reshape(E * D)
+        x = v.new_empty(N, M, D // M)
+        for s in range(0, N, rows):
+            o = torch.addmm(b_cat, v[s : s + rows], w_cat).view(-1, E, M, D // M)  # (rows, k1, M, d)
+            gb = g[s : s + rows]
+            xb = torch.mul(o[:, 0], gb[:, :, 0:1], out=x[s : s + rows])
+            for i in range(1, E):
+                xb.addcmul_(o[:, i], gb[:, :, i : i + 1])
+        ctx.save_for_backward(v, weight, bias, g)
+        ctx.rows = rows
+        return x
+
+    @staticmethod
+    def backward(ctx, gx: Tensor):
+        v, weight, bias, g = ctx.saved_tensors
+        E, D, _ = weight.shape
+        N, M = g.shape[0], g.shape[1]
+        w_cat = weight.permute(1, 0, 2).reshape(D, E * D)
+        b_cat = bias.reshape(E * D)
+        gw = torch.zeros_like(w_cat)
+        gbias = torch.zeros_like(b_cat)
+        gv = torch.empty_like(v) if ctx.needs_input_grad[0] else None
+        gg = torch.empty_like(g) if ctx.needs_input_grad[3] else None
+        for s in range(0, N, ctx.rows):
+            vb, gb, gxb = v[s : s + ctx.rows], g[s : s + ctx.rows], gx[s : s + ctx.rows]
+            o = torch.addmm(b_cat, vb, w_cat).view(-1, E, M, D // M)  # recomputed
+            go = torch.empty_like(o)
+            for i in range(E):
+                torch.mul(gxb, gb[:, :, i : i + 1], out=go[:, i])  # dL/do_i = g_i · dL/dx
+                if gg is not None:
+                    torch.sum(o[:, i] * gxb, dim=-1, out=gg[s : s + ctx.rows, :, i])  # dL/dg_i = <o_i, dL/dx>
+            go = go.view(-1, E * D)
+            gw.addmm_(vb.t(), go)
+            gbias += go.sum(0)
+            if gv is not None:
+                torch.mm(go, w_cat.t(), out=gv[s : s + ctx.rows])
+        gweight = gw.view(D, E, D).permute(1, 0, 2).contiguous()
+        return gv, gweight, gbias.view(E, D), gg, None
+
+
 class InteractiveMoE(nn.Module):
     """Interactive MoE (spec 1.3 step 3): shared experts Linear(M·d → M·d) on v = [e_1; …; e_M];
     modality m reads block m of each expert's output with its own gate softmax(Gate_m(e_m)),
@@ -496,9 +555,15 @@ class InteractiveMoE(nn.Module):
     def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """e: ``[B, L, M, d]`` -> (x_inter ``[B, L, M, d]``, gates ``[B, L, M, k1]``)."""
         B, L, M, d = e.shape
-        o = self.experts(e.reshape(B, L, M * d)).view(B, L, self.experts.num_global_experts, M, d)  # o: (B, L, k1, M, d)
         g = torch.stack([gate(e[:, :, m]).weights for m, gate in enumerate(self.gates)], dim=2)  # (B, L, M, k1)
-        x = torch.einsum("blmk,blkmd->blmd", g, o)
+        ex = self.experts
+        if (e.device.type == "cpu" and IMOE_BLOCK_ROWS > 0 and ex.ep_size == 1 and ex.bias is not None
+                and e.dtype == ex.weight.dtype == g.dtype):
+            x = _BlockedInteractiveMoE.apply(e.reshape(B * L, M * d), ex.weight, ex.bias, g.reshape(B * L, M, -1),
+                                             IMOE_BLOCK_ROWS).view(B, L, M, d)
+        else:
+            o = ex(e.reshape(B, L, M * d)).view(B, L, ex.num_global_experts, M, d)  # o: (B, L, k1, M, d)
+            x = torch.einsum("blmk,blkmd->blmd", g, o)
         return x * self.alpha.to(x.dtype).view(1, 1, M, 1), g
 
 

@@ -588,3 +588,36 @@ def test_blocked_cpu_attention_reproduces_the_one_pass_dropout_attention(p, monk
     # dropout really happened: another seed gives another output
     torch.manual_seed(8)
     assert not torch.allclose(attn(x, mask), results[4][0])
+
+
+@pytest.mark.parametrize("modalities", [2, 3])
+def test_blocked_cpu_interactive_moe_equals_the_einsum_form(modalities, monkeypatch):
+    """On CPU the Interactive MoE's experts and gate-weighted sum run over blocks of tokens and
+    recompute the expert outputs in the backward: the same output, and the same gradients into
+    the input, the experts, the gates and α as the one-pass einsum form (float64, a token count
+    that does not divide into blocks)."""
+    import moedist.models.hm4sr as H
+
+    torch.manual_seed(0)
+    moe = H.InteractiveMoE(hidden_size=8, num_modalities=modalities, num_experts=4,
+                           alpha_init=[0.0] + [1.0] * (modalities - 1)).double()
+    with torch.no_grad():
+        moe.alpha.add_(torch.rand(modalities, dtype=torch.float64))  # every α nonzero
+        moe.experts.bias.normal_()  # biases count too
+    e = torch.randn(5, 13, modalities, 8, dtype=torch.float64, requires_grad=True)  # 65 tokens
+    g = torch.randn(5, 13, modalities, 8, dtype=torch.float64)
+    params = [e, *moe.parameters()]
+    calls, original = [], H._BlockedInteractiveMoE.apply
+    monkeypatch.setattr(H._BlockedInteractiveMoE, "apply", lambda *a: calls.append(a[-1]) or original(*a))
+    results = {}
+    for rows in (0, 16):
+        monkeypatch.setattr(H, "IMOE_BLOCK_ROWS", rows)
+        calls.clear()
+        x, gates = moe(e)
+        assert calls == ([16] if rows else [])
+        results[rows] = (x.detach(), gates.detach(), torch.autograd.grad((x * g).sum(), params))
+    torch.testing.assert_close(results[16][0], results[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results[16][1], results[0][1], rtol=0, atol=0)
+    for a, b in zip(results[16][2], results[0][2]):
+        assert b.abs().sum() > 0  # every parameter gets a gradient in this check
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
