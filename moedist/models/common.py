@@ -58,7 +58,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return torch.nn.functional.dropout(x, p, True)
     if p >= 1.0:
         return x * 0.0
-    if p == 0.5 and LITTLE_ENDIAN and FAIR_BIT_DROPOUT:
+    if _bit_mask(p):
         return x * fair_bits(x, 2.0)  # keep with probability exactly 1/2: one random bit each
     # x · (keep / (1 − p)), as F.dropout; a multiply is ~2x cheaper than torch.where here,
     # forward and backward.
@@ -67,6 +67,11 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _bit_mask(p: float) -> bool:
+    """Whether the CPU dropout mask at rate ``p`` is one random bit per element."""
+    return p == 0.5 and LITTLE_ENDIAN and FAIR_BIT_DROPOUT
 # (device, dtype, value) -> [256, 8] table: row b holds the 8 bits of byte b (bit 0 first) times value
 _BIT_TABLES: dict[tuple, Tensor] = {}
 
@@ -107,7 +112,7 @@ def dropout_mask_source(n: int, p: float, dtype: torch.dtype, device=None):
     ``dtype`` tensor, the same values :func:`dropout` multiplies by. For computations that
     apply the mask block by block and recompute it in their backward (HM4SR's CPU attention)."""
     scale = 1.0 / (1.0 - p)
-    if p == 0.5 and LITTLE_ENDIAN and FAIR_BIT_DROPOUT:
+    if _bit_mask(p):
         words = torch.empty((n + 55) // 56, dtype=torch.int64, device=device).random_()
         return lambda a, b: _expand_bits(words, a, b, scale, dtype)
     keep = torch.rand(n, dtype=dtype, device=device) >= p  # as dropout(): U(0, 1) >= p; bool

@@ -234,14 +234,15 @@ class MultiHeadAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         p = self.attn_dropout_prob if self.training else 0.0
-        if p > 0.0 and fast_cpu_dropout(q) and ATTN_BLOCK_SEQS > 0 and p < 1.0:
+        if p > 0.0 and fast_cpu_dropout(q):
             # CPU training: SDPA with dropout runs the unfused math path with a bernoulli_ mask;
-            # the same computation with the cheaper mask, block by block, storing no [B, h, L, L]
-            ctx = _BlockedAttention.apply(q, k, v, attn_mask.to(q.dtype), p, ATTN_BLOCK_SEQS)  # (B, h, L, d/h)
-        elif p > 0.0 and fast_cpu_dropout(q):
-            # the same in one pass over the batch (the form _BlockedAttention reproduces)
-            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + attn_mask.to(q.dtype), dim=-1)
-            ctx = dropout(probs, p, True) @ v  # ctx: (B, h, L, d/h)
+            # the same computation with the cheaper mask, block by block (storing no
+            # [B, h, L, L]), or in one pass over the batch (the form _BlockedAttention reproduces)
+            if ATTN_BLOCK_SEQS > 0 and p < 1.0:
+                ctx = _BlockedAttention.apply(q, k, v, attn_mask.to(q.dtype), p, ATTN_BLOCK_SEQS)  # (B, h, L, d/h)
+            else:
+                probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + attn_mask.to(q.dtype), dim=-1)
+                ctx = dropout(probs, p, True) @ v  # ctx: (B, h, L, d/h)
         else:
             # softmax(q·kᵀ/√(d/h) + mask) → dropout → ·v, fused. The mask must match q's dtype
             # (bf16 under autocast).
@@ -486,11 +487,16 @@ class _BlockedInteractiveMoE(torch.autograd.Function):
     105 MB for HM4SR's batch with two modalities) and permuted copies of it for the einsum."""
 
     @staticmethod
+    def _side_by_side(weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """Every expert side by side: ``W [M·d, k1·M·d]``, ``b [k1·M·d]``."""
+        E, D, _ = weight.shape
+        return weight.permute(1, 0, 2).reshape(D, E * D), bias.reshape(E * D)
+
+    @staticmethod
     def forward(ctx, v: Tensor, weight: Tensor, bias: Tensor, g: Tensor, rows: int) -> Tensor:
         E, D, _ = weight.shape
         N, M = g.shape[0], g.shape[1]
-        w_cat = weight.permute(1, 0, 2).reshape(D, E * D)  # (M·d, k1·M·d): every expert side by side
-        b_cat = bias.reshape(E * D)
+        w_cat, b_cat = _BlockedInteractiveMoE._side_by_side(weight, bias)
         x = v.new_empty(N, M, D // M)
         for s in range(0, N, rows):
             o = torch.addmm(b_cat, v[s : s + rows], w_cat).view(-1, E, M, D // M)  # (rows, k1, M, d)
@@ -507,8 +513,7 @@ class _BlockedInteractiveMoE(torch.autograd.Function):
         v, weight, bias, g = ctx.saved_tensors
         E, D, _ = weight.shape
         N, M = g.shape[0], g.shape[1]
-        w_cat = weight.permute(1, 0, 2).reshape(D, E * D)
-        b_cat = bias.reshape(E * D)
+        w_cat, b_cat = _BlockedInteractiveMoE._side_by_side(weight, bias)
         gw = torch.zeros_like(w_cat)
         gbias = torch.zeros_like(b_cat)
         gv = torch.empty_like(v) if ctx.needs_input_grad[0] else None

@@ -164,14 +164,21 @@ def apply_grouped(
     called, also with no pairs, so the autograd graph is the same on every rank of an
     expert-parallel group.
     """
-    n = expert_of_pair.numel()
-    with torch.no_grad():  # integer bookkeeping
-        order = torch.argsort(expert_of_pair, stable=True)  # pairs sorted by expert, order kept
-        if counts is None:
-            counts = torch.bincount(expert_of_pair, minlength=num_experts)  # (E,)
-        position = torch.empty_like(order)
-        position[order] = torch.arange(n, device=x.device)  # each pair's index in the sorted order
+    order, position = sort_pairs(expert_of_pair)
+    if counts is None:
+        counts = torch.bincount(expert_of_pair, minlength=num_experts)  # (E,)
     return expert_fn(x, order // k, counts, position)  # (T·k, out), pair order
+
+
+@torch.no_grad()
+def sort_pairs(expert_of_pair: Tensor) -> tuple[Tensor, Tensor]:
+    """``(order, position)`` for pairs ``expert_of_pair [P]``: ``order`` lists the pairs sorted
+    by expert (stable: pair order kept within an expert), ``position[s]`` is pair ``s``'s index
+    in that order (the inverse permutation)."""
+    order = torch.argsort(expert_of_pair, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return order, position
 
 
 def padded_expert_rows(counts: Tensor, n: int) -> tuple[Tensor, Tensor, int]:

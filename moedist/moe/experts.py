@@ -34,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedist.moe.dispatch import apply_grouped, dense_expert_idx, expert_parallel_apply, padded_expert_rows
+from moedist.moe.dispatch import (
+    apply_grouped,
+    dense_expert_idx,
+    expert_parallel_apply,
+    padded_expert_rows,
+    sort_pairs,
+)
 from moedist.moe.gates import (
     BalanceDirection,
     DenseGate,
@@ -269,11 +275,8 @@ class LinearExperts(nn.Module):
         k = topk_idx.shape[-1]
         flat = x.reshape(-1, self.in_features)  # (T, in)
         idx = topk_idx.reshape(-1, k)  # (T, k)
-        with torch.no_grad():  # integer bookkeeping, as apply_grouped
-            order = torch.argsort(idx.reshape(-1), stable=True)  # pairs sorted by expert
-            position = torch.empty_like(order)
-            position[order] = torch.arange(order.numel(), device=order.device)
-            offs = counts.cumsum(0).to(torch.int32)  # end of each expert's run
+        order, position = sort_pairs(idx.reshape(-1))  # pairs sorted by expert, and back
+        offs = counts.cumsum(0).to(torch.int32)  # end of each expert's run
         y_sorted = F.grouped_mm(flat.index_select(0, order // k), self.weight, offs=offs)  # (T·k, out)
         w = weights.reshape(-1, weights.shape[-1]).gather(-1, idx).to(y_sorted.dtype)  # (T, k) kept weights
         out = _TopKCombine.apply(y_sorted, w, order, position)  # (T, out)
