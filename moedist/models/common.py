@@ -72,6 +72,8 @@ LITTLE_ENDIAN = sys.byteorder == "little"
 def _bit_mask(p: float) -> bool:
     """Whether the CPU dropout mask at rate ``p`` is one random bit per element."""
     return p == 0.5 and LITTLE_ENDIAN and FAIR_BIT_DROPOUT
+
+
 # (device, dtype, value) -> [256, 8] table: row b holds the 8 bits of byte b (bit 0 first) times value
 _BIT_TABLES: dict[tuple, Tensor] = {}
 
