@@ -278,10 +278,12 @@ class LinearExperts(nn.Module):
         order, position = sort_pairs(idx.reshape(-1))  # pairs sorted by expert, and back
         offs = counts.cumsum(0).to(torch.int32)  # end of each expert's run
         y_sorted = F.grouped_mm(flat.index_select(0, order // k), self.weight, offs=offs)  # (T·k, out)
-        w = weights.reshape(-1, weights.shape[-1]).gather(-1, idx).to(y_sorted.dtype)  # (T, k) kept weights
+        w_all = weights.reshape(-1, weights.shape[-1])  # (T, E), 0 outside the top k
+        w = w_all.gather(-1, idx).to(y_sorted.dtype)  # (T, k) kept weights
         out = _TopKCombine.apply(y_sorted, w, order, position)  # (T, out)
         if self.bias is not None:  # + Σ_j w_j b_{e_j}, read from the kept weights only
-            out = torch.addmm(out, torch.zeros_like(weights.reshape(-1, weights.shape[-1]), dtype=w.dtype).scatter(-1, idx, w), self.bias)
+            kept = torch.zeros_like(w_all, dtype=w.dtype).scatter(-1, idx, w)  # (T, E)
+            out = torch.addmm(out, kept, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _dispatch(self, x: Tensor, expert_idx: Tensor) -> Tensor:

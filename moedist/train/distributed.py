@@ -79,7 +79,7 @@ def make_adam(groups: list[dict], cfg: ExperimentConfig) -> torch.optim.Adam:
     """The training optimizer: ``torch.optim.Adam`` over ``groups`` with ``train.lr`` and
     ``train.weight_decay``; PyTorch's fused kernel when ``train.fused_adam`` and every
     parameter is a floating-point tensor on CPU or CUDA (on a MAMEX CPU step, Adam's share
-    drops from about 2.3 ms to 0.6 ms: README "Work the step no longer does")."""
+    drops from about 2.3 ms to 0.6 ms: README "Fewer passes over memory")."""
     params = [p for g in groups for p in g["params"]]
     fused = bool(cfg.train.fused_adam) and bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
