@@ -42,7 +42,14 @@ Two parts, both in one process:
    training batches; moedist once with exact and once with float32-rounded times. Part 1 has
    dropout off, so only this shows that the two codes drop out in the same places at the same
    rates: with the same inputs the expected losses must agree within their standard error
-   (``dropout_check``).
+   (``dropout_check``). 5. **another moedist curve** (``--moedist-only --draw-seed K
+   --reference <side-by-side JSON>``): moedist alone from the same initial weights on the same
+   batches, with another stream of dropout and PCL draws (``--override`` settings change the
+   model instead). ``against_reference`` sets its curve beside both curves of the reference
+   run, epoch by epoch and over epochs 0-25 and 26 on: how far two moedist curves drift apart
+   is the yardstick for the gap between moedist's and the authors' curve. Even with
+   ``--draw-seed 0`` the draws are not the side-by-side run's, whose moedist steps share the
+   random stream with the authors' steps between them.
 
 Adaptations of the authors' code, applied to its source text as it is loaded (each must apply
 exactly as expected, so a different commit fails loudly instead of silently):
@@ -398,6 +405,8 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
     opt_o = make_adam([{"params": list(ours.parameters())}], cfg)
     opt_t = torch.optim.Adam(theirs.parameters(), lr=args.lr)
     adapter = AuthorsAdapter(theirs)
+    both = not args.moedist_only
+    codes = ("moedist", "authors") if both else ("moedist",)
     ctx = DistContext()
     epochs = result.setdefault("epochs", [])
     if state_path.is_file() and epochs:
@@ -413,15 +422,16 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
         ranks_by_epoch = {}
     ranks = None
     for epoch in range(len(epochs), args.epochs):
-        if args.patience and _patience_spent(epochs, args.patience):
+        if args.patience and _patience_spent(epochs, args.patience, codes):
             break
         ours.train()
         theirs.train()
-        torch.manual_seed(args.seed + epoch)
-        random.seed(args.seed + epoch)
+        # Batches depend on the seed only; dropout and PCL draws also on --draw-seed.
+        torch.manual_seed(args.seed + epoch + DRAW_SEED_STRIDE * args.draw_seed)
+        random.seed(args.seed + epoch + DRAW_SEED_STRIDE * args.draw_seed)
         rng = np.random.default_rng(args.seed + epoch)
-        secs = {"moedist": 0.0, "authors": 0.0}
-        losses = {"moedist": 0.0, "authors": 0.0}
+        secs = {who: 0.0 for who in codes}
+        losses = {who: 0.0 for who in codes}
         n = 0
         batches = list(task.global_batches(rng, args.batch_size))
         if args.max_steps:
@@ -434,29 +444,32 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
             loss_o.backward()
             opt_o.step()
             t1 = time.perf_counter()
-            loss_t = adapter.calculate_loss(batch)
-            opt_t.zero_grad(set_to_none=True)
-            loss_t.backward()
-            opt_t.step()
-            t2 = time.perf_counter()
             secs["moedist"] += t1 - t0
-            secs["authors"] += t2 - t1
-            lo, lt = float(loss_o.detach()), float(loss_t.detach())
-            losses["moedist"] += lo
-            losses["authors"] += lt
+            step_loss = {"moedist": float(loss_o.detach())}
+            if both:
+                loss_t = adapter.calculate_loss(batch)
+                opt_t.zero_grad(set_to_none=True)
+                loss_t.backward()
+                opt_t.step()
+                secs["authors"] += time.perf_counter() - t1
+                step_loss["authors"] = float(loss_t.detach())
             n += 1
-            if not math.isfinite(lo) or not math.isfinite(lt):
-                raise SystemExit(f"epoch {epoch} step {step}: loss moedist {lo} authors {lt}")
+            for who, value in step_loss.items():
+                losses[who] += value
+                if not math.isfinite(value):
+                    raise SystemExit(f"epoch {epoch} step {step}: {who} loss {value}")
             if step % 10 == 0 or step == len(batches) - 1:
-                print(f"epoch {epoch} step {step + 1}/{len(batches)}  loss moedist {lo:.4f} "
-                      f"authors {lt:.4f}  s/step moedist {secs['moedist'] / n:.2f} "
-                      f"authors {secs['authors'] / n:.2f}", flush=True)
+                print(f"epoch {epoch} step {step + 1}/{len(batches)}  "
+                      + "  ".join(f"{who}: loss {step_loss[who]:.4f} s/step {secs[who] / n:.2f}" for who in codes),
+                      flush=True)
         row = {"epoch": epoch, "steps": n,
                "train_loss": {k: v / n for k, v in losses.items()},
                "seconds_per_step": {k: v / n for k, v in secs.items()}}
-        metrics, ranks = evaluate_both(ours, adapter, task, ctx, args.eval_batch_size)  # ranks: for the paired comparison below
+        # ranks: for the paired comparison below
+        metrics, ranks = evaluate_both(ours, adapter if both else None, task, ctx, args.eval_batch_size)
         row.update(metrics)
-        row["paired"] = paired_from_ranks(ranks, args.seed)
+        if both:
+            row["paired"] = paired_from_ranks(ranks, args.seed)
         epochs.append(row)
         ranks_by_epoch[str(epoch)] = ranks
         buf = io.BytesIO()
@@ -466,11 +479,14 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
                     "ranks_by_epoch": ranks_by_epoch}, buf)
         atomic_write_bytes(state_path, buf.getvalue())
         atomic_write_json(out, result, indent=2)
-        v = row["valid"]
-        print(f"epoch {epoch}: valid ndcg@20 moedist {v['moedist']['ndcg@20']:.4f} authors {v['authors']['ndcg@20']:.4f}"
-              f" | test ndcg@10 moedist {row['test']['moedist']['ndcg@10']:.4f} authors {row['test']['authors']['ndcg@10']:.4f}"
-              f" | s/step moedist {row['seconds_per_step']['moedist']:.2f} authors {row['seconds_per_step']['authors']:.2f}",
-              flush=True)
+        print(f"epoch {epoch}: " + " | ".join(
+            f"{who}: valid ndcg@20 {row['valid'][who]['ndcg@20']:.4f} test ndcg@10 {row['test'][who]['ndcg@10']:.4f}"
+            f" s/step {row['seconds_per_step'][who]:.2f}" for who in codes), flush=True)
+    if not both:
+        if args.patience and epochs:
+            result["at_best"] = best_epoch_comparison(epochs, {}, args.patience, args.seed, codes)
+            atomic_write_json(out, result, indent=2)
+        return
     if epochs and result.get("final_paired", {}).get("after_epochs") != len(epochs):
         if ranks is None:  # resumed with no epoch left to train: rank the restored models
             paired = paired_from_ranks(evaluate_both(ours, adapter, task, ctx, args.eval_batch_size)[1], args.seed)
@@ -486,30 +502,35 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
 
 
 SELECT = "ndcg@20"  # the validation metric both codes select on (the authors' valid_metric)
+DRAW_SEED_STRIDE = 1_000_003  # --draw-seed K shifts the dropout/PCL stream by K strides; batches stay
 
 
-def _best_epochs(epochs: list[dict]) -> dict[str, int]:
+def _best_epochs(epochs: list[dict], codes: tuple[str, ...] = ("moedist", "authors")) -> dict[str, int]:
     """Each code's best epoch on validation ``SELECT`` (the first one on a tie, as early stopping keeps)."""
     best = {}
-    for who in ("moedist", "authors"):
+    for who in codes:
         vals = [row["valid"][who][SELECT] for row in epochs]
         best[who] = epochs[max(range(len(vals)), key=lambda i: (vals[i], -i))]["epoch"]
     return best
 
 
-def _patience_spent(epochs: list[dict], patience: int) -> bool:
-    """True when both codes have gone ``patience`` epochs without a new best on validation."""
+def _patience_spent(epochs: list[dict], patience: int, codes: tuple[str, ...] = ("moedist", "authors")) -> bool:
+    """True when every code trained has gone ``patience`` epochs without a new best on validation."""
     last = epochs[-1]["epoch"] if epochs else -1
-    return bool(epochs) and all(last - b >= patience for b in _best_epochs(epochs).values())
+    return bool(epochs) and all(last - b >= patience for b in _best_epochs(epochs, codes).values())
 
 
-def best_epoch_comparison(epochs: list[dict], ranks_by_epoch: dict, patience: int, seed: int) -> dict:
+def best_epoch_comparison(epochs: list[dict], ranks_by_epoch: dict, patience: int, seed: int,
+                          codes: tuple[str, ...] = ("moedist", "authors")) -> dict:
     """Early stopping as each code's trainer does it: each model at its own best validation
     epoch, compared on the same users. Uses the stored ranks of those epochs, or, when both
     codes peak at the same epoch, that epoch's recorded paired comparison."""
-    best = _best_epochs(epochs)
+    best = _best_epochs(epochs, codes)
     out = {"select": f"valid {SELECT}", "patience": patience, "epochs_trained": len(epochs),
-           "stopped_early": _patience_spent(epochs, patience), "best_epoch": best}
+           "stopped_early": _patience_spent(epochs, patience, codes), "best_epoch": best}
+    if codes == ("moedist",):
+        out["test_at_best"] = epochs[best["moedist"]]["test"]["moedist"]
+        return out
     ro, rt = ranks_by_epoch.get(str(best["moedist"])), ranks_by_epoch.get(str(best["authors"]))
     if ro is not None and rt is not None:
         out["paired"] = paired_from_ranks({"moedist": ro["moedist"], "authors": rt["authors"]}, seed)
@@ -521,15 +542,16 @@ def best_epoch_comparison(epochs: list[dict], ranks_by_epoch: dict, patience: in
 
 
 def evaluate_both(ours, adapter, task, ctx, batch_size: int) -> tuple[dict, dict]:
-    """Both models on valid and test with moedist's evaluator: ``{split: {who: metrics}}`` and
-    the gathered ranks ``{who: {split: ranks}}``."""
+    """Both models (moedist alone when ``adapter`` is None) on valid and test with moedist's
+    evaluator: ``{split: {who: metrics}}`` and the gathered ranks ``{who: {split: ranks}}``."""
     from moedist.train.loop import evaluate_split
 
+    models = {"moedist": ours} if adapter is None else {"moedist": ours, "authors": adapter}
     metrics: dict = {}
-    ranks: dict = {"moedist": {}, "authors": {}}
+    ranks: dict = {who: {} for who in models}
     for split in ("valid", "test"):
         metrics[split] = {who: evaluate_split(model, task, split, ctx, batch_size, ranks_out=ranks[who])
-                          for who, model in (("moedist", ours), ("authors", adapter))}
+                          for who, model in models.items()}
     return metrics, ranks
 
 
@@ -583,7 +605,25 @@ def main() -> None:
     p.add_argument("--dropout-check", type=int, default=0, metavar="N",
                    help="expected training loss over N dropout draws per batch, same weights in both (0 = skip)")
     p.add_argument("--dropout-check-batches", type=int, default=4)
+    p.add_argument("--moedist-only", action="store_true",
+                   help="train and evaluate moedist alone (same initial weights and batches as the side-by-side run)")
+    p.add_argument("--draw-seed", type=int, default=0,
+                   help="another stream of dropout and PCL draws, same weights and batches (0 = the side-by-side run's)")
+    p.add_argument("--reference", type=Path,
+                   help="a finished side-by-side JSON: compare this run's moedist curve with both of its curves")
     args = p.parse_args()
+    if args.moedist_only and (args.time_input_check or args.dropout_check):
+        p.error("--time-input-check and --dropout-check need the authors' model trained: drop --moedist-only")
+    reference = None
+    if args.reference is not None:
+        try:
+            reference = json.loads(args.reference.read_text())
+            reference["epochs"][0]["test"]["authors"]["ndcg@10"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            p.error(f"--reference {args.reference}: not a finished side-by-side result ({type(e).__name__}: {e})")
+        if reference.get("settings", {}).get("seed") != args.seed:
+            p.error(f"--reference {args.reference} was run with seed {reference.get('settings', {}).get('seed')}, "
+                    f"this run with {args.seed}: the initial weights and batches would differ")
     sys.path[:0] = args.extra_path
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -632,7 +672,8 @@ def main() -> None:
         "data": str(args.data), "features": str(args.features), "image_features": "text (none extracted)" if image_is_text else "image",
         "n_items": data.n_items, "n_users": data.n_users, "train_samples": task.n_train(),
         "settings": {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-                     "dropout": cfg.hm4sr.hidden_dropout_prob, "overrides": args.override},
+                     "dropout": cfg.hm4sr.hidden_dropout_prob, "overrides": args.override,
+                     "moedist_only": args.moedist_only, "draw_seed": args.draw_seed},
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
     })
     if "equivalence" not in result:
@@ -646,6 +687,10 @@ def main() -> None:
         print(json.dumps(result["equivalence"], indent=2), flush=True)
     if args.epochs > 0:
         train_side_by_side(ours, theirs, task, args, result, out, cfg)
+    if reference is not None and result.get("epochs"):
+        result["against_reference"] = against_reference(result["epochs"], reference, str(args.reference))
+        atomic_write_json(out, result, indent=2)
+        print(json.dumps(result["against_reference"]["summary"], indent=2), flush=True)
     if args.time_input_check:
         result["time_input_check"] = time_input_check(ours, theirs, task, cfg, out, args.eval_batch_size)
         print(json.dumps(result["time_input_check"], indent=2), flush=True)
@@ -653,6 +698,51 @@ def main() -> None:
         result["dropout_check"] = dropout_check(ours, theirs, task, out, args, trained_epochs=len(result.get("epochs", [])))
         print(json.dumps(result["dropout_check"], indent=2), flush=True)
     atomic_write_json(out, result, indent=2)
+
+
+def against_reference(epochs: list[dict], reference: dict, path: str) -> dict:
+    """This run's moedist curve beside a finished side-by-side run's two curves, epoch by epoch.
+
+    With the same seed all three start from the same weights and see the same batches; the two
+    moedist curves differ only in their dropout and PCL draws (``--draw-seed``) or in what
+    ``--override`` changed. How far apart two moedist curves drift is the yardstick for the gap
+    between the moedist and the authors' curve of the reference run."""
+    ref = {row["epoch"]: row for row in reference["epochs"]}
+    rows = []
+    for row in epochs:
+        r = ref.get(row["epoch"])
+        if r is None:
+            continue
+        rows.append({"epoch": row["epoch"], **{
+            f"{split} {metric}": {"this": row[split]["moedist"][metric], "reference moedist": r[split]["moedist"][metric],
+                                  "reference authors": r[split]["authors"][metric]}
+            for split, metric in (("valid", SELECT), ("test", "ndcg@10"), ("test", "ndcg@20"))}})
+
+    def diffs(key: str, a: str, b: str, lo: int, hi: int) -> dict:
+        d = np.array([row[key][a] - row[key][b] for row in rows if lo <= row["epoch"] <= hi])
+        if d.size == 0:
+            return {"epochs": 0}
+        return {"epochs": int(d.size), "mean": float(d.mean()), "ahead": int((d > 0).sum()), "behind": int((d < 0).sum()),
+                "largest_abs": float(np.abs(d).max())}
+
+    pairs = {"this − reference moedist": ("this", "reference moedist"),
+             "this − reference authors": ("this", "reference authors"),
+             "reference moedist − reference authors": ("reference moedist", "reference authors")}
+    last = rows[-1]["epoch"] if rows else -1
+    windows = {"all": (0, last), "0-25": (0, 25), "26-": (26, last)}
+    summary: dict = {"epochs_compared": len(rows)}
+    for key in ("test ndcg@10", "test ndcg@20", f"valid {SELECT}"):
+        summary[key] = {name: {w: diffs(key, a, b, lo, hi) for w, (lo, hi) in windows.items()}
+                        for name, (a, b) in pairs.items()}
+    # Early stopping on each curve over the epochs this run covers (first best on ties).
+    sel = {}
+    for who in ("this", "reference moedist", "reference authors"):
+        vals = [row[f"valid {SELECT}"][who] for row in rows]
+        if vals:
+            i = max(range(len(vals)), key=lambda j: (vals[j], -j))
+            sel[who] = {"epoch": rows[i]["epoch"], "valid": vals[i], "test ndcg@10": rows[i]["test ndcg@10"][who]}
+    summary["at_best_over_these_epochs"] = sel
+    return {"reference": path, "per_epoch": rows, "summary": summary}
 
 
 def time_input_check(ours, theirs, task, cfg, out: Path, batch_size: int) -> dict:

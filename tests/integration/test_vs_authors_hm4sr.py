@@ -85,3 +85,48 @@ def test_with_dropout_on_both_codes_have_the_same_expected_loss(toy_data, toy_fe
     d = chk["moedist, float32 times − authors"]
     assert d["standard_error"] > 0
     assert abs(d["mean_diff"]) < 4 * d["standard_error"], chk
+
+
+def test_a_moedist_only_run_repeats_the_side_by_side_runs_weights_and_batches(toy_data, toy_features, tmp_path):
+    """Nothing random reaches moedist's loss (no dropout, PCL weighted 0): a moedist-only run, whatever its
+    --draw-seed, retraces the side-by-side run's moedist curve exactly, so both start from the
+    same weights and see the same batches. With dropout on, another --draw-seed gives other draws."""
+    det = ["--override", "hm4sr.hidden_dropout_prob=0", "--override", "hm4sr.attn_dropout_prob=0",
+           "--override", "hm4sr.lambda_pcl=0", "--epochs", "2", "--max-steps", "2", "--check-batches", "1"]
+    ref_path = tmp_path / "ref.json"
+    ref = _run(toy_data, toy_features, ref_path, *det)
+    alone = _run(toy_data, toy_features, tmp_path / "alone.json", *det, "--moedist-only", "--draw-seed", "3",
+                 "--reference", str(ref_path))
+    assert alone["settings"]["moedist_only"] and alone["settings"]["draw_seed"] == 3
+    for mine, theirs in zip(alone["epochs"], ref["epochs"]):
+        assert set(mine["test"]) == {"moedist"} and "paired" not in mine
+        assert mine["train_loss"]["moedist"] == pytest.approx(theirs["train_loss"]["moedist"], rel=1e-6)
+        assert mine["test"]["moedist"] == pytest.approx(theirs["test"]["moedist"], rel=1e-6)
+    rows = alone["against_reference"]["per_epoch"]
+    assert len(rows) == 2
+    for row in rows:
+        t = row["test ndcg@10"]
+        assert t["this"] == pytest.approx(t["reference moedist"], rel=1e-6)
+    s = alone["against_reference"]["summary"]["test ndcg@10"]["this − reference moedist"]["all"]
+    assert abs(s["mean"]) < 1e-6
+
+    draws = ["--epochs", "1", "--max-steps", "2", "--check-batches", "1", "--moedist-only"]
+    a = _run(toy_data, toy_features, tmp_path / "a.json", *draws, "--draw-seed", "1")
+    b = _run(toy_data, toy_features, tmp_path / "b.json", *draws, "--draw-seed", "2")
+    assert a["epochs"][0]["train_loss"]["moedist"] != b["epochs"][0]["train_loss"]["moedist"]
+
+
+def test_moedist_only_refuses_checks_that_need_the_authors_model_and_a_reference_of_another_seed(
+        toy_data, toy_features, tmp_path):
+    base = [sys.executable, str(ROOT / "benchmarks" / "vs_authors_hm4sr.py"), "--authors", AUTHORS,
+            "--data", str(toy_data), "--features", str(toy_features), "--out", str(tmp_path / "x.json")]
+    proc = subprocess.run(base + ["--moedist-only", "--time-input-check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--time-input-check and --dropout-check need the authors' model" in proc.stderr
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"settings": {"seed": 7}, "epochs": [{"test": {"authors": {"ndcg@10": 0.1}}}]}))
+    proc = subprocess.run(base + ["--moedist-only", "--reference", str(ref)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "seed 7" in proc.stderr and str(ref) in proc.stderr
+    ref.write_text("{}")
+    proc = subprocess.run(base + ["--reference", str(ref)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a finished side-by-side result" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -52,3 +52,44 @@ def test_without_stored_ranks_a_shared_best_epoch_reuses_its_recorded_comparison
     assert out["paired"] == e[1]["paired"]
     e[1].pop("paired")
     assert va.best_epoch_comparison(e, {}, patience=5, seed=0)["paired"] is None
+
+
+def test_a_moedist_only_run_selects_on_its_own_curve(va):
+    e = [{"epoch": i, "valid": {"moedist": {"ndcg@20": v}}, "test": {"moedist": {"ndcg@10": t}}}
+         for i, (v, t) in enumerate([(0.1, 0.05), (0.3, 0.07), (0.2, 0.09)])]
+    assert va._best_epochs(e, ("moedist",)) == {"moedist": 1}
+    assert va._patience_spent(e, 1, ("moedist",)) and not va._patience_spent(e, 2, ("moedist",))
+    out = va.best_epoch_comparison(e, {}, patience=1, seed=0, codes=("moedist",))
+    assert out["best_epoch"] == {"moedist": 1} and out["test_at_best"] == {"ndcg@10": 0.07}
+
+
+def _row(epoch: int, valid: float, test10: float, test20: float) -> dict:
+    return {"valid": {"ndcg@20": valid}, "test": {"ndcg@10": test10, "ndcg@20": test20}}
+
+
+def test_a_replicate_curve_is_compared_with_both_curves_of_the_reference_run(va):
+    # epochs 0..29 for the reference; this run covers 0..27 (a shorter run) plus an epoch the reference lacks
+    ref_rows, this_rows = [], []
+    for i in range(30):
+        ours, theirs = _row(i, 0.05 + i / 1000, 0.040, 0.060), _row(i, 0.05, 0.030 if i < 26 else 0.050, 0.070)
+        ref_rows.append({"epoch": i, "valid": {"moedist": ours["valid"], "authors": theirs["valid"]},
+                         "test": {"moedist": ours["test"], "authors": theirs["test"]}})
+    for i in list(range(28)) + [40]:
+        mine = _row(i, 0.06 if i == 3 else 0.01, 0.045, 0.065)
+        this_rows.append({"epoch": i, "valid": {"moedist": mine["valid"]}, "test": {"moedist": mine["test"]}})
+    out = va.against_reference(this_rows, {"epochs": ref_rows}, "ref.json")
+    assert [r["epoch"] for r in out["per_epoch"]] == list(range(28))  # epoch 40 has no reference row
+    s = out["summary"]
+    assert s["epochs_compared"] == 28
+    t10 = s["test ndcg@10"]
+    mine_vs_ours = t10["this − reference moedist"]["all"]
+    assert mine_vs_ours["mean"] == pytest.approx(0.005) and mine_vs_ours["ahead"] == 28 and mine_vs_ours["behind"] == 0
+    late = t10["this − reference authors"]["26-"]
+    assert late["epochs"] == 2 and late["mean"] == pytest.approx(-0.005) and late["behind"] == 2
+    early = t10["reference moedist − reference authors"]["0-25"]
+    assert early["epochs"] == 26 and early["mean"] == pytest.approx(0.010) and early["largest_abs"] == pytest.approx(0.010)
+    assert s["test ndcg@20"]["this − reference authors"]["all"]["mean"] == pytest.approx(-0.005)
+    best = s["at_best_over_these_epochs"]
+    assert best["this"] == {"epoch": 3, "valid": 0.06, "test ndcg@10": 0.045}
+    assert best["reference moedist"]["epoch"] == 27  # its valid curve rises; the last shared epoch is 27
+    assert best["reference authors"]["epoch"] == 0  # flat: the first epoch counts
