@@ -8,7 +8,9 @@ Each trial trains the model's defaults (``moedist/configs/<model>.yaml``) + ``--
 ``key=value`` overrides + the trial's sampled values, on ``--workers`` Ray Train workers.
 The experiment folder ``<storage>/<name>`` gets ``results.csv`` / ``results.parquet`` (one
 row per trial), ``best.yaml`` (``moedist train --config best.yaml`` reruns it) and ``best/``
-(the best config retrained, with test metrics). Rerunning the command resumes the search.
+(the best config retrained, with test metrics). Rerunning the command resumes the search with
+the settings it started with; only ``--memory-per-worker`` applies to a resumed search as well
+(for trials that ran out of memory).
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ def tune_from_args(args, model: str, *, echo=print) -> dict:
         cfg, space=args.space, num_samples=args.samples or 8, max_concurrent=args.max_concurrent, metric=args.metric,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, experiment_name=args.name,
         storage_path=args.storage, resume=args.resume, retrain_best=args.retrain, seed=args.seed, echo=echo,
+        memory_per_worker=args.memory_per_worker,
     )
 
 

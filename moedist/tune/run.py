@@ -311,13 +311,19 @@ def pick_best(rows: list[dict], metric: str, mode: str) -> dict | None:
 
 
 def _same_config(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Whether ``run_dir`` trained ``cfg``, up to the memory reservation, which changes where
+    and how many runs fit, not what one trains (a resumed search may raise it)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return False
     try:
-        return read_yaml(path) == json.loads(json.dumps(to_dict(cfg)))
+        saved, wanted = read_yaml(path), json.loads(json.dumps(to_dict(cfg)))
     except MoedistError:
         return False
+    for tree in (saved, wanted):
+        if isinstance(tree.get("dist"), dict):
+            tree["dist"].pop("memory_per_worker", None)
+    return saved == wanted
 
 
 def _upload(local_dir: Path, uri: str, names: list[str]) -> None:
@@ -356,6 +362,7 @@ def run_tune(
     controller_failure_limit: int = 0,
     verbose: int = 1,
     echo: Callable[[str], None] | None = None,
+    memory_per_worker: float | None = None,
 ) -> dict:
     """Search ``space`` around ``base_cfg`` with ASHA; write the results table and ``best.yaml``;
     retrain the best configuration into ``<experiment>/best``. Returns a summary dict.
@@ -367,7 +374,10 @@ def run_tune(
     ``storage_path``: a local folder or a URI (``s3://...``) Ray writes the experiment to (with
     a URI the tables, ``best.yaml`` and the trials' run directories are written under
     ``local_dir`` — default ``runs/<name>`` — and the tables and best config copied there too);
-    ``resume``: restore the experiment when it exists (else refuse to overwrite it).
+    ``resume``: restore the experiment when it exists (else refuse to overwrite it); a resumed
+    experiment keeps the base config it started with, except ``memory_per_worker``: when given,
+    it sets ``dist.memory_per_worker`` of a new search and replaces the stored one of a resumed
+    search, so trials killed for memory can be resumed with a larger reservation.
     """
     import ray
     from ray import tune
@@ -387,6 +397,8 @@ def run_tune(
     if cfg.dist.workers < 1:
         cfg.dist.workers = 1  # a trial is a TorchTrainer run: at least one Ray Train worker
     cfg.train.progress = False
+    if memory_per_worker is not None:
+        cfg.dist.memory_per_worker = memory_per_worker
     resolved = resolve_space(space, cfg)
     keys = searched_keys(resolved)
     metric = metric or f"valid_{cfg.train.valid_metric}"
@@ -425,8 +437,15 @@ def run_tune(
         if restored and base_path.is_file():
             # a resumed search keeps the base config, metric and space it started with
             stored = load_config(ExperimentConfig, base_path)
+            if memory_per_worker is not None and memory_per_worker != stored.dist.memory_per_worker:
+                echo(f"resumed trials reserve {memory_per_worker:g} GiB per worker "
+                     f"(dist.memory_per_worker; was {stored.dist.memory_per_worker:g})")
+                stored.dist.memory_per_worker = memory_per_worker
+                max_concurrent_trials(trial_resources(stored, use_gpu), ray.cluster_resources())  # one trial must fit
+                save_config(stored, base_path)
             if to_dict(stored) != to_dict(cfg):
-                echo(f"note: resuming with the experiment's stored base config {base_path}, not this call's")
+                echo(f"note: resuming with the experiment's stored base config {base_path}, not this call's"
+                     " (only --memory-per-worker applies to a resumed search)")
             cfg = stored
             metric, mode = plan.get("metric", metric), plan.get("mode", mode)
             keys = list(plan.get("searched_keys", keys))
@@ -484,8 +503,8 @@ def run_tune(
         echo(format_table(rows, keys=keys, metric=metric, mode=mode, best_id=best_row["trial_id"] if best_row else None))
         oom = [r["trial_id"] for r in rows if (r.get("error") or "").startswith("out of memory")]
         if oom:
-            echo(f"trial(s) {', '.join(oom)} ran out of memory. Rerunning the same command resumes them with this "
-                 f"experiment's stored settings; for a new search, {OOM_HINT}")
+            echo(f"trial(s) {', '.join(oom)} ran out of memory. Rerun the same command with a larger "
+                 "--memory-per-worker (GiB per worker; dist.memory_per_worker) to resume them with fewer trials at once")
         summary: dict[str, Any] = {
             "experiment": name, "experiment_path": exp_path, "experiment_dir": str(local_exp),
             "restored": restored, "complete": complete, "metric": metric, "mode": mode,

@@ -386,3 +386,19 @@ def test_rerun_restores_the_finished_experiment(tuned, toy_data):
     # nothing trained again: no trial, no retrain of the best
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(list(exp.glob("trials/*"))) == 3
+
+    # a memory reservation is the one setting a resumed search takes from the call (for trials
+    # that ran out of memory); one that no node could hold is refused before anything runs
+    from moedist.errors import ConfigError
+
+    said: list[str] = []
+    with pytest.raises(ConfigError, match=r"one trial needs.*memory.*dist.memory_per_worker"):
+        run_tune(small_cfg(toy_data), **{**kwargs, "memory_per_worker": 10_000.0})
+    assert load_config(ExperimentConfig, exp / "base_config.yaml").dist.memory_per_worker == 0
+    third = run_tune(small_cfg(toy_data, "train.epochs=5"), **{**kwargs, "echo": said.append, "memory_per_worker": 0.25})
+    assert third["restored"] and third["best_results"] == res["best_results"]
+    stored = load_config(ExperimentConfig, exp / "base_config.yaml")
+    assert stored.dist.memory_per_worker == 0.25 and stored.train.epochs == 2
+    assert any("reserve 0.25 GiB per worker" in line and "was 0" in line for line in said), said
+    assert any("only --memory-per-worker applies" in line for line in said), said
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
