@@ -608,7 +608,7 @@ def main() -> None:
     p.add_argument("--moedist-only", action="store_true",
                    help="train and evaluate moedist alone (same initial weights and batches as the side-by-side run)")
     p.add_argument("--draw-seed", type=int, default=0,
-                   help="another stream of dropout and PCL draws, same weights and batches (0 = the side-by-side run's)")
+                   help="another stream of dropout and PCL draws, same weights and batches (default 0)")
     p.add_argument("--reference", type=Path,
                    help="a finished side-by-side JSON: compare this run's moedist curve with both of its curves")
     args = p.parse_args()
@@ -667,6 +667,14 @@ def main() -> None:
 
     out = args.out
     result = json.loads(out.read_text()) if out.is_file() else {}
+    if result.get("epochs"):  # resuming: the epochs to come must continue the same experiment
+        was = result.get("settings", {})
+        now = {"moedist_only": args.moedist_only, "draw_seed": args.draw_seed, "overrides": args.override,
+               "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr}
+        changed = [k for k, v in now.items() if was.get(k, {"moedist_only": False, "draw_seed": 0}.get(k)) != v]
+        if changed:
+            raise SystemExit(f"{out} holds epochs run with other settings ({', '.join(f'{k}: {was.get(k)!r} -> {now[k]!r}' for k in changed)}); "
+                             "use another --out, or delete it and its .state.pt to restart")
     result.update({
         "authors_code": {"repo": "github.com/SStarCCat/HM4SR", "checked_at": AUTHORS_COMMIT, "path": str(args.authors)},
         "data": str(args.data), "features": str(args.features), "image_features": "text (none extracted)" if image_is_text else "image",

@@ -114,6 +114,15 @@ def test_a_moedist_only_run_repeats_the_side_by_side_runs_weights_and_batches(to
     a = _run(toy_data, toy_features, tmp_path / "a.json", *draws, "--draw-seed", "1")
     b = _run(toy_data, toy_features, tmp_path / "b.json", *draws, "--draw-seed", "2")
     assert a["epochs"][0]["train_loss"]["moedist"] != b["epochs"][0]["train_loss"]["moedist"]
+    # a finished epoch is never continued under other draws
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_authors_hm4sr.py"), "--authors", AUTHORS,
+           "--data", str(toy_data), "--features", str(toy_features), "--out", str(tmp_path / "a.json"),
+           "--threads", "1", "--check-batch-size", "64", "--batch-size", "64", *draws, "--draw-seed", "2"]
+    if EXTRA:
+        cmd += ["--extra-path", EXTRA]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "draw_seed: 1 -> 2" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "a.json").read_text()) == a
 
 
 def test_moedist_only_refuses_checks_that_need_the_authors_model_and_a_reference_of_another_seed(
