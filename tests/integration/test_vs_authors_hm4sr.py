@@ -25,13 +25,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(toy_data, toy_features, out: Path, *extra: str) -> dict:
+def _cmd(toy_data, toy_features, out: Path, *extra: str) -> list[str]:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_authors_hm4sr.py"), "--authors", AUTHORS,
            "--data", str(toy_data), "--features", str(toy_features), "--out", str(out),
            "--threads", "1", "--check-batch-size", "64", "--batch-size", "64", *extra]
-    if EXTRA:
-        cmd += ["--extra-path", EXTRA]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return cmd + (["--extra-path", EXTRA] if EXTRA else [])
+
+
+def _run(toy_data, toy_features, out: Path, *extra: str) -> dict:
+    proc = subprocess.run(_cmd(toy_data, toy_features, out, *extra), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -115,20 +117,15 @@ def test_a_moedist_only_run_repeats_the_side_by_side_runs_weights_and_batches(to
     b = _run(toy_data, toy_features, tmp_path / "b.json", *draws, "--draw-seed", "2")
     assert a["epochs"][0]["train_loss"]["moedist"] != b["epochs"][0]["train_loss"]["moedist"]
     # a finished epoch is never continued under other draws
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "vs_authors_hm4sr.py"), "--authors", AUTHORS,
-           "--data", str(toy_data), "--features", str(toy_features), "--out", str(tmp_path / "a.json"),
-           "--threads", "1", "--check-batch-size", "64", "--batch-size", "64", *draws, "--draw-seed", "2"]
-    if EXTRA:
-        cmd += ["--extra-path", EXTRA]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_cmd(toy_data, toy_features, tmp_path / "a.json", *draws, "--draw-seed", "2"),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "draw_seed: 1 -> 2" in proc.stderr, proc.stderr[-2000:]
     assert json.loads((tmp_path / "a.json").read_text()) == a
 
 
 def test_moedist_only_refuses_checks_that_need_the_authors_model_and_a_reference_of_another_seed(
         toy_data, toy_features, tmp_path):
-    base = [sys.executable, str(ROOT / "benchmarks" / "vs_authors_hm4sr.py"), "--authors", AUTHORS,
-            "--data", str(toy_data), "--features", str(toy_features), "--out", str(tmp_path / "x.json")]
+    base = _cmd(toy_data, toy_features, tmp_path / "x.json")
     proc = subprocess.run(base + ["--moedist-only", "--time-input-check"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--time-input-check and --dropout-check need the authors' model" in proc.stderr
     ref = tmp_path / "ref.json"
