@@ -47,9 +47,11 @@ Two parts, both in one process:
    batches, with another stream of dropout and PCL draws (``--override`` settings change the
    model instead). ``against_reference`` sets its curve beside both curves of the reference
    run, epoch by epoch and over epochs 0-25 and 26 on: how far two moedist curves drift apart
-   is the yardstick for the gap between moedist's and the authors' curve. Even with
-   ``--draw-seed 0`` the draws are not the side-by-side run's, whose moedist steps share the
-   random stream with the authors' steps between them.
+   is the yardstick for the gap between moedist's and the authors' curve. ``--authors-only``
+   does the same for the authors' model: another authors' curve from the same weights and
+   batches, the control for how far the authors' own curve moves with its draws. Even with
+   ``--draw-seed 0`` the draws are not the side-by-side run's, where both codes' steps share
+   one random stream.
 
 Adaptations of the authors' code, applied to its source text as it is loaded (each must apply
 exactly as expected, so a different commit fails loudly instead of silently):
@@ -405,8 +407,8 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
     opt_o = make_adam([{"params": list(ours.parameters())}], cfg)
     opt_t = torch.optim.Adam(theirs.parameters(), lr=args.lr)
     adapter = AuthorsAdapter(theirs)
-    both = not args.moedist_only
-    codes = ("moedist", "authors") if both else ("moedist",)
+    codes = trained_codes(args)
+    both = len(codes) == 2
     ctx = DistContext()
     epochs = result.setdefault("epochs", [])
     if state_path.is_file() and epochs:
@@ -438,15 +440,17 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
             batches = batches[: args.max_steps]
         for step, idx in enumerate(batches):
             batch = task.make_batch(idx)
-            t0 = time.perf_counter()
-            loss_o, _ = ours.calculate_loss(batch)
-            opt_o.zero_grad(set_to_none=True)
-            loss_o.backward()
-            opt_o.step()
-            t1 = time.perf_counter()
-            secs["moedist"] += t1 - t0
-            step_loss = {"moedist": float(loss_o.detach())}
-            if both:
+            step_loss = {}
+            if "moedist" in codes:
+                t0 = time.perf_counter()
+                loss_o, _ = ours.calculate_loss(batch)
+                opt_o.zero_grad(set_to_none=True)
+                loss_o.backward()
+                opt_o.step()
+                secs["moedist"] += time.perf_counter() - t0
+                step_loss["moedist"] = float(loss_o.detach())
+            if "authors" in codes:
+                t1 = time.perf_counter()
                 loss_t = adapter.calculate_loss(batch)
                 opt_t.zero_grad(set_to_none=True)
                 loss_t.backward()
@@ -466,7 +470,7 @@ def train_side_by_side(ours, theirs, task, args, result: dict, out: Path, cfg) -
                "train_loss": {k: v / n for k, v in losses.items()},
                "seconds_per_step": {k: v / n for k, v in secs.items()}}
         # ranks: for the paired comparison below
-        metrics, ranks = evaluate_both(ours, adapter if both else None, task, ctx, args.eval_batch_size)
+        metrics, ranks = evaluate_both(ours, adapter, task, ctx, args.eval_batch_size, codes)
         row.update(metrics)
         if both:
             row["paired"] = paired_from_ranks(ranks, args.seed)
@@ -528,8 +532,9 @@ def best_epoch_comparison(epochs: list[dict], ranks_by_epoch: dict, patience: in
     best = _best_epochs(epochs, codes)
     out = {"select": f"valid {SELECT}", "patience": patience, "epochs_trained": len(epochs),
            "stopped_early": _patience_spent(epochs, patience, codes), "best_epoch": best}
-    if codes == ("moedist",):
-        out["test_at_best"] = epochs[best["moedist"]]["test"]["moedist"]
+    if len(codes) == 1:
+        (who,) = codes
+        out["test_at_best"] = epochs[best[who]]["test"][who]
         return out
     ro, rt = ranks_by_epoch.get(str(best["moedist"])), ranks_by_epoch.get(str(best["authors"]))
     if ro is not None and rt is not None:
@@ -541,18 +546,28 @@ def best_epoch_comparison(epochs: list[dict], ranks_by_epoch: dict, patience: in
     return out
 
 
-def evaluate_both(ours, adapter, task, ctx, batch_size: int) -> tuple[dict, dict]:
-    """Both models (moedist alone when ``adapter`` is None) on valid and test with moedist's
+def evaluate_both(ours, adapter, task, ctx, batch_size: int,
+                  codes: tuple[str, ...] = ("moedist", "authors")) -> tuple[dict, dict]:
+    """The models named in ``codes`` (both by default) on valid and test with moedist's
     evaluator: ``{split: {who: metrics}}`` and the gathered ranks ``{who: {split: ranks}}``."""
     from moedist.train.loop import evaluate_split
 
-    models = {"moedist": ours} if adapter is None else {"moedist": ours, "authors": adapter}
+    models = {who: m for who, m in (("moedist", ours), ("authors", adapter)) if who in codes}
     metrics: dict = {}
     ranks: dict = {who: {} for who in models}
     for split in ("valid", "test"):
         metrics[split] = {who: evaluate_split(model, task, split, ctx, batch_size, ranks_out=ranks[who])
                           for who, model in models.items()}
     return metrics, ranks
+
+
+def trained_codes(args) -> tuple[str, ...]:
+    """The codes a run trains: both, or one of them alone (``--moedist-only`` / ``--authors-only``)."""
+    if getattr(args, "moedist_only", False):
+        return ("moedist",)
+    if getattr(args, "authors_only", False):
+        return ("authors",)
+    return ("moedist", "authors")
 
 
 def paired_from_ranks(ranks: dict, seed: int) -> dict:
@@ -607,13 +622,18 @@ def main() -> None:
     p.add_argument("--dropout-check-batches", type=int, default=4)
     p.add_argument("--moedist-only", action="store_true",
                    help="train and evaluate moedist alone (same initial weights and batches as the side-by-side run)")
+    p.add_argument("--authors-only", action="store_true",
+                   help="train and evaluate the authors' model alone (same initial weights and batches as the side-by-side run)")
     p.add_argument("--draw-seed", type=int, default=0,
                    help="another stream of dropout and PCL draws, same weights and batches (default 0)")
     p.add_argument("--reference", type=Path,
-                   help="a finished side-by-side JSON: compare this run's moedist curve with both of its curves")
+                   help="a finished side-by-side JSON: compare this run's curve with both of its curves")
     args = p.parse_args()
-    if args.moedist_only and (args.time_input_check or args.dropout_check):
-        p.error("--time-input-check and --dropout-check need the authors' model trained: drop --moedist-only")
+    if args.moedist_only and args.authors_only:
+        p.error("--moedist-only and --authors-only exclude each other (neither trains both codes side by side)")
+    if (args.moedist_only or args.authors_only) and (args.time_input_check or args.dropout_check):
+        p.error("--time-input-check and --dropout-check need both models trained: drop "
+                + ("--moedist-only" if args.moedist_only else "--authors-only"))
     reference = None
     if args.reference is not None:
         try:
@@ -669,9 +689,10 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.is_file() else {}
     if result.get("epochs"):  # resuming: the epochs to come must continue the same experiment
         was = result.get("settings", {})
-        now = {"moedist_only": args.moedist_only, "draw_seed": args.draw_seed, "overrides": args.override,
-               "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr}
-        changed = [k for k, v in now.items() if was.get(k, {"moedist_only": False, "draw_seed": 0}.get(k)) != v]
+        now = {"moedist_only": args.moedist_only, "authors_only": args.authors_only, "draw_seed": args.draw_seed,
+               "overrides": args.override, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr}
+        defaults = {"moedist_only": False, "authors_only": False, "draw_seed": 0}
+        changed = [k for k, v in now.items() if was.get(k, defaults.get(k)) != v]
         if changed:
             raise SystemExit(f"{out} holds epochs run with other settings ({', '.join(f'{k}: {was.get(k)!r} -> {now[k]!r}' for k in changed)}); "
                              "use another --out, or delete it and its .state.pt to restart")
@@ -681,7 +702,7 @@ def main() -> None:
         "n_items": data.n_items, "n_users": data.n_users, "train_samples": task.n_train(),
         "settings": {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
                      "dropout": cfg.hm4sr.hidden_dropout_prob, "overrides": args.override,
-                     "moedist_only": args.moedist_only, "draw_seed": args.draw_seed},
+                     "moedist_only": args.moedist_only, "authors_only": args.authors_only, "draw_seed": args.draw_seed},
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
     })
     if "equivalence" not in result:
@@ -696,7 +717,9 @@ def main() -> None:
     if args.epochs > 0:
         train_side_by_side(ours, theirs, task, args, result, out, cfg)
     if reference is not None and result.get("epochs"):
-        result["against_reference"] = against_reference(result["epochs"], reference, str(args.reference))
+        codes = trained_codes(args)  # a side-by-side run compares its moedist curve
+        this = codes[0] if len(codes) == 1 else "moedist"
+        result["against_reference"] = against_reference(result["epochs"], reference, str(args.reference), this)
         atomic_write_json(out, result, indent=2)
         print(json.dumps(result["against_reference"]["summary"], indent=2), flush=True)
     if args.time_input_check:
@@ -708,13 +731,14 @@ def main() -> None:
     atomic_write_json(out, result, indent=2)
 
 
-def against_reference(epochs: list[dict], reference: dict, path: str) -> dict:
-    """This run's moedist curve beside a finished side-by-side run's two curves, epoch by epoch.
+def against_reference(epochs: list[dict], reference: dict, path: str, this: str = "moedist") -> dict:
+    """This run's curve of code ``this`` beside a finished side-by-side run's two curves, epoch by epoch.
 
-    With the same seed all three start from the same weights and see the same batches; the two
-    moedist curves differ only in their dropout and PCL draws (``--draw-seed``) or in what
-    ``--override`` changed. How far apart two moedist curves drift is the yardstick for the gap
-    between the moedist and the authors' curve of the reference run."""
+    With the same seed all three start from the same weights and see the same batches; this
+    curve and the reference's curve of the same code differ only in their dropout and PCL
+    draws (``--draw-seed``) or in what ``--override`` changed. How far apart two curves of one
+    code drift is the yardstick for the gap between the moedist and the authors' curve of the
+    reference run."""
     ref = {row["epoch"]: row for row in reference["epochs"]}
     rows = []
     for row in epochs:
@@ -722,7 +746,7 @@ def against_reference(epochs: list[dict], reference: dict, path: str) -> dict:
         if r is None:
             continue
         rows.append({"epoch": row["epoch"], **{
-            f"{split} {metric}": {"this": row[split]["moedist"][metric], "reference moedist": r[split]["moedist"][metric],
+            f"{split} {metric}": {"this": row[split][this][metric], "reference moedist": r[split]["moedist"][metric],
                                   "reference authors": r[split]["authors"][metric]}
             for split, metric in (("valid", SELECT), ("test", "ndcg@10"), ("test", "ndcg@20"))}})
 
@@ -750,7 +774,7 @@ def against_reference(epochs: list[dict], reference: dict, path: str) -> dict:
             i = max(range(len(vals)), key=lambda j: (vals[j], -j))
             sel[who] = {"epoch": rows[i]["epoch"], "valid": vals[i], "test ndcg@10": rows[i]["test ndcg@10"][who]}
     summary["at_best_over_these_epochs"] = sel
-    return {"reference": path, "per_epoch": rows, "summary": summary}
+    return {"reference": path, "this": this, "per_epoch": rows, "summary": summary}
 
 
 def time_input_check(ours, theirs, task, cfg, out: Path, batch_size: int) -> dict:

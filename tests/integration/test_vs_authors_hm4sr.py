@@ -89,14 +89,25 @@ def test_with_dropout_on_both_codes_have_the_same_expected_loss(toy_data, toy_fe
     assert abs(d["mean_diff"]) < 4 * d["standard_error"], chk
 
 
-def test_a_moedist_only_run_repeats_the_side_by_side_runs_weights_and_batches(toy_data, toy_features, tmp_path):
+# Nothing random reaches either loss: no dropout, PCL weighted 0.
+DETERMINISTIC = ["--override", "hm4sr.hidden_dropout_prob=0", "--override", "hm4sr.attn_dropout_prob=0",
+                 "--override", "hm4sr.lambda_pcl=0", "--epochs", "2", "--max-steps", "2", "--check-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def deterministic_reference(toy_data, toy_features, tmp_path_factory) -> tuple[Path, dict]:
+    """A side-by-side run with nothing random in either loss."""
+    path = tmp_path_factory.mktemp("vs-authors-ref") / "ref.json"
+    return path, _run(toy_data, toy_features, path, *DETERMINISTIC)
+
+
+def test_a_moedist_only_run_repeats_the_side_by_side_runs_weights_and_batches(
+        toy_data, toy_features, tmp_path, deterministic_reference):
     """Nothing random reaches moedist's loss (no dropout, PCL weighted 0): a moedist-only run, whatever its
     --draw-seed, retraces the side-by-side run's moedist curve exactly, so both start from the
     same weights and see the same batches. With dropout on, another --draw-seed gives other draws."""
-    det = ["--override", "hm4sr.hidden_dropout_prob=0", "--override", "hm4sr.attn_dropout_prob=0",
-           "--override", "hm4sr.lambda_pcl=0", "--epochs", "2", "--max-steps", "2", "--check-batches", "1"]
-    ref_path = tmp_path / "ref.json"
-    ref = _run(toy_data, toy_features, ref_path, *det)
+    det = DETERMINISTIC
+    ref_path, ref = deterministic_reference
     alone = _run(toy_data, toy_features, tmp_path / "alone.json", *det, "--moedist-only", "--draw-seed", "3",
                  "--reference", str(ref_path))
     assert alone["settings"]["moedist_only"] and alone["settings"]["draw_seed"] == 3
@@ -123,11 +134,45 @@ def test_a_moedist_only_run_repeats_the_side_by_side_runs_weights_and_batches(to
     assert json.loads((tmp_path / "a.json").read_text()) == a
 
 
-def test_moedist_only_refuses_checks_that_need_the_authors_model_and_a_reference_of_another_seed(
+def test_an_authors_only_run_repeats_the_side_by_side_runs_authors_curve(
+        toy_data, toy_features, tmp_path, deterministic_reference):
+    """The same for the authors' model: with nothing random in its loss an authors-only run
+    retraces the side-by-side run's authors' curve exactly; with dropout on, draw seeds differ;
+    a result file of one mode is never continued in the other."""
+    ref_path, ref = deterministic_reference
+    alone = _run(toy_data, toy_features, tmp_path / "alone.json", *DETERMINISTIC, "--authors-only",
+                 "--draw-seed", "2", "--reference", str(ref_path))
+    assert alone["settings"]["authors_only"] and not alone["settings"]["moedist_only"]
+    for mine, theirs in zip(alone["epochs"], ref["epochs"], strict=True):
+        assert set(mine["test"]) == set(mine["train_loss"]) == {"authors"} and "paired" not in mine
+        assert mine["train_loss"]["authors"] == pytest.approx(theirs["train_loss"]["authors"], rel=1e-6)
+        assert mine["test"]["authors"] == pytest.approx(theirs["test"]["authors"], rel=1e-6)
+    cmp = alone["against_reference"]
+    assert cmp["this"] == "authors" and len(cmp["per_epoch"]) == 2
+    for row in cmp["per_epoch"]:
+        t = row["test ndcg@10"]
+        assert t["this"] == pytest.approx(t["reference authors"], rel=1e-6)
+
+    draws = ["--epochs", "1", "--max-steps", "2", "--check-batches", "1", "--authors-only"]
+    a = _run(toy_data, toy_features, tmp_path / "a.json", *draws, "--draw-seed", "1")
+    b = _run(toy_data, toy_features, tmp_path / "b.json", *draws, "--draw-seed", "2")
+    assert a["epochs"][0]["train_loss"]["authors"] != b["epochs"][0]["train_loss"]["authors"]
+    proc = subprocess.run(_cmd(toy_data, toy_features, tmp_path / "a.json", "--epochs", "1", "--max-steps", "2",
+                               "--check-batches", "1", "--moedist-only", "--draw-seed", "1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "authors_only: True -> False" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "a.json").read_text()) == a
+
+
+def test_single_code_runs_refuse_checks_that_need_both_models_and_a_reference_of_another_seed(
         toy_data, toy_features, tmp_path):
     base = _cmd(toy_data, toy_features, tmp_path / "x.json")
     proc = subprocess.run(base + ["--moedist-only", "--time-input-check"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--time-input-check and --dropout-check need the authors' model" in proc.stderr
+    assert proc.returncode == 2 and "--time-input-check and --dropout-check need both models" in proc.stderr
+    proc = subprocess.run(base + ["--authors-only", "--dropout-check", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "drop --authors-only" in proc.stderr
+    proc = subprocess.run(base + ["--authors-only", "--moedist-only"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "exclude each other" in proc.stderr
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"settings": {"seed": 7}, "epochs": [{"test": {"authors": {"ndcg@10": 0.1}}}]}))
     proc = subprocess.run(base + ["--moedist-only", "--reference", str(ref)], capture_output=True, text=True, timeout=120)

@@ -93,3 +93,30 @@ def test_a_replicate_curve_is_compared_with_both_curves_of_the_reference_run(va)
     assert best["this"] == {"epoch": 3, "valid": 0.06, "test ndcg@10": 0.045}
     assert best["reference moedist"]["epoch"] == 27  # its valid curve rises; the last shared epoch is 27
     assert best["reference authors"]["epoch"] == 0  # flat: the first epoch counts
+
+
+def test_an_authors_only_run_selects_on_and_compares_the_authors_curve(va):
+    e = [{"epoch": i, "valid": {"authors": {"ndcg@20": v}}, "test": {"authors": {"ndcg@10": t, "ndcg@20": t}}}
+         for i, (v, t) in enumerate([(0.2, 0.05), (0.1, 0.07), (0.15, 0.09)])]
+    out = va.best_epoch_comparison(e, {}, patience=2, seed=0, codes=("authors",))
+    assert out["best_epoch"] == {"authors": 0} and out["stopped_early"]
+    assert out["test_at_best"] == {"ndcg@10": 0.05, "ndcg@20": 0.05}
+    ref = [{"epoch": i, "valid": {"moedist": {"ndcg@20": 0.1}, "authors": {"ndcg@20": 0.1}},
+            "test": {"moedist": {"ndcg@10": 0.02, "ndcg@20": 0.02}, "authors": {"ndcg@10": 0.04, "ndcg@20": 0.04}}}
+           for i in range(3)]
+    cmp = va.against_reference(e, {"epochs": ref}, "ref.json", "authors")
+    assert cmp["this"] == "authors"
+    assert [r["test ndcg@10"]["this"] for r in cmp["per_epoch"]] == [0.05, 0.07, 0.09]
+    t10 = cmp["summary"]["test ndcg@10"]
+    assert t10["this − reference authors"]["all"]["mean"] == pytest.approx(0.03)
+    assert t10["this − reference moedist"]["all"]["mean"] == pytest.approx(0.05)
+    assert cmp["summary"]["at_best_over_these_epochs"]["this"]["epoch"] == 0
+    with pytest.raises(KeyError):  # an authors-only curve has no moedist rows to compare
+        va.against_reference(e, {"epochs": ref}, "ref.json", "moedist")
+
+
+def test_the_codes_a_run_trains(va):
+    from types import SimpleNamespace as NS
+    assert va.trained_codes(NS(moedist_only=False, authors_only=False)) == ("moedist", "authors")
+    assert va.trained_codes(NS(moedist_only=True, authors_only=False)) == ("moedist",)
+    assert va.trained_codes(NS(moedist_only=False, authors_only=True)) == ("authors",)
