@@ -563,9 +563,9 @@ def evaluate_both(ours, adapter, task, ctx, batch_size: int,
 
 def trained_codes(args) -> tuple[str, ...]:
     """The codes a run trains: both, or one of them alone (``--moedist-only`` / ``--authors-only``)."""
-    if getattr(args, "moedist_only", False):
+    if args.moedist_only:
         return ("moedist",)
-    if getattr(args, "authors_only", False):
+    if args.authors_only:
         return ("authors",)
     return ("moedist", "authors")
 
