@@ -101,67 +101,43 @@ def deterministic_reference(toy_data, toy_features, tmp_path_factory) -> tuple[P
     return path, _run(toy_data, toy_features, path, *DETERMINISTIC)
 
 
-def test_a_moedist_only_run_repeats_the_side_by_side_runs_weights_and_batches(
-        toy_data, toy_features, tmp_path, deterministic_reference):
-    """Nothing random reaches moedist's loss (no dropout, PCL weighted 0): a moedist-only run, whatever its
-    --draw-seed, retraces the side-by-side run's moedist curve exactly, so both start from the
-    same weights and see the same batches. With dropout on, another --draw-seed gives other draws."""
-    det = DETERMINISTIC
+@pytest.mark.parametrize("who", ["moedist", "authors"])
+def test_a_single_code_run_repeats_the_side_by_side_runs_weights_and_batches(
+        who, toy_data, toy_features, tmp_path, deterministic_reference):
+    """Nothing random reaches the loss (no dropout, PCL weighted 0): a ``--moedist-only`` or
+    ``--authors-only`` run, whatever its --draw-seed, retraces the side-by-side run's curve of
+    that code exactly, so both start from the same weights and see the same batches. With
+    dropout on, another --draw-seed gives other draws, and a finished epoch is never continued
+    under other draws or in the other mode."""
+    other_who = "authors" if who == "moedist" else "moedist"
+    flag, other = f"--{who}-only", f"--{other_who}-only"
     ref_path, ref = deterministic_reference
-    alone = _run(toy_data, toy_features, tmp_path / "alone.json", *det, "--moedist-only", "--draw-seed", "3",
+    alone = _run(toy_data, toy_features, tmp_path / "alone.json", *DETERMINISTIC, flag, "--draw-seed", "3",
                  "--reference", str(ref_path))
-    assert alone["settings"]["moedist_only"] and alone["settings"]["draw_seed"] == 3
-    for mine, theirs in zip(alone["epochs"], ref["epochs"]):
-        assert set(mine["test"]) == {"moedist"} and "paired" not in mine
-        assert mine["train_loss"]["moedist"] == pytest.approx(theirs["train_loss"]["moedist"], rel=1e-6)
-        assert mine["test"]["moedist"] == pytest.approx(theirs["test"]["moedist"], rel=1e-6)
-    rows = alone["against_reference"]["per_epoch"]
-    assert len(rows) == 2
-    for row in rows:
-        t = row["test ndcg@10"]
-        assert t["this"] == pytest.approx(t["reference moedist"], rel=1e-6)
-    s = alone["against_reference"]["summary"]["test ndcg@10"]["this − reference moedist"]["all"]
-    assert abs(s["mean"]) < 1e-6
-
-    draws = ["--epochs", "1", "--max-steps", "2", "--check-batches", "1", "--moedist-only"]
-    a = _run(toy_data, toy_features, tmp_path / "a.json", *draws, "--draw-seed", "1")
-    b = _run(toy_data, toy_features, tmp_path / "b.json", *draws, "--draw-seed", "2")
-    assert a["epochs"][0]["train_loss"]["moedist"] != b["epochs"][0]["train_loss"]["moedist"]
-    # a finished epoch is never continued under other draws
-    proc = subprocess.run(_cmd(toy_data, toy_features, tmp_path / "a.json", *draws, "--draw-seed", "2"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1 and "draw_seed: 1 -> 2" in proc.stderr, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "a.json").read_text()) == a
-
-
-def test_an_authors_only_run_repeats_the_side_by_side_runs_authors_curve(
-        toy_data, toy_features, tmp_path, deterministic_reference):
-    """The same for the authors' model: with nothing random in its loss an authors-only run
-    retraces the side-by-side run's authors' curve exactly; with dropout on, draw seeds differ;
-    a result file of one mode is never continued in the other."""
-    ref_path, ref = deterministic_reference
-    alone = _run(toy_data, toy_features, tmp_path / "alone.json", *DETERMINISTIC, "--authors-only",
-                 "--draw-seed", "2", "--reference", str(ref_path))
-    assert alone["settings"]["authors_only"] and not alone["settings"]["moedist_only"]
+    assert alone["settings"][f"{who}_only"] and alone["settings"]["draw_seed"] == 3
+    assert not alone["settings"][f"{other_who}_only"]
     for mine, theirs in zip(alone["epochs"], ref["epochs"], strict=True):
-        assert set(mine["test"]) == set(mine["train_loss"]) == {"authors"} and "paired" not in mine
-        assert mine["train_loss"]["authors"] == pytest.approx(theirs["train_loss"]["authors"], rel=1e-6)
-        assert mine["test"]["authors"] == pytest.approx(theirs["test"]["authors"], rel=1e-6)
+        assert set(mine["test"]) == set(mine["train_loss"]) == {who} and "paired" not in mine
+        assert mine["train_loss"][who] == pytest.approx(theirs["train_loss"][who], rel=1e-6)
+        assert mine["test"][who] == pytest.approx(theirs["test"][who], rel=1e-6)
     cmp = alone["against_reference"]
-    assert cmp["this"] == "authors" and len(cmp["per_epoch"]) == 2
+    assert cmp["this"] == who and len(cmp["per_epoch"]) == 2
     for row in cmp["per_epoch"]:
         t = row["test ndcg@10"]
-        assert t["this"] == pytest.approx(t["reference authors"], rel=1e-6)
+        assert t["this"] == pytest.approx(t[f"reference {who}"], rel=1e-6)
+    s = cmp["summary"]["test ndcg@10"][f"this − reference {who}"]["all"]
+    assert abs(s["mean"]) < 1e-6
 
-    draws = ["--epochs", "1", "--max-steps", "2", "--check-batches", "1", "--authors-only"]
-    a = _run(toy_data, toy_features, tmp_path / "a.json", *draws, "--draw-seed", "1")
-    b = _run(toy_data, toy_features, tmp_path / "b.json", *draws, "--draw-seed", "2")
-    assert a["epochs"][0]["train_loss"]["authors"] != b["epochs"][0]["train_loss"]["authors"]
-    proc = subprocess.run(_cmd(toy_data, toy_features, tmp_path / "a.json", "--epochs", "1", "--max-steps", "2",
-                               "--check-batches", "1", "--moedist-only", "--draw-seed", "1"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1 and "authors_only: True -> False" in proc.stderr, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "a.json").read_text()) == a
+    draws = ["--epochs", "1", "--max-steps", "2", "--check-batches", "1"]
+    a = _run(toy_data, toy_features, tmp_path / "a.json", *draws, flag, "--draw-seed", "1")
+    b = _run(toy_data, toy_features, tmp_path / "b.json", *draws, flag, "--draw-seed", "2")
+    assert a["epochs"][0]["train_loss"][who] != b["epochs"][0]["train_loss"][who]
+    for resume, message in (([flag, "--draw-seed", "2"], "draw_seed: 1 -> 2"),
+                            ([other, "--draw-seed", "1"], f"{who}_only: True -> False")):
+        proc = subprocess.run(_cmd(toy_data, toy_features, tmp_path / "a.json", *draws, *resume),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+        assert json.loads((tmp_path / "a.json").read_text()) == a
 
 
 def test_single_code_runs_refuse_checks_that_need_both_models_and_a_reference_of_another_seed(
