@@ -56,6 +56,21 @@ from moedist.moe.parallel import ExpertParallelGroups, expert_split, init_expert
 # ops instead of LinearExperts._topk_grouped (benchmarks/bench_train.py compares)
 FUSED_TOPK_COMBINE = True
 
+_CPU_GROUPED_MM: bool | None = None
+
+
+def cpu_grouped_mm_available() -> bool:
+    """Whether this PyTorch has ``F.grouped_mm`` with a CPU float32 kernel (recent releases;
+    moedist also runs on older ones, which then take the padded-bmm path). Probed once."""
+    global _CPU_GROUPED_MM
+    if _CPU_GROUPED_MM is None:
+        try:
+            y = F.grouped_mm(torch.ones(4, 4), torch.ones(2, 4, 4), offs=torch.tensor([1, 4], dtype=torch.int32))
+            _CPU_GROUPED_MM = bool(y.shape == (4, 4) and float(y[0, 0]) == 4.0)
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+            _CPU_GROUPED_MM = False
+    return _CPU_GROUPED_MM
+
 
 class LinearExperts(nn.Module):
     """``E`` independent linear experts, stacked.
@@ -214,7 +229,7 @@ class LinearExperts(nn.Module):
         # grouped_mm needs row strides that are multiples of 16 bytes
         size = x.element_size()
         aligned = (self.in_features * size) % 16 == 0 and (self.out_features * size) % 16 == 0
-        return "grouped_mm" if x.device.type == "cpu" and aligned else "padded_bmm"
+        return "grouped_mm" if x.device.type == "cpu" and aligned and cpu_grouped_mm_available() else "padded_bmm"
 
     def forward_pairs(self, x: Tensor, rows: Tensor, counts: Tensor, position: Tensor) -> Tensor:
         """Each expert on its own (row, expert) pairs, all experts in one call (see

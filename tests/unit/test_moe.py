@@ -243,6 +243,28 @@ def test_sorted_kernel_choice():
         experts.forward_selected(x, torch.zeros(2, 1, dtype=torch.long))
 
 
+def test_a_torch_without_cpu_grouped_mm_takes_the_padded_bmm_path_with_the_same_result(monkeypatch):
+    """pyproject admits PyTorch releases older than CPU ``grouped_mm``: those take padded bmm."""
+    torch.manual_seed(4)
+    layer = MoELayer(in_features=8, out_features=4, num_experts=4, k=2, balance="paper")
+    x = torch.randn(40, 8)
+    assert experts_module.cpu_grouped_mm_available()  # the pinned stack has it
+    assert layer.experts._kernel(x) == "grouped_mm"
+    want = layer(x)[0]
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("grouped_mm: no CPU kernel in this build")
+
+    monkeypatch.setattr(experts_module, "_CPU_GROUPED_MM", None)
+    monkeypatch.setattr(experts_module.F, "grouped_mm", missing)
+    assert not experts_module.cpu_grouped_mm_available()
+    assert layer.experts._kernel(x) == "padded_bmm"
+    torch.testing.assert_close(layer(x)[0], want)  # would raise if grouped_mm were still called
+    monkeypatch.delattr(experts_module.F, "grouped_mm")  # a release without the function at all
+    monkeypatch.setattr(experts_module, "_CPU_GROUPED_MM", None)
+    assert not experts_module.cpu_grouped_mm_available()
+
+
 def test_moe_layer_sparse_and_dense_topk_forms_agree_in_value_and_gradient():
     torch.manual_seed(2)
     layer = MoELayer(in_features=8, out_features=4, num_experts=8, k=2, balance="paper")
