@@ -20,11 +20,48 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it in /proc (setting
+    and restoring it would briefly change it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def temp_file(folder: str | Path, *, prefix: str = "", suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder``, with the permissions ``open()`` would give a new file
+    (0o666 less the umask) instead of mkstemp's owner-only 0o600: the file is renamed into place,
+    and others who may read the folder (teammates, a web server, other pods) must read it too."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+def temp_dir(folder: str | Path, *, prefix: str = "") -> Path:
+    """``tempfile.mkdtemp`` in ``folder``, with ``mkdir``'s permissions (0o777 less the umask)
+    instead of 0o700, for a folder that is renamed into place when complete."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename."""
+    """Write ``data`` to ``path`` via a temp file + fsync + rename (permissions as ``open()``
+    would give a new file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import pandas as pd
 from moedist import __version__
 from moedist.data.schema import RawSource
 from moedist.errors import DataError
-from moedist.io import sha256_file
+from moedist.io import sha256_file, temp_dir
 
 PREPARE_FORMAT = 1
 
@@ -312,7 +311,7 @@ def build_tables(raw: RawSource, options: PrepareOptions, *, log=lambda m: None)
 def _publish(tables: dict[str, pd.DataFrame], manifest: dict, out_dir: Path) -> None:
     """Write all tables + manifest to a temp dir beside ``out_dir``, then swap it in."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         for name, df in tables.items():
             _write_parquet(df, tmp / name)

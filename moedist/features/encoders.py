@@ -55,7 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from moedist.errors import ConfigError
-from moedist.io import sha256_file
+from moedist.io import sha256_file, temp_file
 
 MODALITIES = ("text", "image")
 
@@ -385,7 +385,7 @@ def register_open_clip_config(name: str, config: dict | str | Path) -> Path:
     path = folder / f"{name}.json"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        fd, tmp = temp_file(folder)
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
         os.replace(tmp, path)

@@ -34,7 +34,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -42,7 +41,7 @@ from typing import Iterable
 import numpy as np
 
 from moedist.errors import DataError
-from moedist.io import atomic_write_json, sha256_file
+from moedist.io import atomic_write_json, sha256_file, temp_file
 
 FORMAT = "moedist-item-features"
 FORMAT_VERSION = 1
@@ -105,7 +104,7 @@ def write_shard(
     never a partial shard under the final name.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, prefix=path.name + ".")
     h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as raw:

@@ -26,13 +26,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moedist.errors import MoedistError
+from moedist.io import temp_dir
 from moedist.report import plots
 from moedist.report.runs import (
     ExpertSeries,
@@ -127,7 +127,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, embe
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     tuning = read_tuning_table(run_dir, metric, mode) if kind == "tuning" else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir(out.parent, prefix=f".{out.name}.")
     try:
         b = _Builder(tmp, embed_images)
         t0 = time.perf_counter()

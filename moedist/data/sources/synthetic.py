@@ -56,6 +56,7 @@ from typing import Any, Callable
 import numpy as np
 
 from moedist.errors import ConfigError, DataError
+from moedist.io import temp_dir
 
 GENERATOR_VERSION = 1
 DATASET_NAME = "Synthetic"
@@ -317,9 +318,8 @@ def generate_synthetic(out_dir: str | os.PathLike, *, size: str | SyntheticSpec 
         raise DataError("exists and is not a synthetic dataset folder; refusing to overwrite it", path=out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out.parent, prefix=f".{out.name}.tmp-")
     try:
-        os.chmod(tmp, 0o755)
         manifest = _generate_into(tmp, spec, size_name, progress)
         _install(tmp, out, spec)
     except BaseException:
