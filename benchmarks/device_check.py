@@ -22,11 +22,14 @@ baseline), in three parts:
 2. **training** (``training``): from those same weights, ``--steps`` training steps on the same
    batches (dropout on), once in local mode (a torch Adam, float32) and once through a
    one-process DeepSpeed engine (``dist.precision=auto``: bf16 over NCCL on a GPU, fp32 over
-   gloo on the CPU). Reported: each step's loss for both, samples/s over the steps after the
-   first two, peak memory. Every loss must be finite and the second half of the steps must
-   average below the first step; the two runs' mean losses over the second half must agree to
-   ``--train-rtol`` (default 2% on a GPU, where DeepSpeed runs in bf16, and 1e-4 on the CPU,
-   where both are float32 with the same dropout draws).
+   gloo on the CPU; ``--deepspeed-precision bf16`` runs bf16 on the CPU too). Reported: each
+   step's loss for both, samples/s over the steps after the first two, peak memory. Every loss
+   must be finite; the local run must have changed every trainable tensor, and the DeepSpeed
+   run must have moved the weights at least half as far in all (Euclidean norm over every
+   tensor); the DeepSpeed run's final weights must lie nearer the local run's than 0.8 of the
+   distance the local run moved (two unrelated moves would be about 1.4 apart); and the two
+   runs' mean losses over the second half must agree to ``--train-rtol`` (default 2% where
+   DeepSpeed runs in bf16, and 1e-4 where both are float32 with the same dropout draws).
 3. **evaluation** (``evaluation``): the local run's trained weights are evaluated on the
    validation split (exact full ranking) on the device and, copied back, on the CPU: every
    metric must agree to 1e-3 (only exact score ties can move a rank). The DeepSpeed run's
@@ -246,7 +249,9 @@ def _evaluate(model, cfg, data, device: torch.device) -> dict:
 
 
 def check_training(model_name: str, args, data, device: torch.device) -> tuple[dict, dict]:
-    cfg = _config(model_name, args, [f"train.device={device}"])
+    from moedist.train.distributed import use_bf16
+
+    cfg = _config(model_name, args, [f"train.device={device}", f"dist.precision={args.deepspeed_precision}"])
     base = _build(cfg, data)
     local = _train(copy.deepcopy(base).to(device), copy.deepcopy(cfg), data, device, False, args.steps)
     try:
@@ -255,7 +260,7 @@ def check_training(model_name: str, args, data, device: torch.device) -> tuple[d
         ds = _train(copy.deepcopy(base).to(device), copy.deepcopy(cfg), data, device, True, args.steps)
     except ImportError as e:
         ds = {"skipped": f"deepspeed is not importable here ({e})"}
-    rtol = args.train_rtol if args.train_rtol is not None else (0.02 if device.type == "cuda" else 1e-4)
+    rtol = args.train_rtol if args.train_rtol is not None else (0.02 if use_bf16(cfg, device) else 1e-4)
     half = max(1, args.steps // 2)
     rows = {}
     ok = True
@@ -265,14 +270,35 @@ def check_training(model_name: str, args, data, device: torch.device) -> tuple[d
             continue
         losses = run["losses"]
         finite = all(math.isfinite(v) for v in losses)
-        learns = finite and float(np.mean(losses[half:])) < losses[0]
-        ok &= finite and learns
-        rows[name] = {k: v for k, v in run.items() if k != "model"} | {"finite": finite, "learns": learns}
+        ok &= finite
+        rows[name] = {k: v for k, v in run.items() if k != "model"} | {
+            "finite": finite, "second_half_below_first_step": finite and float(np.mean(losses[half:])) < losses[0]}
+    # the local run updated every trainable tensor; the DeepSpeed run moved its weights at
+    # least half as far in all, and ended nearer the local run's weights than the local run
+    # moved (two unrelated moves of that size would be about 1.4 apart; bf16 rounding and
+    # dropout noise in small gradients part the two runs by about 0.1-0.5 in 12 steps here).
+    # Per tensor, bf16 may move some much less: a gradient that is zero in exact arithmetic
+    # (a bias that cancels in BPR's score difference) is bf16 rounding noise there, and Adam
+    # turns noise into a random walk; those are listed, not failed.
+    init = {n: p.detach().float().cpu() for n, p in base.named_parameters() if p.requires_grad}
+    after = {n: p.detach().float().cpu() for n, p in local["model"].named_parameters() if n in init}
+    unchanged = sorted(n for n in init if torch.equal(init[n], after[n]))
+    rows["local"]["tensors_not_updated"] = unchanged
+    ok &= not unchanged
     if "losses" in ds:
         a, b = float(np.mean(local["losses"][half:])), float(np.mean(ds["losses"][half:]))
         rows["mean_loss_rel_diff"] = abs(a - b) / abs(a)
         rows["rtol"] = rtol
         ok &= rows["mean_loss_rel_diff"] < rtol
+        theirs = {n: p.detach().float().cpu() for n, p in ds["model"].named_parameters() if n in init}
+        moved = math.sqrt(sum(float((after[n] - init[n]).pow(2).sum()) for n in init))
+        apart = math.sqrt(sum(float((theirs[n] - after[n]).pow(2).sum()) for n in init))
+        rows["weights_apart_over_moved"] = apart / max(moved, 1e-30)
+        ds_moved = math.sqrt(sum(float((theirs[n] - init[n]).pow(2).sum()) for n in init))
+        rows["deepspeed_moved_over_local_moved"] = ds_moved / max(moved, 1e-30)
+        rows["deepspeed"]["tensors_moved_less_than_half"] = sorted(
+            n for n in init if float((theirs[n] - init[n]).norm()) < 0.5 * float((after[n] - init[n]).norm()))
+        ok &= rows["weights_apart_over_moved"] < 0.8 and rows["deepspeed_moved_over_local_moved"] > 0.5
         rows["deepspeed_vs_local_speed"] = ds["samples_per_second"] / local["samples_per_second"]
     rows["ok"] = bool(ok)
 
@@ -303,7 +329,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--batches", type=int, default=2, help="batches for the same-weights check")
     p.add_argument("--steps", type=int, default=20, help="training steps per run")
-    p.add_argument("--train-rtol", type=float, default=None)
+    p.add_argument("--deepspeed-precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the DeepSpeed run's dist.precision (auto: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--train-rtol", type=float, default=None,
+                   help="largest relative difference of the two runs' mean losses (default 0.02 with bf16, else 1e-4)")
     p.add_argument("--seed", type=int, default=2025)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
@@ -334,7 +363,8 @@ def main(argv=None) -> int:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu (GPU forms), {platform.processor() or platform.machine()}",
         "torch": torch.__version__, "deepspeed": ds_version, "data": str(args.data), "features": args.features,
-        "settings": {k: getattr(args, k) for k in ("batch_size", "batches", "steps", "seed")}, "models": {},
+        "settings": {k: getattr(args, k) for k in ("batch_size", "batches", "steps", "seed", "deepspeed_precision")},
+        "models": {},
     }
     for m in models:
         print(f"[{m}] same weights, CPU vs {device} ...", flush=True)

@@ -74,8 +74,9 @@ class SASRec(nn.Module):
         return gather_last(h, item_seq_len)
 
     def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
-        """Scores over all N ids incl. pad 0 (the evaluator masks it): ``[B, N]``."""
-        return self.forward(batch["item_seq"], batch["item_seq_len"]) @ self.item_embedding.weight.T
+        """Scores over all N ids incl. pad 0 (the evaluator masks it): ``[B, N]``, float32
+        whatever the model's dtype (the CE over all items and the ranking need it under bf16)."""
+        return self.forward(batch["item_seq"], batch["item_seq_len"]).float() @ self.item_embedding.weight.float().T
 
     def calculate_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ce = F.cross_entropy(self.full_sort_predict(batch), batch["target"])
@@ -232,6 +233,7 @@ class ContentMapping(nn.Module):
         """``[len(items), d]`` (all N rows when ``items`` is None). Padding row 0 maps to
         the MLP of a zero input, which is harmless: the evaluator never ranks it."""
         x = self.content if items is None else self.content[items]  # (n, Σ D_m)
+        x = x.to(self.mlp[0].weight.dtype)  # float32 buffer; the MLP may run in bf16
         present = self.present if items is None else self.present[items]  # (n, M)
         p = self.config.modality_dropout
         if self.training and p > 0:
@@ -249,8 +251,8 @@ class ContentMapping(nn.Module):
         return bpr + self.config.reg_coeff * reg, {"bpr": bpr.detach(), "reg": reg.detach()}
 
     def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
-        """``batch["user"] [B]`` -> scores over all N items ``[B, N]``."""
-        return self.user_embedding(batch["user"]) @ self.item_embeddings().T
+        """``batch["user"] [B]`` -> scores over all N items ``[B, N]`` (float32 for the ranking)."""
+        return self.user_embedding(batch["user"]).float() @ self.item_embeddings().float().T
 
     def moe_stats(self) -> dict:
         return {}

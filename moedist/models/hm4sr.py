@@ -582,10 +582,11 @@ def contrastive_same_target_zeroed(a: Tensor, b: Tensor, target: Tensor, tau: fl
 
     s_ij = cos(a_i, b_j)/τ; for j ≠ i with target_j == target_i the logit is set to 0 (not
     removed: it still adds exp(0) = 1 to the denominator); the diagonal is the positive and
-    stays in the denominator. loss_i = −s_ii + log Σ_j exp(s̃_ij).
+    stays in the denominator. loss_i = −s_ii + log Σ_j exp(s̃_ij). In float32 whatever the
+    inputs' dtype.
     """
-    a = F.normalize(a, dim=-1)
-    b = F.normalize(b, dim=-1)
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
     s = a @ b.T / tau  # s: (B, B)
     eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
     same = (target[:, None] == target[None, :]) & ~eye
@@ -682,7 +683,10 @@ class HM4SR(nn.Module):
         features. Used for scoring, for the sequence inputs and for CP (G-HM-6)."""
         tables = {"id": self.item_embedding.weight}
         for m in self.content_modalities:
-            tables[m] = self.projections[m](getattr(self, f"feat_{m}"))
+            proj = self.projections[m]
+            # frozen features stay float32 buffers; bf16 training (DeepSpeed casts parameters
+            # only) feeds them in the projection's dtype
+            tables[m] = proj(getattr(self, f"feat_{m}").to(proj.weight.dtype))
         return {m: tables[m] for m in self.modalities}
 
     def _check_batch(self, item_seq: Tensor) -> None:
@@ -731,9 +735,11 @@ class HM4SR(nn.Module):
 
     @staticmethod
     def _scores(hidden: Tensor, tables: dict[str, Tensor]) -> Tensor:
-        """Σ_m H^m · C_mᵀ as one matmul over the concatenated modalities: ``[B, N]``."""
+        """Σ_m H^m · C_mᵀ as one matmul over the concatenated modalities: ``[B, N]``, in
+        float32 whatever the model's dtype (under bf16 the CE over all items and the ranking
+        need float32 scores: bf16 rounds ~7-nat logits to 1/32 and ties many items)."""
         cand = torch.cat(list(tables.values()), dim=-1)  # (N, M·d)
-        return hidden.flatten(1) @ cand.T
+        return hidden.flatten(1).float() @ cand.float().T
 
     # ---- contract -------------------------------------------------------------------------
 
@@ -799,7 +805,7 @@ class HM4SR(nn.Module):
         if self.config.cp_indexing == "intended":
             items = item_seq[item_seq != 0]  # (n_v,)
             logits = self.cat_linear(cand[items])  # (n_v, C)
-            return F.binary_cross_entropy_with_logits(logits, self.item_categories[items])
+            return F.binary_cross_entropy_with_logits(logits.float(), self.item_categories[items].float())
         rows, cols = torch.nonzero(item_seq != 0, as_tuple=True)
         n_cat = self.item_categories.shape[1]
         if int(cols.max()) >= n_cat:
@@ -809,7 +815,7 @@ class HM4SR(nn.Module):
             )
         items = item_seq.flatten()[rows]  # flat row b of the [B·L, C] matrix is item_seq.flat[b]
         logits = self.cat_linear(cand[items]).gather(1, cols[:, None]).squeeze(1)
-        return F.binary_cross_entropy_with_logits(logits, self.item_categories[items, cols])
+        return F.binary_cross_entropy_with_logits(logits.float(), self.item_categories[items, cols].float())
 
     def placeholder_mask(self, item_seq_len: Tensor, seq_len: int) -> Tensor:
         """Bool ``[B, L]``: floor(β·len_b) positions per row, uniform without replacement over

@@ -306,8 +306,9 @@ class MAMEX(nn.Module):
     # ---- item side --------------------------------------------------------------------
 
     def features(self, m: str) -> Tensor:
-        """Normalised frozen features ``[N, D_m]`` of modality ``m``."""
-        return self.get_buffer(f"feat_{m}")
+        """Normalised frozen features ``[N, D_m]`` of modality ``m``, in the parameters' dtype
+        (a float32 buffer; bf16 training casts the parameters only)."""
+        return self.get_buffer(f"feat_{m}").to(self.user_embedding.weight.dtype)
 
     def present(self, m: str) -> Tensor:
         """Bool ``[N]``: which rows have modality ``m`` (row 0 never)."""
@@ -494,7 +495,7 @@ class MAMEX(nn.Module):
         """``batch["user"] [B]`` -> scores ``[B, N]`` over all items (the evaluator keeps the
         cold-item columns)."""
         e_u = self.user_embedding(batch["user"])  # (B, d)
-        return e_u @ self.item_embeddings().T  # (B, N)
+        return e_u.float() @ self.item_embeddings().float().T  # (B, N), float32 for the ranking
 
     def moe_stats(self) -> dict:
         """Last item pass: ``adapter.<m>.load`` / ``adapter.<m>.gate_mean`` ``[K]`` and

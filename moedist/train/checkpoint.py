@@ -91,13 +91,26 @@ def _zero_optimizer(optimizer) -> bool:
     )
 
 
-def _param_state(optimizer, param, key: str) -> torch.Tensor | None:
-    """Full (unpartitioned) Adam moment of ``param`` under a torch or DeepSpeed ZeRO optimizer."""
+def master_params(optimizer) -> dict[int, torch.Tensor]:
+    """``id(module parameter) -> float32 master copy`` under DeepSpeed's 16-bit wrappers without
+    ZeRO (bf16 or fp16 at stage 0: ``fp16_groups[i][j]`` is the module's parameter,
+    ``fp32_groups[i][j]`` its master, and the inner Adam's state is keyed by the master). Empty
+    for a plain torch optimizer, fp32 DeepSpeed, and ZeRO (whose masters ``_hp_mapping`` reaches)."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not low or not high:
+        return {}
+    return {id(a): b for g16, g32 in zip(low, high) for a, b in zip(g16, g32)}
+
+
+def _param_state(optimizer, param, key: str, masters: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """Full (unpartitioned) Adam moment of ``param`` under a torch optimizer, DeepSpeed's
+    16-bit wrapper (``masters``: :func:`master_params`) or a DeepSpeed ZeRO optimizer."""
     if hasattr(param, "_hp_mapping"):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         return safe_get_full_optimizer_state(param, key)  # collective over the DP group
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed stage 0 wraps nothing, but be safe
+    param = (masters or {}).get(id(param), param)
     st = inner.state.get(param) if inner is not None else None
     return None if not st or key not in st else st[key]
 
@@ -127,12 +140,14 @@ def _set_optimizer_state(optimizer, model, moments: dict[str, torch.Tensor], ste
                 st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
         return
     inner = getattr(optimizer, "optimizer", optimizer)
+    masters = master_params(optimizer)
     for name, p in params.items():
         if not p.requires_grad or f"exp_avg/{name}" not in moments:
             continue
-        inner.state[p] = {
+        key = masters.get(id(p), p)  # the state of a 16-bit module parameter sits on its master
+        inner.state[key] = {
             "step": torch.tensor(float(step)),
-            **{k: _local_slice(p, moments[f"{k}/{name}"]).to(p.device, p.dtype).clone() for k in MOMENTS},
+            **{k: _local_slice(p, moments[f"{k}/{name}"]).to(key.device, key.dtype).clone() for k in MOMENTS},
         }
 
 
@@ -148,15 +163,19 @@ def _world() -> int:
 
 
 def full_model_state(model: torch.nn.Module, optimizer=None) -> dict[str, torch.Tensor]:
-    """Whole-model weights (fp32 master copies under ZeRO), experts gathered. Collective."""
+    """Whole-model weights (the float32 master copies where DeepSpeed keeps them: ZeRO, and its
+    16-bit wrapper at stage 0), experts gathered. Collective."""
     state = {}
     params = dict(model.named_parameters())
+    masters = master_params(optimizer)
     for name, t in model.state_dict().items():
         p = params.get(name)
         if p is not None and hasattr(p, "_hp_mapping"):
             from deepspeed.utils import safe_get_full_fp32_param
 
             t = safe_get_full_fp32_param(p)
+        elif p is not None and id(p) in masters:
+            t = masters[id(p)]
         t = _gather_full(p, t.detach()) if p is not None else t.detach()
         state[name] = t.float().cpu().contiguous() if t.is_floating_point() else t.cpu().contiguous()
     return state
@@ -174,11 +193,12 @@ def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *
     weights = full_model_state(model, optimizer)
     moments: dict[str, torch.Tensor] = {}
     if optimizer is not None:
+        masters = master_params(optimizer)
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             for key in MOMENTS:
-                t = _param_state(optimizer, p, key)
+                t = _param_state(optimizer, p, key, masters)
                 if t is None:
                     continue
                 moments[f"{key}/{name}"] = _gather_full(p, t.detach()).float().cpu().contiguous()
@@ -265,11 +285,16 @@ def load_checkpoint(directory: str | Path, model, optimizer=None) -> dict:
             raise CheckpointError(f"{directory}: {name} has shape {tuple(full.shape)}, the model expects {tuple(t.shape)}")
         local[name] = piece.to(t.dtype)
     model.load_state_dict(local, strict=True)
+    masters = master_params(optimizer)
     for name, p in params.items():
         if hasattr(p, "_hp_mapping"):  # ZeRO keeps fp32 master weights apart from the module's
             from deepspeed.utils import safe_set_full_fp32_param
 
             safe_set_full_fp32_param(p, _local_slice(p, weights[name]).to(p.device, torch.float32))
+        elif id(p) in masters:  # so does DeepSpeed's 16-bit wrapper at stage 0: the next step
+            # would otherwise copy its masters of the engine's start back into the module
+            with torch.no_grad():
+                masters[id(p)].copy_(_local_slice(p, weights[name]))
     if optimizer is not None and moments:
         _set_optimizer_state(optimizer, model, moments, int(state.get("optimizer_step", 0)))
     key = f"rank{_rank()}"

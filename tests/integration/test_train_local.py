@@ -1,5 +1,6 @@
 """The single-process training loop end to end on a small prepared dataset."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,32 @@ def test_nan_loss_keeps_the_last_good_checkpoint(toy_data, tmp_path):
     assert {p.name: p.read_bytes() for p in last.iterdir()} == before
     assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == log_before
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("sasrec", SMALL_SEQ),
+    ("hm4sr", ["hm4sr.modalities=[id,text]", *SMALL_HM4SR]),
+    ("mamex", ["mamex.modalities=[text]", "train.eval_every=1"]),
+])
+def test_a_bf16_deepspeed_run_resumes_to_the_uninterrupted_result(model, extra, toy_data, toy_features, tmp_path):
+    """bf16 through a DeepSpeed engine (what GPUs run; here forced on the CPU): the module holds
+    bf16 weights, DeepSpeed's wrapper float32 masters and the Adam moments. A checkpoint keeps
+    the masters and moments, so an interrupted run continues exactly where it stopped instead of
+    restarting from bf16-rounded weights with fresh moments (or, worse, stale masters)."""
+    common = [f"features={toy_features}", "dist.deepspeed=true", "dist.precision=bf16", *extra]
+    whole = run_training(cfg_for(model, toy_data, tmp_path / "whole", "train.epochs=4", *common), echo=lambda s: None)
+    run_training(cfg_for(model, toy_data, tmp_path / "part", "train.epochs=2", *common), echo=lambda s: None)
+    resumed = run_training(cfg_for(model, toy_data, tmp_path / "part", "train.epochs=4", *common), echo=lambda s: None)
+    assert [r["epoch"] for r in lines(tmp_path / "part")] == [0, 1, 2, 3]
+    losses = [r["loss"] for r in lines(tmp_path / "whole")]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert [r["loss"] for r in lines(tmp_path / "part")] == pytest.approx(losses, rel=1e-6)
+    assert resumed["test"] == pytest.approx(whole["test"], abs=1e-9)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "part" / "checkpoints" / "last" / "model.safetensors"))
+    moments = load_file(str(tmp_path / "part" / "checkpoints" / "last" / "optimizer.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
+    # float32 masters, not the module's bf16 copies: some value is not a bf16 number
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in weights.values() if t.is_floating_point())
+    assert moments and any(k.startswith("exp_avg_sq/") for k in moments)
