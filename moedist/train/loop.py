@@ -614,8 +614,9 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         use_ds = ctx.distributed or cfg.dist.deepspeed
         stepper = DeepSpeedStepper(model, cfg, ctx) if use_ds else TorchStepper(model, cfg)
         model = stepper.model
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "") if trainable else None
     echo(f"{cfg.model}: {n_params:,} trainable parameters on {ctx.device} x{ctx.world}"
-         f"{' (' + stepper.kind + ')' if stepper else ''}; {task.n_train():,} training samples"
+         f"{' (' + stepper.kind + ', ' + dtype + ')' if stepper else ''}; {task.n_train():,} training samples"
          f"{f'; item catalogue in {catalogue_shards} shards' if catalogue_shards > 1 else ''}; run dir {run_dir}")
 
     ckpt = run_dir / "checkpoints"
