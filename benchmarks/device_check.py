@@ -36,11 +36,12 @@ baseline), in three parts:
    model is evaluated on the device as the trainer would (bf16 on a GPU); its metrics must be
    finite and are reported beside the others.
 
-With ``--device cpu`` (what the test suite runs) the device side is the CPU with every
-GPU-only form forced on: fused attention and ``F.dropout``, one-pass feed-forward and
-Interactive MoE, padded-``bmm`` experts, last-dimension softmaxes; so the checks compare the
-CPU's forms with the GPU's forms of the same computation. The script exits with status 1 when a
-check fails (``ok`` in the JSON says which), after writing the JSON atomically.
+With ``--device cpu`` (what the test suite runs) the device side, training included, is the
+CPU with every GPU-only form forced on: fused attention and ``F.dropout``, one-pass
+feed-forward and Interactive MoE, padded-``bmm`` experts, last-dimension softmaxes; so the
+checks compare the CPU's forms with the GPU's forms of the same computation. The script exits
+with status 1 when a check fails (``ok`` in the JSON says which), after writing the JSON
+atomically.
 
 On a GPU machine without moedist's environment, PyTorch alone runs parts 1 and 3 and the local
 half of part 2; the DeepSpeed half needs ``deepspeed`` importable (and is reported as
@@ -253,11 +254,16 @@ def check_training(model_name: str, args, data, device: torch.device) -> tuple[d
 
     cfg = _config(model_name, args, [f"train.device={device}", f"dist.precision={args.deepspeed_precision}"])
     base = _build(cfg, data)
-    local = _train(copy.deepcopy(base).to(device), copy.deepcopy(cfg), data, device, False, args.steps)
+    # on the CPU both runs take the GPU forms (F.dropout draws the same masks in both)
+    local_model = copy.deepcopy(base).to(device)
+    with gpu_forms(local_model, device.type == "cpu"):
+        local = _train(local_model, copy.deepcopy(cfg), data, device, False, args.steps)
     try:
         import deepspeed  # noqa: F401
 
-        ds = _train(copy.deepcopy(base).to(device), copy.deepcopy(cfg), data, device, True, args.steps)
+        ds_model = copy.deepcopy(base).to(device)
+        with gpu_forms(ds_model, device.type == "cpu"):
+            ds = _train(ds_model, copy.deepcopy(cfg), data, device, True, args.steps)
     except ImportError as e:
         ds = {"skipped": f"deepspeed is not importable here ({e})"}
     rtol = args.train_rtol if args.train_rtol is not None else (0.02 if use_bf16(cfg, device) else 1e-4)
