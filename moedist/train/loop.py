@@ -569,7 +569,8 @@ def train_one_epoch(stepper, task, cfg: ExperimentConfig, ctx: DistContext, epoc
     secs = time.perf_counter() - t0
     if ctx.distributed:  # averages over the whole global batch, not just this rank's slice
         keys = sorted(totals)
-        vec = torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64)
+        # on the workers' device: NCCL reduces CUDA tensors only
+        vec = torch.tensor([totals[k] for k in keys] + [float(seen)], dtype=torch.float64, device=ctx.device)
         dist.all_reduce(vec)
         totals = dict(zip(keys, vec[:-1].tolist()))
         seen = int(vec[-1])
