@@ -95,9 +95,14 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this worker's GPU (``cuda:<local rank>``) where there are GPUs, else the CPU.
+    ``cuda`` without an index is this worker's GPU too, so that workers on one node do not all
+    land on GPU 0 (NCCL refuses two ranks on one device); ``cuda:N`` is taken as given."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA device is available")
     return dev

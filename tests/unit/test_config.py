@@ -79,3 +79,21 @@ def test_override_values_parse_as_yaml():
     assert parse_override("a.b=0.5") == (["a", "b"], 0.5)
     assert load_config(Inner, None, ["lr=1e-3"]).lr == 1e-3
     assert parse_override("--x-y=[id, text]") == (["x_y"], ["id", "text"])
+
+
+def test_each_worker_resolves_its_own_gpu(monkeypatch):
+    import torch
+
+    from moedist.errors import ConfigError
+    from moedist.train.loop import resolve_device
+
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", 2) == torch.device("cuda", 2)
+    # "cuda" without an index is the worker's own GPU, not GPU 0 for every worker of a node
+    assert resolve_device("cuda", 3) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", 3) == torch.device("cuda", 1)
