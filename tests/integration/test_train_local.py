@@ -113,6 +113,20 @@ def test_nan_loss_keeps_the_last_good_checkpoint(toy_data, tmp_path):
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == log_before
 
 
+_BF16_RUNS = """
+import json, sys
+from moedist.train.cli import load_experiment_config
+from moedist.train.loop import run_training
+model, data, out, common = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+def cfg(run_dir, epochs):
+    return load_experiment_config(model, None, [f"data={data}", f"run_dir={out}/{run_dir}", f"train.epochs={epochs}", *common])
+whole = run_training(cfg("whole", 4), echo=lambda s: None)
+run_training(cfg("part", 2), echo=lambda s: None)
+resumed = run_training(cfg("part", 4), echo=lambda s: None)
+print(json.dumps({"whole": whole["test"], "resumed": resumed["test"]}))
+"""
+
+
 @pytest.mark.parametrize("model, extra", [
     ("sasrec", SMALL_SEQ),
     ("hm4sr", ["hm4sr.modalities=[id,text]", *SMALL_HM4SR]),
@@ -122,16 +136,21 @@ def test_a_bf16_deepspeed_run_resumes_to_the_uninterrupted_result(model, extra, 
     """bf16 through a DeepSpeed engine (what GPUs run; here forced on the CPU): the module holds
     bf16 weights, DeepSpeed's wrapper float32 masters and the Adam moments. A checkpoint keeps
     the masters and moments, so an interrupted run continues exactly where it stopped instead of
-    restarting from bf16-rounded weights with fresh moments (or, worse, stale masters)."""
-    common = [f"features={toy_features}", "dist.deepspeed=true", "dist.precision=bf16", *extra]
-    whole = run_training(cfg_for(model, toy_data, tmp_path / "whole", "train.epochs=4", *common), echo=lambda s: None)
-    run_training(cfg_for(model, toy_data, tmp_path / "part", "train.epochs=2", *common), echo=lambda s: None)
-    resumed = run_training(cfg_for(model, toy_data, tmp_path / "part", "train.epochs=4", *common), echo=lambda s: None)
+    restarting from bf16-rounded weights with fresh moments (or, worse, stale masters). In a
+    process of its own: DeepSpeed keeps its process group and group caches for the process's life."""
+    import subprocess
+    import sys
+
+    common = [*FAST, f"features={toy_features}", "dist.deepspeed=true", "dist.precision=bf16", *extra]
+    proc = subprocess.run([sys.executable, "-c", _BF16_RUNS, model, str(toy_data), str(tmp_path), json.dumps(common)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["epoch"] for r in lines(tmp_path / "part")] == [0, 1, 2, 3]
     losses = [r["loss"] for r in lines(tmp_path / "whole")]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert [r["loss"] for r in lines(tmp_path / "part")] == pytest.approx(losses, rel=1e-6)
-    assert resumed["test"] == pytest.approx(whole["test"], abs=1e-9)
+    assert res["resumed"] == pytest.approx(res["whole"], abs=1e-9)
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "part" / "checkpoints" / "last" / "model.safetensors"))
