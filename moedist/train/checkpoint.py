@@ -136,8 +136,8 @@ def _set_optimizer_state(optimizer, model, moments: dict[str, torch.Tensor], ste
                 safe_set_full_optimizer_state(p, _local_slice(p, full).to(p.device, torch.float32), key)
         inner = optimizer.optimizer
         for st in inner.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+            if "step" in st:  # where and in what dtype the optimizer keeps it
+                st["step"] = torch.full_like(st["step"], float(step)) if torch.is_tensor(st["step"]) else step
         return
     inner = getattr(optimizer, "optimizer", optimizer)
     masters = master_params(optimizer)
@@ -146,9 +146,18 @@ def _set_optimizer_state(optimizer, model, moments: dict[str, torch.Tensor], ste
             continue
         key = masters.get(id(p), p)  # the state of a 16-bit module parameter sits on its master
         inner.state[key] = {
-            "step": torch.tensor(float(step)),
+            "step": adam_step_tensor(inner, key, step),
             **{k: _local_slice(p, moments[f"{k}/{name}"]).to(key.device, key.dtype).clone() for k in MOMENTS},
         }
+
+
+def adam_step_tensor(optimizer, param: torch.Tensor, step: int) -> torch.Tensor:
+    """The ``step`` entry torch's Adam would keep for ``param``: float32 on the parameter's
+    device for the fused (and capturable) kernels, a CPU scalar otherwise. A CPU step beside
+    CUDA parameters is not what the fused CUDA kernel is given by Adam itself."""
+    group = next((g for g in optimizer.param_groups if any(q is param for q in g["params"])), {})
+    on_device = bool(group.get("fused") or group.get("capturable"))
+    return torch.tensor(float(step), dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 # ----------------------------------------------------------------------------- save / load

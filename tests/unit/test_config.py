@@ -97,3 +97,31 @@ def test_each_worker_resolves_its_own_gpu(monkeypatch):
     # "cuda" without an index is the worker's own GPU, not GPU 0 for every worker of a node
     assert resolve_device("cuda", 3) == torch.device("cuda", 3)
     assert resolve_device("cuda:1", 3) == torch.device("cuda", 1)
+
+
+def test_a_restored_adam_step_sits_where_torchs_adam_keeps_it():
+    """Fused (and capturable) Adam keeps ``step`` as a float32 tensor on the parameter's device;
+    the plain one as a CPU scalar. A checkpoint restores it the same way, so a resumed fused
+    Adam on a GPU is not handed a CPU step."""
+    import torch
+
+    from moedist.train.checkpoint import adam_step_tensor
+
+    on_meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    plain = torch.nn.Parameter(torch.zeros(3))
+
+    class _Opt:
+        param_groups = [{"params": [on_meta], "fused": True, "capturable": False},
+                        {"params": [plain], "fused": None, "capturable": False}]
+
+    s = adam_step_tensor(_Opt, on_meta, 7)
+    assert s.device.type == "meta" and s.dtype == torch.float32 and s.shape == ()
+    s = adam_step_tensor(_Opt, plain, 7)
+    assert s.device.type == "cpu" and float(s) == 7.0
+    # the same placement as torch's own fused Adam after one step
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], fused=True)
+    p.grad = torch.ones(3)
+    opt.step()
+    mine = adam_step_tensor(opt, p, 1)
+    assert mine.device == opt.state[p]["step"].device and mine.dtype == opt.state[p]["step"].dtype
