@@ -214,11 +214,10 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _train(model, cfg, data, device: torch.device, deepspeed: bool, steps: int) -> dict:
-    from moedist.train.loop import DeepSpeedStepper, DistContext, TorchStepper, build_task, seed_everything, train_one_epoch
+def _train(model, cfg, task, device: torch.device, deepspeed: bool, steps: int) -> dict:
+    from moedist.train.loop import DeepSpeedStepper, DistContext, TorchStepper, seed_everything, train_one_epoch
 
     ctx = DistContext(rank=0, world=1, device=device)
-    task = build_task(cfg, data)
     stepper = DeepSpeedStepper(model, cfg, ctx) if deepspeed else TorchStepper(model, cfg)
     cfg.train.max_steps_per_epoch = 1
     if device.type == "cuda":
@@ -242,28 +241,39 @@ def _train(model, cfg, data, device: torch.device, deepspeed: bool, steps: int) 
             "dtype": str(next(stepper.model.parameters()).dtype).replace("torch.", "")}
 
 
-def _evaluate(model, cfg, data, device: torch.device) -> dict:
-    from moedist.train.loop import DistContext, build_task, evaluate_split
+def _evaluate(model, cfg, task, device: torch.device) -> dict:
+    from moedist.train.loop import DistContext, evaluate_split
 
-    task = build_task(cfg, data)
     return evaluate_split(model, task, "valid", DistContext(rank=0, world=1, device=device), cfg.train.eval_batch_size)
+
+
+def _weights(model, names) -> dict[str, torch.Tensor]:
+    """Float32 CPU copies of the named parameters (a bf16 module's included)."""
+    return {n: p.detach().float().cpu() for n, p in model.named_parameters() if n in names}
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Euclidean distance between two sets of weights, over every tensor."""
+    return math.sqrt(sum(float((a[n] - b[n]).pow(2).sum()) for n in a))
 
 
 def check_training(model_name: str, args, data, device: torch.device) -> tuple[dict, dict]:
     from moedist.train.distributed import use_bf16
+    from moedist.train.loop import build_task
 
     cfg = _config(model_name, args, [f"train.device={device}", f"dist.precision={args.deepspeed_precision}"])
     base = _build(cfg, data)
+    task = build_task(cfg, data)  # one task for both runs and every evaluation
     # on the CPU both runs take the GPU forms (F.dropout draws the same masks in both)
     local_model = copy.deepcopy(base).to(device)
     with gpu_forms(local_model, device.type == "cpu"):
-        local = _train(local_model, copy.deepcopy(cfg), data, device, False, args.steps)
+        local = _train(local_model, copy.deepcopy(cfg), task, device, False, args.steps)
     try:
         import deepspeed  # noqa: F401
 
         ds_model = copy.deepcopy(base).to(device)
         with gpu_forms(ds_model, device.type == "cpu"):
-            ds = _train(ds_model, copy.deepcopy(cfg), data, device, True, args.steps)
+            ds = _train(ds_model, copy.deepcopy(cfg), task, device, True, args.steps)
     except ImportError as e:
         ds = {"skipped": f"deepspeed is not importable here ({e})"}
     rtol = args.train_rtol if args.train_rtol is not None else (0.02 if use_bf16(cfg, device) else 1e-4)
@@ -286,8 +296,8 @@ def check_training(model_name: str, args, data, device: torch.device) -> tuple[d
     # Per tensor, bf16 may move some much less: a gradient that is zero in exact arithmetic
     # (a bias that cancels in BPR's score difference) is bf16 rounding noise there, and Adam
     # turns noise into a random walk; those are listed, not failed.
-    init = {n: p.detach().float().cpu() for n, p in base.named_parameters() if p.requires_grad}
-    after = {n: p.detach().float().cpu() for n, p in local["model"].named_parameters() if n in init}
+    init = _weights(base, {n for n, p in base.named_parameters() if p.requires_grad})
+    after = _weights(local["model"], init)
     unchanged = sorted(n for n in init if torch.equal(init[n], after[n]))
     rows["local"]["tensors_not_updated"] = unchanged
     ok &= not unchanged
@@ -296,12 +306,10 @@ def check_training(model_name: str, args, data, device: torch.device) -> tuple[d
         rows["mean_loss_rel_diff"] = abs(a - b) / abs(a)
         rows["rtol"] = rtol
         ok &= rows["mean_loss_rel_diff"] < rtol
-        theirs = {n: p.detach().float().cpu() for n, p in ds["model"].named_parameters() if n in init}
-        moved = math.sqrt(sum(float((after[n] - init[n]).pow(2).sum()) for n in init))
-        apart = math.sqrt(sum(float((theirs[n] - after[n]).pow(2).sum()) for n in init))
-        rows["weights_apart_over_moved"] = apart / max(moved, 1e-30)
-        ds_moved = math.sqrt(sum(float((theirs[n] - init[n]).pow(2).sum()) for n in init))
-        rows["deepspeed_moved_over_local_moved"] = ds_moved / max(moved, 1e-30)
+        theirs = _weights(ds["model"], init)
+        moved = _distance(after, init)
+        rows["weights_apart_over_moved"] = _distance(theirs, after) / max(moved, 1e-30)
+        rows["deepspeed_moved_over_local_moved"] = _distance(theirs, init) / max(moved, 1e-30)
         rows["deepspeed"]["tensors_moved_less_than_half"] = sorted(
             n for n in init if float((theirs[n] - init[n]).norm()) < 0.5 * float((after[n] - init[n]).norm()))
         ok &= rows["weights_apart_over_moved"] < 0.8 and rows["deepspeed_moved_over_local_moved"] > 0.5
@@ -309,16 +317,15 @@ def check_training(model_name: str, args, data, device: torch.device) -> tuple[d
     rows["ok"] = bool(ok)
 
     # evaluation: the local run's weights on the device and on the CPU; the DeepSpeed model as trained
-    ecfg = copy.deepcopy(cfg)
     with gpu_forms(local["model"], device.type == "cpu"):
-        on_device = _evaluate(local["model"], ecfg, data, device)
-    on_cpu = _evaluate(copy.deepcopy(local["model"]).to("cpu"), ecfg, data, torch.device("cpu"))
+        on_device = _evaluate(local["model"], cfg, task, device)
+    on_cpu = _evaluate(copy.deepcopy(local["model"]).to("cpu"), cfg, task, torch.device("cpu"))
     diff = max(abs(on_device[k] - on_cpu[k]) for k in on_cpu)
     ev = {"valid_on_device": on_device, "valid_on_cpu": on_cpu, "max_abs_diff": diff, "atol": METRIC_ATOL}
     eok = diff < METRIC_ATOL
     if "model" in ds:
         with gpu_forms(ds["model"], device.type == "cpu"):
-            ds_metrics = _evaluate(ds["model"], ecfg, data, device)
+            ds_metrics = _evaluate(ds["model"], cfg, task, device)
         ev["valid_deepspeed_on_device"] = ds_metrics
         eok &= all(math.isfinite(v) for v in ds_metrics.values())
     ev["ok"] = bool(eok)
