@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __
     summary = {"experiment": out["experiment_path"], "results": out["results_csv"], "best_config": out["best_config"],
                "best_test": (out["best_results"] or {}).get("test")}
     print(json.dumps(summary, indent=1))
-    return 0 if out["complete"] else 130  # interrupted: rerun to resume
+    from moedist.tune.cli import exit_code
+
+    return exit_code(out)  # 1: a trial failed, 130: interrupted; a rerun resumes either
 
 
 if __name__ == "__main__":

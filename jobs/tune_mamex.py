@@ -16,8 +16,9 @@ Your data (absolute paths under ``ray job submit``; ``data/`` and ``runs/`` are 
         python jobs/tune_mamex.py --data /shared/prepared/baby --samples 27 --workers 2 \
         --storage s3://bucket/runs --name mamex-baby train.epochs=300
 
-MAMEX validates every ``train.eval_every`` epochs (10 by default), and ASHA counts in
-evaluations: ``--grace-period 2`` lets a trial run 20 epochs before it can be stopped. Outputs
+MAMEX validates every ``train.eval_every`` epochs (10 by default: epochs 0, 10, 20, ...), and
+ASHA counts in evaluations: with ``--grace-period 3`` a trial runs at least to its epoch-20
+evaluation (21 epochs) before it can be stopped. Outputs
 and resume as for ``jobs/tune_hm4sr.py``.
 """
 from __future__ import annotations

@@ -66,6 +66,13 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 1, epochs:
         tuned = run_tune(base, num_samples=samples, experiment_name=f"tune-hm4sr-{data.name}",
                          storage_path=runs, seed=seed, echo=quiet, verbose=0)
         best = tuned["best_results"]
+        if best is None:
+            from moedist.errors import MoedistError
+
+            failed = ", ".join(tuned.get("errored") or []) or "none"
+            raise MoedistError(f"the HM4SR search ended without a retrained best configuration (trials that "
+                               f"ended in an error: {failed}; see {tuned['results_csv']}); run `moedist demo` "
+                               "again to resume it")
         results["hm4sr (tuned)"] = best
         echo(f"best trial {tuned['best']['trial_id']}: " + ", ".join(f"{k}={v}" for k, v in tuned["best"]["config"].items()))
         echo(f"hm4sr (best config retrained): test ndcg@10 {best['test']['ndcg@10']:.4f}  hit@10 {best['test']['hit@10']:.4f}")

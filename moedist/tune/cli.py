@@ -38,6 +38,9 @@ def add_tune_arguments(p: argparse.ArgumentParser, *, model_required: bool = Tru
                    help="evaluations before ASHA may stop a trial (default 1)")
     p.add_argument("--reduction-factor", dest="reduction_factor", type=float, default=2.0, help="ASHA reduction factor (default 2)")
     p.add_argument("--metric", help="metric to maximise (default valid_<train.valid_metric>)")
+    p.add_argument("--worker-start-timeout", dest="worker_start_timeout", type=float, metavar="SECONDS",
+                   help="how long a trial waits for its workers to be placed, e.g. while an autoscaler adds "
+                        "GPU nodes or other trials finish (default $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, else 7 days)")
     p.add_argument("--name", help="experiment name (default tune-<model>-<dataset>)")
     p.add_argument("--storage", default="runs", help="experiment storage: a shared folder or an s3:// URI (default runs/)")
     p.add_argument("--seed", type=int, help="search seed (default train.seed)")
@@ -70,8 +73,17 @@ def tune_from_args(args, model: str, *, echo=print) -> dict:
         cfg, space=args.space, num_samples=args.samples or 8, max_concurrent=args.max_concurrent, metric=args.metric,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, experiment_name=args.name,
         storage_path=args.storage, resume=args.resume, retrain_best=args.retrain, seed=args.seed, echo=echo,
-        memory_per_worker=args.memory_per_worker,
+        memory_per_worker=args.memory_per_worker, worker_start_timeout_s=args.worker_start_timeout,
     )
+
+
+def exit_code(out: dict) -> int:
+    """0 when every trial finished and the best was picked; 1 when a trial ended in an error
+    (an orchestrator's retry, e.g. a RayJob's backoffLimit, then resumes it); 130 when the
+    search was interrupted. A rerun resumes the search in both cases."""
+    if out["complete"]:
+        return 0
+    return 1 if out.get("errored") else 130
 
 
 def cmd_tune(args) -> int:
@@ -79,7 +91,7 @@ def cmd_tune(args) -> int:
 
     out = tune_from_args(args, args.model, echo=lambda s: console.print(s, highlight=False, soft_wrap=True, markup=False))
     console.print(f"results: {out['results_csv']}" + (f"\nbest config: {out['best_config']}" if out["best_config"] else ""))
-    return 0 if out["complete"] else 130  # interrupted: the CLI's convention (a rerun resumes)
+    return exit_code(out)
 
 
 def add_commands(sub) -> None:

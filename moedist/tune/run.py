@@ -46,6 +46,14 @@ from moedist.train.config import ExperimentConfig
 from moedist.tune.spaces import apply_overrides, describe, resolve_space, searched_keys, to_tune
 
 TRIAL_DRIVER_CPU = 0.01  # Ray refuses a 0-CPU trial; the trial's workers hold the real resources
+# How long a trial waits for its training workers to be placed. Ray Train's own default (60 s)
+# fails a trial that waits for an autoscaler to add GPU nodes (minutes: a node, then the
+# image), or for a running trial to finish (a restored search starts its errored and
+# interrupted trials together). A request no node could ever hold is refused at once anyway
+# (Ray Train checks it against the cluster's maximum size), so the wait is only for capacity
+# that will come.
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_WORKER_START_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def _is_uri(path: str) -> bool:
@@ -98,13 +106,16 @@ def _report_callback(metric: str):
 
 
 def moedist_trial(config: dict, *, base: dict, trials_dir: str, train_storage: str, metric: str,
-                  use_gpu: bool, controller_failure_limit: int) -> None:
+                  use_gpu: bool, controller_failure_limit: int, worker_start_timeout_s: float | None = None) -> None:
     """One Tune trial: the base config + this trial's values, trained by a TorchTrainer."""
     from ray import tune
     from ray.train import FailureConfig
 
     from moedist.train.launch import build_trainer
 
+    if worker_start_timeout_s is not None:
+        # Ray Train hands this variable from the process calling fit() to its controller
+        os.environ[WORKER_START_TIMEOUT_ENV] = f"{worker_start_timeout_s:g}"
     cfg = apply_overrides(_from_dict(ExperimentConfig, base), config)
     trial_id = tune.get_context().get_trial_id()
     cfg.run_dir = str(Path(trials_dir) / trial_id)
@@ -360,6 +371,7 @@ def run_tune(
     retrain_best: bool = True,
     seed: int | None = None,
     controller_failure_limit: int = 0,
+    worker_start_timeout_s: float | None = None,
     verbose: int = 1,
     echo: Callable[[str], None] | None = None,
     memory_per_worker: float | None = None,
@@ -377,7 +389,16 @@ def run_tune(
     ``resume``: restore the experiment when it exists (else refuse to overwrite it); a resumed
     experiment keeps the base config it started with, except ``memory_per_worker``: when given,
     it sets ``dist.memory_per_worker`` of a new search and replaces the stored one of a resumed
-    search, so trials killed for memory can be resumed with a larger reservation.
+    search, so trials killed for memory can be resumed with a larger reservation;
+    ``worker_start_timeout_s``: how long a trial waits for its workers to be placed (default
+    ``$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, else 7 days: trials queue on the cluster's
+    resources instead of failing); ``controller_failure_limit``: how often a trial's Train
+    controller may fail and restart (0: a trial whose workers were killed, e.g. for memory,
+    ends as an error that a rerun resumes).
+
+    A trial that ends in an error leaves the search incomplete (``complete`` false,
+    ``errored`` lists them): nothing is retrained, and running the same call again resumes
+    the errored trials from their checkpoints.
     """
     import ray
     from ray import tune
@@ -394,6 +415,14 @@ def run_tune(
         raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}")
     if num_samples < 1 or grace_period < 1:
         raise ConfigError(f"num_samples and grace_period must be >= 1 (got {num_samples}, {grace_period})")
+    if worker_start_timeout_s is None:
+        env = os.environ.get(WORKER_START_TIMEOUT_ENV)
+        try:
+            worker_start_timeout_s = float(env) if env else DEFAULT_WORKER_START_TIMEOUT_S
+        except ValueError:
+            raise ConfigError(f"{WORKER_START_TIMEOUT_ENV}={env!r} is not a number of seconds") from None
+    if not (math.isfinite(worker_start_timeout_s) and worker_start_timeout_s > 0):
+        raise ConfigError(f"the worker start timeout must be a positive number of seconds, got {worker_start_timeout_s!r}")
     if cfg.dist.workers < 1:
         cfg.dist.workers = 1  # a trial is a TorchTrainer run: at least one Ray Train worker
     cfg.train.progress = False
@@ -454,6 +483,7 @@ def run_tune(
             tune.with_parameters(
                 moedist_trial, base=to_dict(cfg), trials_dir=str(trials_dir), train_storage=train_storage,
                 metric=metric, use_gpu=use_gpu, controller_failure_limit=controller_failure_limit,
+                worker_start_timeout_s=worker_start_timeout_s,
             ),
             {"cpu": TRIAL_DRIVER_CPU},
         )
@@ -498,7 +528,9 @@ def run_tune(
                             asha_stopped=asha_stopped_trials(asha_record), statuses=saved_statuses(exp_path))
         csv, parquet = write_table(rows, local_exp)
         finished = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
-        complete = finished == len(rows) and finished >= int(plan.get("expected_trials", 0))
+        errored = [r["trial_id"] for r in rows if r["status"] == "ERROR"]
+        ended = finished == len(rows) and finished >= int(plan.get("expected_trials", 0))
+        complete = ended and not errored
         best_row = pick_best(rows, metric, mode)
         echo(format_table(rows, keys=keys, metric=metric, mode=mode, best_id=best_row["trial_id"] if best_row else None))
         oom = [r["trial_id"] for r in rows if (r.get("error") or "").startswith("out of memory")]
@@ -508,13 +540,18 @@ def run_tune(
         summary: dict[str, Any] = {
             "experiment": name, "experiment_path": exp_path, "experiment_dir": str(local_exp),
             "restored": restored, "complete": complete, "metric": metric, "mode": mode,
-            "max_concurrent": max_concurrent, "searched_keys": keys, "trials": rows,
+            "max_concurrent": max_concurrent, "searched_keys": keys, "trials": rows, "errored": errored,
             "results_csv": str(csv), "results_parquet": str(parquet),
             "best": None, "best_config": None, "best_results": None,
         }
         if not complete:
-            echo(f"the search was interrupted ({finished} of {max(len(rows), int(plan.get('expected_trials', 0)))} "
-                 "trials finished); run the same command again to resume it")
+            if errored:
+                echo(f"{len(errored)} trial(s) ended in an error ({', '.join(errored)}; the 'error' column of "
+                     f"{csv}); nothing is retrained until every trial has finished: run the same command "
+                     "again to resume them from their checkpoints")
+            if not ended:
+                echo(f"the search was interrupted ({finished} of {max(len(rows), int(plan.get('expected_trials', 0)))} "
+                     "trials finished); run the same command again to resume it")
             if remote:
                 _upload(local_exp, exp_path, ["results.csv", "results.parquet"])
             return summary

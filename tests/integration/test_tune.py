@@ -402,3 +402,54 @@ def test_rerun_restores_the_finished_experiment(tuned, toy_data):
     assert any("reserve 0.25 GiB per worker" in line and "was 0" in line for line in said), said
     assert any("only --memory-per-worker applies" in line for line in said), said
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+# ----------------------------------------------------------------------------- (d) waiting and failing
+
+
+def test_a_bad_worker_start_timeout_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    from moedist.tune.run import WORKER_START_TIMEOUT_ENV, run_tune
+
+    monkeypatch.setenv(WORKER_START_TIMEOUT_ENV, "soon")
+    with pytest.raises(ConfigError, match=f"{WORKER_START_TIMEOUT_ENV}='soon' is not a number"):
+        run_tune(small_cfg("/nowhere"), num_samples=1, storage_path=tmp_path)
+    monkeypatch.delenv(WORKER_START_TIMEOUT_ENV)
+    with pytest.raises(ConfigError, match="positive number of seconds"):
+        run_tune(small_cfg("/nowhere"), num_samples=1, storage_path=tmp_path, worker_start_timeout_s=0)
+
+
+def test_exit_codes_tell_a_failed_trial_from_an_interrupted_search():
+    from moedist.tune.cli import exit_code
+
+    assert exit_code({"complete": True, "errored": []}) == 0
+    assert exit_code({"complete": False, "errored": ["a_00001"]}) == 1  # a RayJob's backoffLimit retries it
+    assert exit_code({"complete": False, "errored": []}) == 130
+
+
+@pytest.mark.integration
+def test_a_trial_that_cannot_get_workers_fails_the_search_and_a_rerun_resumes_it(toy_data, tmp_path, ray_local):
+    """The trial waits ``worker_start_timeout_s`` for its workers (handed to Ray Train's
+    controller), then ends in an error: the search is not complete, nothing is retrained, and
+    once the resources are free the same call resumes and finishes it."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from moedist.tune.cli import exit_code
+    from moedist.tune.run import run_tune
+
+    kwargs = dict(space=None, num_samples=1, max_concurrent=1, experiment_name="starved", storage_path=tmp_path,
+                  verbose=0, echo=lambda s: None, worker_start_timeout_s=3)
+    hog = placement_group([{"CPU": 3.5}])  # of the fixture's 4: a 1-CPU worker cannot be placed
+    ray_local.get(hog.ready(), timeout=60)
+    try:
+        res = run_tune(small_cfg(toy_data, "train.epochs=1"), **kwargs)
+    finally:
+        remove_placement_group(hog)
+    assert not res["complete"] and exit_code(res) == 1
+    assert res["errored"] == [res["trials"][0]["trial_id"]]
+    assert "timed out after 3.0 seconds" in res["trials"][0]["error"]
+    assert res["best_results"] is None and not (Path(res["experiment_dir"]) / "best").exists()
+
+    again = run_tune(small_cfg(toy_data, "train.epochs=1"), **{**kwargs, "worker_start_timeout_s": 600})
+    assert again["restored"] and again["complete"] and exit_code(again) == 0 and again["errored"] == []
+    assert again["trials"][0]["status"] == "TERMINATED"
+    assert set(again["best_results"]["test"]) >= {"ndcg@20"}
