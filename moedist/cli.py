@@ -85,14 +85,16 @@ def cmd_data_prepare(args) -> int:
     from moedist.config import load_config, save_config
     from moedist.data.api import DataConfig, prepare
 
-    overrides = list(args.overrides)
-    for flag in ("source", "input", "meta", "out", "name", "size", "seed", "kcore", "image_root", "on_bad_line"):
-        v = getattr(args, flag)
-        if v is not None:
-            overrides.append(f"{flag}={v}")
+    # flags are taken as given (argparse types the numeric ones), never parsed as YAML:
+    # --name 0123 stays "0123", --out "exp #2" stays "exp #2"; they win over key=value
+    flags = {
+        flag: v
+        for flag in ("source", "input", "meta", "out", "name", "size", "seed", "kcore", "image_root", "on_bad_line")
+        if (v := getattr(args, flag)) is not None
+    }
     if args.dedup:
-        overrides.append("dedup=true")
-    cfg = load_config(DataConfig, args.config, overrides)
+        flags["dedup"] = True
+    cfg = load_config(DataConfig, args.config, list(args.overrides), values=flags)
     with _progress_bar("parsing") as bar:
         task = bar.add_task("parse", total=None)
         manifest = prepare(

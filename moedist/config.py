@@ -183,8 +183,12 @@ def load_config(
     overrides: list[str] | None = None,
     *,
     base: T | None = None,
+    values: dict[str, Any] | None = None,
 ) -> T:
-    """Defaults of ``cls`` (or ``base``) <- YAML file ``path`` <- ``key=value`` overrides."""
+    """Defaults of ``cls`` (or ``base``) <- YAML file ``path`` <- ``key=value`` overrides <-
+    ``values``: top-level keys with values already typed (e.g. command-line flags from
+    argparse), checked against the field types but not parsed as YAML, so ``"0123"`` or
+    ``"exp #2"`` stays that string."""
     cfg = base if base is not None else cls()
     if path is not None:
         try:
@@ -197,6 +201,8 @@ def load_config(
             keys, value = parse_override(text)
             _set_path(tree, keys, value)
         cfg = _from_dict(cls, tree, base=cfg)
+    if values:
+        cfg = _from_dict(cls, dict(values), base=cfg)
     return cfg
 
 

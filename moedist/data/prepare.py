@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,10 @@ from moedist.data.schema import RawSource
 from moedist.errors import DataError
 from moedist.io import sha256_file, temp_dir
 
-PREPARE_FORMAT = 1
+# 2: the fingerprint covers the source kind, name, input location, image folder and bad-line
+#    policy; "inputs" lists the files actually read; sub-second times order interactions.
+PREPARE_FORMAT = 2
+MANIFEST = "dataset.json"
 
 
 @dataclass
@@ -57,9 +61,14 @@ class PrepareOptions:
 # ----------------------------------------------------------------------------- steps
 
 
+def _time_order(df: pd.DataFrame) -> list[str]:
+    """Sort keys of chronological order: whole seconds, sub-second fraction, file order."""
+    return [c for c in ("timestamp", "time_frac", "file_order") if c in df]
+
+
 def dedup_interactions(df: pd.DataFrame) -> pd.DataFrame:
     """Keep the first interaction of each (user, item) pair in chronological order."""
-    order = df.sort_values(["timestamp", "file_order"], kind="mergesort")
+    order = df.sort_values(_time_order(df), kind="mergesort")
     kept = order.drop_duplicates(["user_id", "item_id"], keep="first")
     return df.loc[df.index.isin(kept.index)]
 
@@ -90,7 +99,7 @@ def max_consecutive_gap(df: pd.DataFrame) -> int:
     """
     if df.empty:
         return 0
-    s = df.sort_values(["user_id", "timestamp", "file_order"], kind="mergesort")
+    s = df.sort_values(["user_id", *_time_order(df)], kind="mergesort")
     ts = s["timestamp"].to_numpy(np.int64)
     same_user = s["user_id"].to_numpy()[1:] == s["user_id"].to_numpy()[:-1]
     gaps = np.diff(ts)[same_user]
@@ -128,14 +137,45 @@ def leave_one_out_labels(seq_pos: np.ndarray, user_len: np.ndarray) -> np.ndarra
 
 
 
-def _fingerprint(raw_files: list[str], options: PrepareOptions) -> str:
-    """Identity of a preparation: input file contents + options + output format."""
+def _abs(path: str | Path) -> str:
+    """An absolute, normalised path (``.`` and ``..`` removed), symlinks not followed."""
+    return os.path.abspath(os.fspath(path))
+
+
+def _fingerprint(raw_files: list[str], options: PrepareOptions, identity: dict | None = None,
+                 hashes: dict[str, str] | None = None) -> str:
+    """Identity of a preparation: input file names and contents + options + what else shapes
+    the output (``identity``: source kind, name, input location, image folder, bad-line
+    policy; JSON-serialisable) + output format."""
+    hashes = {} if hashes is None else hashes
     h = hashlib.sha256()
-    h.update(json.dumps({"format": PREPARE_FORMAT, "options": dataclasses.asdict(options)}, sort_keys=True).encode())
-    for f in sorted(raw_files):
+    head = {"format": PREPARE_FORMAT, "options": dataclasses.asdict(options), "identity": identity or {}}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for f in sorted({_abs(f) for f in raw_files}):
         h.update(Path(f).name.encode())
-        h.update(sha256_file(f).encode())
+        h.update(_sha(f, hashes).encode())
     return h.hexdigest()
+
+
+def _sha(path: str, hashes: dict[str, str]) -> str:
+    """sha256 of ``path``, computed once per preparation (``hashes`` caches by absolute path)."""
+    key = _abs(path)
+    if key not in hashes:
+        try:
+            hashes[key] = sha256_file(key)
+        except OSError as e:
+            raise DataError(f"cannot read input file: {e.strerror or e}", path=path) from None
+    return hashes[key]
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file or directory to disk (so a crash after the rename that publishes
+    it cannot leave a complete-looking manifest over empty or partial tables)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -144,18 +184,123 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
 
     table = pa.Table.from_pandas(df, preserve_index=False)
     pq.write_table(table, path)
+    _fsync(path)
+
+
+_STATS_KEYS = (
+    "users", "items", "interactions", "sparsity", "avg_actions_per_user", "avg_actions_per_item",
+    "items_with_image", "items_without_metadata", "kcore", "kcore_passes", "raw_interactions",
+    "duplicates_removed",
+)
+_LOO_KEYS = ("train_samples", "valid_users", "test_users")
+_COLD_KEYS = tuple(f"{s}_{w}" for w in ("items", "interactions") for s in ("train", "valid", "test"))
+
+
+def validate_manifest(meta, path: str | Path) -> dict:
+    """``meta`` if it has the shape of a prepared dataset's manifest, else a DataError naming
+    ``path`` and the first thing wrong."""
+    if not isinstance(meta, dict):
+        raise DataError(f"not a moedist dataset manifest: expected a JSON object, found {type(meta).__name__}", path=path)
+    if "format" not in meta:
+        raise DataError("not a moedist dataset manifest: no 'format' key", path=path)
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise DataError("damaged manifest: 'files' must map table names to sha256 digests; re-run `moedist data prepare`", path=path)
+    bad = [k for k in files if Path(k).name != k or k in ("", ".", "..", MANIFEST)]
+    if bad:
+        raise DataError(f"damaged manifest: 'files' names {bad[0]!r}, not a table of this folder", path=path)
+    stats = meta.get("stats")
+    if not isinstance(stats, dict):
+        raise DataError("damaged manifest: no 'stats' object; re-run `moedist data prepare`", path=path)
+    for section, keys in ((None, _STATS_KEYS), ("loo", _LOO_KEYS), ("cold", _COLD_KEYS)):
+        d = stats if section is None else stats.get(section)
+        where = "stats" if section is None else f"stats.{section}"
+        if not isinstance(d, dict):
+            raise DataError(f"damaged manifest: no '{where}' object; re-run `moedist data prepare`", path=path)
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise DataError(f"damaged manifest: '{where}' lacks {missing[0]!r}; re-run `moedist data prepare`", path=path)
+    return meta
+
+
+def _read_manifest(out_dir: Path) -> dict | None:
+    """The validated manifest of ``out_dir``, or None if there is none or it is damaged."""
+    try:
+        return validate_manifest(json.loads((out_dir / MANIFEST).read_text()), out_dir / MANIFEST)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, DataError):
+        return None
+
+
+def _tables_intact(out_dir: Path, meta: dict) -> bool:
+    """Every table the manifest lists is there with the sha256 it was written with."""
+    if not meta["files"]:
+        return False
+    for name, digest in meta["files"].items():
+        try:
+            if sha256_file(out_dir / name) != digest:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def is_complete(out_dir: str | Path) -> bool:
+    """``out_dir`` holds a prepared dataset whose manifest is intact and whose tables all
+    match the sha256 the manifest records (a truncated or damaged table is not complete)."""
     out_dir = Path(out_dir)
-    manifest = out_dir / "dataset.json"
-    if not manifest.is_file():
-        return False
+    meta = _read_manifest(out_dir)
+    return meta is not None and _tables_intact(out_dir, meta)
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    """``path`` holds a moedist ``dataset.json`` (a JSON object with a ``format`` key)."""
     try:
-        meta = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
-    return all((out_dir / f).is_file() for f in meta.get("files", {}))
+    return isinstance(meta, dict) and "format" in meta
+
+
+def check_out_dir(out_dir: str | Path, inputs: list[str | Path] | tuple = ()) -> None:
+    """Refuse (DataError naming the folder) an output folder that preparing would wrongly
+    replace: the current directory or one above it, a folder holding any of ``inputs``, a
+    file, or an existing folder that is neither empty nor a prepared dataset (no moedist
+    ``dataset.json``). Preparing replaces the whole folder, so anything else in it would be
+    deleted."""
+    out = Path(_abs(out_dir))
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise DataError(
+            "refusing to write the prepared dataset here: the output folder is the current directory or one "
+            "above it, and preparing replaces the whole folder; choose a new folder (e.g. data/prepared/<name>)",
+            path=out_dir,
+        )
+    for f in inputs:
+        if f is None:
+            continue
+        fr = Path(_abs(f)).resolve()
+        if fr == real or real in fr.parents:
+            what = "is the input" if fr == real else f"holds the input {f}"
+            raise DataError(
+                f"refusing to write the prepared dataset here: the output path {what}, and preparing "
+                "replaces the whole folder; choose a new folder",
+                path=out_dir,
+            )
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise DataError("the output path exists and is not a folder; choose a new folder", path=out_dir)
+    try:
+        empty = next(os.scandir(out), None) is None
+    except OSError as e:
+        raise DataError(f"cannot list the output folder: {e.strerror or e}", path=out_dir) from None
+    if not empty and not _is_dataset_dir(out):
+        raise DataError(
+            f"refusing to replace this folder: it is not empty and holds no moedist {MANIFEST} (not a prepared "
+            "dataset), and preparing replaces the whole folder; choose a new or empty folder",
+            path=out_dir,
+        )
 
 
 def prepare_dataset(
@@ -164,24 +309,47 @@ def prepare_dataset(
     *,
     options: PrepareOptions | None = None,
     raw_files: list[str] | None = None,
+    identity: dict | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Prepare ``source`` into ``out_dir`` and return the manifest (``dataset.json``).
 
     ``source`` may be a callable: when ``raw_files`` (the input files it will read) are given
-    and ``out_dir`` already holds the output of those exact files and options, nothing is
-    parsed at all.
+    and ``out_dir`` already holds the output of those exact files, ``identity`` and options
+    (with intact tables and unchanged recorded inputs), nothing is parsed at all.
+    ``identity`` (JSON-serialisable) holds whatever else shapes the output: source kind,
+    name, image folder, bad-line policy. ``out_dir`` is refused before anything is read if
+    replacing it could delete anything but a prepared dataset (:func:`check_out_dir`).
     """
     options = options or PrepareOptions()
     options.validate()
     log = log or (lambda msg: None)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, raw_files or [])
+    hashes: dict[str, str] = {}
 
     def up_to_date(files: list[str]) -> dict | None:
-        if not files or not is_complete(out_dir):
+        if not files:
             return None
-        meta = json.loads((out_dir / "dataset.json").read_text())
-        if meta.get("fingerprint") != _fingerprint(files, options):
+        meta = _read_manifest(out_dir)
+        if meta is None:
+            return None
+        try:
+            if meta.get("fingerprint") != _fingerprint(files, options, identity, hashes):
+                return None
+        except DataError:  # an input is missing or unreadable: the reader will say so
+            return None
+        inputs = meta.get("inputs")
+        if not isinstance(inputs, dict) or not inputs:
+            return None
+        for f, digest in inputs.items():  # the files the previous run actually read
+            try:
+                if _sha(f, hashes) != digest:
+                    return None
+            except DataError:
+                return None
+        if not _tables_intact(out_dir, meta):
+            log(f"{out_dir}: a table does not match its recorded sha256; preparing again")
             return None
         meta["reused"] = True
         log(f"{out_dir} is up to date (same inputs and options); nothing to do")
@@ -191,17 +359,21 @@ def prepare_dataset(
         return meta
     t0 = time.time()
     raw = source() if callable(source) else source
-    raw_files = raw_files or raw.files
-    if meta := up_to_date(raw_files):
+    check_out_dir(out_dir, raw.files)
+    files = sorted({_abs(f) for f in [*(raw_files or []), *raw.files]})
+    if files and sorted({_abs(f) for f in raw_files or []}) != files and (meta := up_to_date(files)):
         return meta
 
     tables, stats = build_tables(raw, options, log=log)
     manifest = {
         "format": PREPARE_FORMAT,
         "name": raw.name,
+        "source": (identity or {}).get("source"),
         "moedist_version": __version__,
-        "fingerprint": _fingerprint(raw_files, options) if raw_files else None,
-        "inputs": {str(f): sha256_file(f) for f in raw_files},
+        "fingerprint": _fingerprint(files, options, identity, hashes) if files else None,
+        "identity": identity or {},
+        # the files read (and any named by the caller): a re-run checks them all again
+        "inputs": {f: _sha(f, hashes) for f in files},
         "options": dataclasses.asdict(options),
         "skipped_lines": dict(raw.skipped),
         "max_interval_seconds": stats.pop("max_interval_seconds"),
@@ -219,6 +391,12 @@ def build_tables(raw: RawSource, options: PrepareOptions, *, log=lambda m: None)
     if inter.empty:
         raise DataError(f"source {raw.name!r} has no interactions", path=(raw.files[0] if raw.files else None))
     inter["file_order"] = np.arange(len(inter), dtype=np.int64)
+    # sub-second part of the source's time: orders interactions within one second (the
+    # tables store whole seconds); hand-built sources may leave it out
+    if "time_frac" in inter:
+        inter["time_frac"] = inter["time_frac"].astype(np.float64).fillna(0.0)
+    else:
+        inter["time_frac"] = 0.0
     n_raw = len(inter)
     max_gap = max_consecutive_gap(inter)
 
@@ -246,8 +424,9 @@ def build_tables(raw: RawSource, options: PrepareOptions, *, log=lambda m: None)
     inter["user_idx"] = user_idx.loc[inter["user_id"].astype(str).to_numpy()].to_numpy()
     inter["item_idx"] = item_idx.loc[inter["item_id"].astype(str).to_numpy()].to_numpy()
 
-    # chronological order per user; mergesort is stable, so same-time ties keep file order
-    inter = inter.sort_values(["user_idx", "timestamp", "file_order"], kind="mergesort").reset_index(drop=True)
+    # chronological order per user (to the source's full precision); mergesort is stable,
+    # so same-time ties keep file order
+    inter = inter.sort_values(["user_idx", "timestamp", "time_frac", "file_order"], kind="mergesort").reset_index(drop=True)
     inter["seq_pos"] = inter.groupby("user_idx", sort=False).cumcount().astype(np.int64)
     user_len = inter.groupby("user_idx", sort=False)["item_idx"].transform("size").to_numpy(np.int64)
     inter["loo_split"] = leave_one_out_labels(inter["seq_pos"].to_numpy(np.int64), user_len)
@@ -309,21 +488,36 @@ def build_tables(raw: RawSource, options: PrepareOptions, *, log=lambda m: None)
 
 
 def _publish(tables: dict[str, pd.DataFrame], manifest: dict, out_dir: Path) -> None:
-    """Write all tables + manifest to a temp dir beside ``out_dir``, then swap it in."""
+    """Write all tables + manifest to a temp dir beside ``out_dir`` (each file and the folder
+    fsynced), then swap it in. ``out_dir`` is checked again just before it is replaced."""
+    out_dir = Path(_abs(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         for name, df in tables.items():
             _write_parquet(df, tmp / name)
             manifest["files"][name] = sha256_file(tmp / name)
-        (tmp / "dataset.json").write_text(json.dumps(manifest, indent=2, sort_keys=False))
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        with open(tmp / MANIFEST, "w") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        check_out_dir(out_dir)  # still empty or a prepared dataset
+        if os.path.lexists(out_dir):
+            holder = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            old = holder / "previous"
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)  # put the previous output back
+                shutil.rmtree(holder, ignore_errors=True)
+                raise
+            _fsync(out_dir.parent)
+            shutil.rmtree(holder, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+            _fsync(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -331,13 +525,16 @@ def _publish(tables: dict[str, pd.DataFrame], manifest: dict, out_dir: Path) -> 
 
 def load_manifest(data_dir: str | Path) -> dict:
     data_dir = Path(data_dir)
-    path = data_dir / "dataset.json"
+    path = data_dir / MANIFEST
     if not path.is_file():
         raise DataError("not a prepared dataset (no dataset.json); run `moedist data prepare` first", path=data_dir)
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"manifest is not valid JSON ({e.msg})", path=path, line=e.lineno) from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"cannot read manifest ({type(e).__name__}: {e})", path=path) from None
+    return validate_manifest(meta, path)
 
 
 SplitProtocol = Literal["loo", "cold"]

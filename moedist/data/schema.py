@@ -17,6 +17,10 @@ RAW_INTERACTION_COLUMNS = {
     "item_id": "string",
     "timestamp": "int64",  # Unix seconds, >= 0
     "rating": "float64",  # NaN where the source has none
+    # Sub-second part of the source's timestamp, in [0, 1): orders interactions within one
+    # second (``timestamp`` is floored to whole seconds). Optional for hand-built sources
+    # (missing = 0); the output tables store only ``timestamp``.
+    "time_frac": "float64",
 }
 
 # Raw items, one row per item that has metadata. Items that appear in interactions but not

@@ -125,3 +125,16 @@ def test_a_restored_adam_step_sits_where_torchs_adam_keeps_it():
     opt.step()
     mine = adam_step_tensor(opt, p, 1)
     assert mine.device == opt.state[p]["step"].device and mine.dtype == opt.state[p]["step"].dtype
+
+
+def test_typed_values_are_not_parsed_as_yaml_and_win_over_overrides():
+    """``values`` (e.g. command-line flags) are taken as given: "0123", "1.10", "12:30",
+    "exp #2" and "null" stay strings; they are applied after the key=value overrides."""
+    for raw in ("0123", "1.10", "12:30", "exp #2", "null", "yes", "[a]"):
+        cfg = load_config(Outer, None, ["name=other", "epochs=5"], values={"name": raw, "path": raw})
+        assert cfg.name == raw and cfg.path == raw and cfg.epochs == 5
+    assert load_config(Outer, None, values={"epochs": 9, "flag": True}).epochs == 9
+    with pytest.raises(ConfigError, match="epochs: expected an integer"):
+        load_config(Outer, None, values={"epochs": "9"})
+    with pytest.raises(ConfigError, match="unknown key 'nme'"):
+        load_config(Outer, None, values={"nme": "x"})

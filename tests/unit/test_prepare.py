@@ -202,3 +202,302 @@ def test_movielens_100k_prepared_statistics(shared_data, tmp_path):
     assert len(SequentialSamples.build(d, "train", 50)) == 96458
     again = prepare(DataConfig(source="atomic", input=str(shared_data / "movielens-100k"), out=str(tmp_path / "ml")))
     assert again["reused"]
+
+
+# --------------------------------------------------------------------------- review fixes
+
+ATOMIC_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
+
+
+def atomic_input(path, rows=None):
+    """A small RecBole .inter file (5 users x 4 items, one per day)."""
+    rows = rows if rows is not None else [f"u{u}\ti{(u + j) % 6}\t{1000 + 86400 * j}" for u in range(5) for j in range(4)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([ATOMIC_HEADER, *rows]) + "\n")
+    return path
+
+
+def tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def atomic_cfg(inp, out, **kw):
+    from moedist.data.api import DataConfig
+
+    return DataConfig(source="atomic", input=str(inp), out=str(out), kcore=kw.pop("kcore", 1), **kw)
+
+
+def test_out_dir_that_is_not_a_dataset_is_never_replaced(tmp_path, monkeypatch):
+    from moedist.data.api import prepare
+
+    work = tmp_path / "work"
+    inp = atomic_input(work / "ml.inter")
+    (work / "notes.txt").write_text("my notes")
+    before = tree(work)
+    # the folder holding the input
+    with pytest.raises(DataError, match=r"work: refusing .* holds the input"):
+        prepare(atomic_cfg(inp, work))
+    # the input itself
+    with pytest.raises(DataError, match="refusing .* is the input"):
+        prepare(atomic_cfg(inp, inp))
+    # the current directory, given as ".", as its absolute path, or a folder above it
+    monkeypatch.chdir(work)
+    for out in (".", str(work), "..", str(tmp_path)):
+        with pytest.raises(DataError, match="current directory or one above it"):
+            prepare(atomic_cfg("ml.inter", out))
+    monkeypatch.chdir(tmp_path)
+    # any other non-empty folder without a moedist dataset.json
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    (other / "dataset.json").write_text('{"name": "not ours"}')  # no "format"
+    with pytest.raises(DataError, match=r"other: refusing to replace this folder: it is not empty"):
+        prepare(atomic_cfg(inp, other))
+    assert tree(work) == before
+    assert sorted(p.name for p in other.iterdir()) == ["dataset.json", "keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # an empty folder and an earlier prepared dataset are replaced
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not prepare(atomic_cfg(inp, empty))["reused"]
+    assert prepare(atomic_cfg(inp, empty, kcore=2))["options"]["kcore"] == 2
+    assert PreparedDataset(empty).n_users == 5
+
+
+def test_cli_refuses_an_out_dir_holding_the_input(tmp_path, monkeypatch, capsys):
+    from moedist.cli import main
+
+    work = tmp_path / "work"
+    atomic_input(work / "ml.inter")
+    (work / "notes.txt").write_text("my notes")
+    before = tree(work)
+    monkeypatch.chdir(tmp_path)
+    for out in ("work", str(work)):
+        assert main(["data", "prepare", "--source", "atomic", "--input", "work/ml.inter", "--out", out, "--kcore", "1"]) == 2
+    monkeypatch.chdir(work)
+    assert main(["data", "prepare", "--source", "atomic", "--input", "ml.inter", "--out", ".", "--kcore", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "Traceback" not in err and "refusing" in err
+    assert tree(work) == before
+
+
+def test_amazon_meta_is_fingerprinted_under_any_extension(tmp_path):
+    """``reviews_X_5.json.gz`` + ``meta_X.json``: the reader uses the meta file, so editing it
+    must make a re-run prepare again."""
+    import gzip
+
+    from moedist.data.api import DataConfig, prepare
+
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    reviews = [{"reviewerID": f"U{u}", "asin": f"I{(u + j) % 4}", "overall": 4.0, "unixReviewTime": 1_400_000_000 + 86400 * j}
+               for u in range(4) for j in range(3)]
+    with gzip.open(raw_dir / "reviews_X_5.json.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in reviews)
+    meta = raw_dir / "meta_X.json"
+    meta.write_text("".join(json.dumps({"asin": f"I{i}", "title": f"Title {i}", "categories": [["C"]]}) + "\n" for i in range(4)))
+    cfg = DataConfig(source="amazon", input=str(raw_dir / "reviews_X_5.json.gz"), out=str(tmp_path / "p"), kcore=1)
+    m1 = prepare(cfg)
+    assert str(meta) in m1["inputs"] and not m1["reused"]
+    assert prepare(cfg)["reused"]
+    meta.write_text(meta.read_text().replace("Title 1", "Renamed"))
+    m2 = prepare(cfg)
+    assert not m2["reused"]
+    assert "Renamed" in PreparedDataset(tmp_path / "p").items.set_index("item_id").loc["I1", "title"]
+
+
+def test_source_name_image_root_and_bad_line_policy_are_part_of_the_identity(tmp_path):
+    from moedist.data.api import prepare
+
+    inp = atomic_input(tmp_path / "raw" / "ml.inter")
+    out = tmp_path / "p"
+    assert not prepare(atomic_cfg(inp, out))["reused"]
+    assert prepare(atomic_cfg(inp, out))["reused"]
+    m = prepare(atomic_cfg(inp, out, name="other"))
+    assert not m["reused"] and PreparedDataset(out).name == "other"
+    img = tmp_path / "img"
+    (img / "i1").mkdir(parents=True)
+    (img / "i1" / "a.jpg").write_bytes(b"x")
+    m = prepare(atomic_cfg(inp, out, name="other", image_root=str(img)))
+    assert not m["reused"] and m["stats"]["items_with_image"] == 1
+    assert prepare(atomic_cfg(inp, out, name="other", image_root=str(img)))["reused"]
+    (img / "i2").mkdir()
+    (img / "i2" / "a.jpg").write_bytes(b"x")  # a new image
+    m = prepare(atomic_cfg(inp, out, name="other", image_root=str(img)))
+    assert not m["reused"] and m["stats"]["items_with_image"] == 2
+    (img / "i2" / "a.jpg").write_bytes(b"a replaced image")  # same name, other size
+    assert not prepare(atomic_cfg(inp, out, name="other", image_root=str(img)))["reused"]
+    m = prepare(atomic_cfg(inp, out, name="other", image_root=str(img), on_bad_line="skip"))
+    assert not m["reused"] and m["identity"]["on_bad_line"] == "skip"
+
+
+def test_forced_amazon_version_is_part_of_the_identity(tmp_path):
+    from moedist.data.api import DataConfig, prepare
+
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    rows = [{"reviewerID": f"U{u}", "asin": f"I{(u + j) % 4}", "overall": 4.0, "unixReviewTime": 1_400_000_000 + j}
+            for u in range(4) for j in range(3)]
+    (raw_dir / "Toys_5.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for source, reused in (("amazon", False), ("amazon", True), ("amazon2014", False), ("amazon2018", False)):
+        m = prepare(DataConfig(source=source, input=str(raw_dir / "Toys_5.json"), out=str(tmp_path / "p"), kcore=1))
+        assert m["reused"] is reused and m["source"] == source
+
+
+def test_rerun_rechecks_the_files_the_reader_read(tmp_path):
+    """A file the reader read but the caller did not name is recorded in ``inputs`` and
+    checked on re-runs."""
+    named, extra = tmp_path / "named.txt", tmp_path / "extra.txt"
+    named.write_text("n")
+    extra.write_text("e1")
+    src = dense_source()
+    src.files = [str(named), str(extra)]
+    calls = []
+
+    def load():
+        calls.append(1)
+        return src
+
+    out = tmp_path / "p"
+    m = prepare_dataset(load, out, options=PrepareOptions(kcore=1), raw_files=[str(named)])
+    assert set(m["inputs"]) == {str(named), str(extra)}
+    assert prepare_dataset(load, out, options=PrepareOptions(kcore=1), raw_files=[str(named)])["reused"]
+    extra.write_text("e2")
+    assert not prepare_dataset(load, out, options=PrepareOptions(kcore=1), raw_files=[str(named)])["reused"]
+    assert prepare_dataset(load, out, options=PrepareOptions(kcore=1), raw_files=[str(named)])["reused"]
+    assert len(calls) == 4  # the first re-run read the files to learn of extra.txt; then no reads
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_table_is_not_reused(tmp_path, damage):
+    from moedist.data.api import prepare
+    from moedist.data.prepare import is_complete
+
+    inp = atomic_input(tmp_path / "raw" / "ml.inter")
+    out = tmp_path / "p"
+    prepare(atomic_cfg(inp, out))
+    table = out / "interactions.parquet"
+    data = table.read_bytes()
+    if damage == "truncate":
+        table.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        table.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        table.unlink()
+    assert not is_complete(out)
+    m = prepare(atomic_cfg(inp, out))
+    assert not m["reused"] and is_complete(out)
+    assert table.read_bytes() == data  # the same table again
+    assert PreparedDataset(out).n_users == 5
+
+
+def test_tables_manifest_and_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    import moedist.data.prepare as prep
+
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(a, b):
+        renamed.append((str(a), str(b), list(synced)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(prep.os, "fsync", fsync)
+    monkeypatch.setattr(prep.os, "replace", replace)
+    out = tmp_path / "p"
+    prepare_dataset(dense_source(), out, options=PrepareOptions(kcore=1))
+    (tmp, dest, before), = [r for r in renamed if r[1] == str(out)]
+    for name in ("interactions.parquet", "items.parquet", "users.parquet", "dataset.json"):
+        assert f"{tmp}/{name}" in before, name
+    assert tmp in before  # the folder itself (its entries)
+    assert str(tmp_path) in synced  # and the parent after the rename
+
+
+def test_sub_second_times_decide_the_leave_one_out_targets(tmp_path):
+    """``u a 100.0``, ``u c 300.7``, ``u b 300.2``: b comes before c although both are stored as
+    second 300 (and a same-second repeat keeps its earlier rating under dedup)."""
+    from moedist.data.api import prepare
+
+    inp = atomic_input(tmp_path / "x.inter", ["u\ta\t100.0", "u\tc\t300.7", "u\tb\t300.2"])
+    prepare(atomic_cfg(inp, tmp_path / "p"))
+    d = PreparedDataset(tmp_path / "p")
+    by_idx = d.items.set_index("item_idx")["item_id"]
+    inter = d.interactions.sort_values("seq_pos")
+    assert [by_idx[i] for i in inter["item_idx"]] == ["a", "b", "c"]
+    assert inter["loo_split"].tolist() == ["train", "valid", "test"]
+    assert inter["timestamp"].tolist() == [100, 300, 300]  # stored floored, as before
+
+    rows = "user_id:token\titem_id:token\trating:float\ttimestamp:float\nu\ta\t5\t300.7\nu\ta\t1\t300.2\nu\tb\t3\t400\n"
+    (tmp_path / "d.inter").write_text(rows)
+    prepare(atomic_cfg(tmp_path / "d.inter", tmp_path / "q", dedup=True))
+    d = PreparedDataset(tmp_path / "q")
+    assert d.interactions.sort_values("seq_pos")["rating"].tolist() == [1.0, 3.0]
+
+
+def test_amazon2023_milliseconds_order_within_a_second(tmp_path):
+    from moedist.data.api import DataConfig, prepare
+
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    recs = [("A", 1_600_000_000_000), ("C", 1_600_000_050_900), ("B", 1_600_000_050_100)]
+    (raw_dir / "Toys.jsonl").write_text("".join(
+        json.dumps({"user_id": "U", "parent_asin": i, "rating": 5.0, "timestamp": t}) + "\n" for i, t in recs))
+    prepare(DataConfig(source="amazon2023", input=str(raw_dir / "Toys.jsonl"), out=str(tmp_path / "p"), kcore=1))
+    d = PreparedDataset(tmp_path / "p")
+    by_idx = d.items.set_index("item_idx")["item_id"]
+    inter = d.interactions.sort_values("seq_pos")
+    assert [by_idx[i] for i in inter["item_idx"]] == ["A", "B", "C"]
+    assert inter["timestamp"].tolist() == [1_600_000_000, 1_600_000_050, 1_600_000_050]
+
+
+@pytest.mark.parametrize("content", ["[]", '"x"', "{}", '{"format": 2}', '{"format": 2, "files": {}, "stats": []}',
+                                     '{"format": 2, "files": {"../x": "0"}, "stats": {}}'])
+def test_malformed_manifest_is_a_data_error(tmp_path, capsys, content):
+    from moedist.cli import main
+    from moedist.data.api import prepare
+    from moedist.data.prepare import is_complete, load_manifest
+
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "dataset.json").write_text(content)
+    with pytest.raises(DataError, match=r"p/dataset\.json: (not a moedist dataset manifest|damaged manifest)"):
+        load_manifest(d)
+    with pytest.raises(DataError, match=r"dataset\.json"):
+        PreparedDataset(d)
+    assert not is_complete(d)
+    assert main(["data", "summary", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    inp = atomic_input(tmp_path / "raw" / "ml.inter")
+    if content.startswith('{"format"'):  # a damaged moedist manifest: prepared again over it
+        assert not prepare(atomic_cfg(inp, d))["reused"]
+        assert PreparedDataset(d).n_users == 5
+    else:  # not a moedist manifest at all: the folder is not ours to replace
+        with pytest.raises(DataError, match="refusing to replace this folder"):
+            prepare(atomic_cfg(inp, d))
+        assert (d / "dataset.json").read_text() == content
+
+
+def test_cli_flags_are_taken_verbatim(tmp_path, monkeypatch):
+    """``--out "exp #2"``, ``--name 0123`` / ``1.10`` / ``12:30``, ``--input null``: strings as
+    typed, never YAML-parsed (no comment stripping, octal, float or sexagesimal numbers)."""
+    from moedist.cli import main
+
+    atomic_input(tmp_path / "raw" / "ml.inter")
+    monkeypatch.chdir(tmp_path)
+    for name in ("0123", "1.10", "12:30", "yes"):
+        out = f"exp #{name}"
+        assert main(["data", "prepare", "--source", "atomic", "--input", "raw/ml.inter", "--out", out,
+                     "--name", name, "--kcore", "1"]) == 0
+        assert json.loads((tmp_path / out / "dataset.json").read_text())["name"] == name
+        assert (tmp_path / out / "data_config.yaml").is_file()
+    assert not (tmp_path / "exp").exists()
+    (tmp_path / "null").mkdir()  # even a folder called null is not "no input"
+    atomic_input(tmp_path / "null" / "null.inter")
+    assert main(["data", "prepare", "--source", "atomic", "--input", "null", "--out", "n", "--kcore", "1"]) == 0
+    assert json.loads((tmp_path / "n" / "dataset.json").read_text())["name"] == "null"

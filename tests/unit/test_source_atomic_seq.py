@@ -90,3 +90,85 @@ def test_real_amazon_scientific(shared_data, tmp_path):
     assert (s["users"], s["items"], s["interactions"]) == (2928, 1585, 19712)
     assert s["loo"]["train_samples"] == 10928
     assert s["items_without_metadata"] == 0
+
+
+# --------------------------------------------------------------------------- UniSRec's 50-item window
+
+
+def write_unisrec(d: Path, seqs: dict[str, list[str]], *, window: int = 50, chronological: bool = False,
+                  name: str = "Toy") -> Path:
+    """Benchmark files written as UniSRec's ``convert_to_atomic_files`` writes them: train rows
+    ``item_seq[:-t][-window:]`` for t = 1.. (newest target first), valid and test rows with
+    the last ``window`` items of their history. ``chronological`` writes the train rows oldest
+    first instead (another writer's order)."""
+    d.mkdir(parents=True, exist_ok=True)
+    header = HEADER + "\n"
+    train, valid, test = [], [], []
+    for uid, s in seqs.items():
+        tr = s[:-2]
+        rows = [f"{uid}\t{' '.join(tr[:-t][-window:])}\t{tr[-t]}" for t in range(1, len(tr))]
+        train += reversed(rows) if chronological else rows
+        valid.append(f"{uid}\t{' '.join(tr[-window:])}\t{s[-2]}")
+        test.append(f"{uid}\t{' '.join(s[:-1][-window:])}\t{s[-1]}")
+    for split, rows in (("train", train), ("valid", valid), ("test", test)):
+        (d / f"{name}.{split}.inter").write_text(header + "".join(r + "\n" for r in rows))
+    items = sorted({i for s in seqs.values() for i in s}, key=int)
+    (d / f"{name}.item2index").write_text("".join(f"ASIN{i}\t{i}\n" for i in items))
+    (d / f"{name}.user2index").write_text("".join(f"U{u}\t{u}\n" for u in seqs))
+    return d
+
+
+def long_sequences() -> dict[str, list[str]]:
+    import random
+
+    rng = random.Random(0)
+    seqs = {str(u): [str(rng.randrange(40)) for _ in range(n)] for u, n in enumerate([60, 53, 52, 51, 120, 8, 3])}
+    seqs["7"] = ["5"] * 70 + ["6"]  # one item over and over: every full window is the same
+    seqs["8"] = (["1", "2"] * 40)[:75]
+    return seqs
+
+
+@pytest.mark.parametrize("chronological", [False, True])
+def test_unisrec_truncated_histories_are_rebuilt(tmp_path, chronological):
+    seqs = long_sequences()
+    src = load_source("atomic-seq", write_unisrec(tmp_path / "toy", seqs, chronological=chronological))
+    inter = src.interactions
+    for u, s in seqs.items():
+        got = inter[inter.user_id == f"U{u}"]
+        assert got.item_id.tolist() == [f"ASIN{i}" for i in s], u
+        assert got.timestamp.tolist() == list(range(len(s)))
+
+
+def test_unisrec_truncated_files_prepare_with_every_interaction(tmp_path):
+    from moedist.data.api import DataConfig, prepare
+
+    seqs = long_sequences()
+    m = prepare(DataConfig(source="atomic-seq", input=str(write_unisrec(tmp_path / "toy", seqs)),
+                           out=str(tmp_path / "p"), kcore=1))
+    assert m["stats"]["interactions"] == sum(len(s) for s in seqs.values())
+    assert m["stats"]["max_seq_len"] == 120
+    assert m["stats"]["loo"]["train_samples"] == sum(len(s) - 3 for s in seqs.values())
+
+
+def test_a_truncated_row_that_does_not_fit_is_named(tmp_path):
+    seqs = long_sequences()
+    d = write_unisrec(tmp_path / "bad", seqs)
+    lines = (d / "Toy.train.inter").read_text().splitlines()
+    # user 0 (60 items, 57 train rows on lines 2..58, newest first): line 5's history is a
+    # 50-item window; change its oldest item
+    u, hist, target = lines[4].split("\t")
+    assert u == "0" and len(hist.split()) == 50
+    hist = hist.split()
+    hist[0] = "38" if hist[0] == "39" else "39"
+    lines[4] = "\t".join([u, " ".join(hist), target])
+    (d / "Toy.train.inter").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"Toy\.train\.inter:5: user 0's history here .* is not the last 50 items"):
+        load_source("atomic-seq", d)
+
+    d = write_unisrec(tmp_path / "bad2", seqs)
+    lines = (d / "Toy.test.inter").read_text().splitlines()
+    u, hist, target = lines[1].split("\t")
+    lines[1] = "\t".join([u, " ".join(hist.split()[1:] + [hist.split()[0]]), target])  # the window rotated
+    (d / "Toy.test.inter").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"Toy\.test\.inter:2: user 0's history .* rebuilt from the rows up to Toy\.valid\.inter:2"):
+        load_source("atomic-seq", d)

@@ -164,9 +164,9 @@ def test_amazon2014_python_literal_meta(amazon2014: Path):
     check_schema(src)
     assert src.name == "Toys"
     assert rows(src.interactions) == [
-        {"user_id": "U1", "item_id": "A1", "timestamp": 1370304000, "rating": 5.0},
-        {"user_id": "U2", "item_id": "A2", "timestamp": 1262304000, "rating": 3.0},
-        {"user_id": "U1", "item_id": "A2", "timestamp": 1370304000, "rating": 4.0},
+        {"user_id": "U1", "item_id": "A1", "timestamp": 1370304000, "rating": 5.0, "time_frac": 0.0},
+        {"user_id": "U2", "item_id": "A2", "timestamp": 1262304000, "rating": 3.0, "time_frac": 0.0},
+        {"user_id": "U1", "item_id": "A2", "timestamp": 1370304000, "rating": 4.0, "time_frac": 0.0},
     ]
     items = items_by_id(src)
     assert list(items) == ["A1", "A2"]  # A9 (not reviewed) dropped, A2 duplicate: first kept
@@ -217,8 +217,8 @@ def test_amazon2023_milliseconds_and_parent_asin(amazon2023: Path):
     src = load_source("amazon2023", amazon2023 / "Toys.jsonl.gz")
     check_schema(src)
     assert rows(src.interactions) == [
-        {"user_id": "AG1", "item_id": "C1", "timestamp": 1588687728, "rating": 5.0},
-        {"user_id": "AG2", "item_id": "C2", "timestamp": 1588687728, "rating": 2.0},
+        {"user_id": "AG1", "item_id": "C1", "timestamp": 1588687728, "rating": 5.0, "time_frac": 0.923},
+        {"user_id": "AG2", "item_id": "C2", "timestamp": 1588687728, "rating": 2.0, "time_frac": 0.999},
     ]
     items = items_by_id(src)
     assert items["C1"] == {
@@ -465,9 +465,10 @@ def test_atomic_files(tmp_path: Path):
     check_schema(src)
     assert src.name == "toy"
     assert rows(src.interactions) == [
-        {"user_id": "1", "item_id": "10", "timestamp": 881250949, "rating": 4.0},
-        {"user_id": "2", "item_id": "11", "timestamp": 881250950, "rating": 3.5},
-        {"user_id": "1", "item_id": "11", "timestamp": 881250951, "rating": 5.0},
+        {"user_id": "1", "item_id": "10", "timestamp": 881250949, "rating": 4.0, "time_frac": 0.0},
+        {"user_id": "2", "item_id": "11", "timestamp": 881250950, "rating": 3.5,
+         "time_frac": pytest.approx(0.7, abs=1e-6)},  # the fraction orders same-second rows,
+        {"user_id": "1", "item_id": "11", "timestamp": 881250951, "rating": 5.0, "time_frac": 0.0},
     ]
     items = items_by_id(src)
     assert list(items) == ["10", "11"]
@@ -554,7 +555,7 @@ def test_movielens_100k():
     assert len(inter) == 100_000
     assert inter["user_id"].nunique() == 943
     assert inter["item_id"].nunique() == 1682
-    assert inter.iloc[0].to_dict() == {"user_id": "196", "item_id": "242", "timestamp": 881250949, "rating": 3.0}
+    assert inter.iloc[0].to_dict() == {"user_id": "196", "item_id": "242", "timestamp": 881250949, "rating": 3.0, "time_frac": 0.0}
     assert set(inter["rating"].unique()) == {1.0, 2.0, 3.0, 4.0, 5.0}
     assert len(src.items) == 1682 and src.skipped == {}
     items = items_by_id(src)
@@ -564,3 +565,66 @@ def test_movielens_100k():
     assert all(isinstance(c, list) for c in src.items["categories"])
     genres = {g for c in src.items["categories"] for g in c}
     assert {"Action", "Sci-Fi", "Film-Noir", "Drama"} <= genres
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_image_root_covers_items_without_metadata(tmp_path: Path):
+    """An interacted item with a local image but no metadata row gets an image-only row
+    (atomic with a partial .item file, atomic without one, Amazon without a meta file)."""
+    root = tmp_path / "img"
+    for item in ("10", "11", "B2"):
+        (root / item).mkdir(parents=True)
+        (root / item / "a.jpg").write_bytes(b"x")
+    (root / "99").mkdir()  # an image of an item nobody interacted with: ignored
+    (root / "99" / "a.jpg").write_bytes(b"x")
+    write(tmp_path / "toy.inter", ["user_id:token\titem_id:token\ttimestamp:float", "1\t10\t1", "1\t11\t2", "1\t12\t3"])
+    write(tmp_path / "toy.item", ["item_id:token\tmovie_title:token_seq", "10\tToy Story"])  # no row for 11, 12
+    src = load_atomic(tmp_path / "toy.inter", image_root=root)
+    check_schema(src)
+    items = items_by_id(src)
+    assert sorted(items) == ["10", "11"]
+    assert items["10"]["image"] == str((root / "10" / "a.jpg").absolute()) and items["10"]["title"] == "Toy Story"
+    assert items["11"]["image"] == str((root / "11" / "a.jpg").absolute())
+    assert items["11"]["title"] is None and items["11"]["text"] is None and items["11"]["categories"] == []
+    (tmp_path / "toy.item").unlink()
+    items = items_by_id(load_atomic(tmp_path / "toy.inter", image_root=root))
+    assert sorted(items) == ["10", "11"] and items["10"]["text"] is None
+
+    (tmp_path / "am").mkdir()
+    reviews = write(tmp_path / "am" / "Toys_5.json", REVIEWS_2018)
+    src = load_amazon(reviews, version="2018", image_root=root)  # no meta file beside it
+    check_schema(src)
+    assert rows(src.items)[0]["item_id"] == "B2" and len(src.items) == 1
+    assert src.items["image"].tolist() == [str((root / "B2" / "a.jpg").absolute())]
+
+
+def test_image_only_items_count_as_items_without_metadata(tmp_path: Path):
+    from moedist.data.api import DataConfig, prepare
+    from moedist.data.dataset import PreparedDataset
+
+    root = tmp_path / "img"
+    (root / "11").mkdir(parents=True)
+    (root / "11" / "a.jpg").write_bytes(b"x")
+    write(tmp_path / "toy.inter", ["user_id:token\titem_id:token\ttimestamp:float", "1\t10\t1", "1\t11\t2", "2\t11\t3"])
+    write(tmp_path / "toy.item", ["item_id:token\tmovie_title:token_seq", "10\tToy Story"])
+    m = prepare(DataConfig(source="atomic", input=str(tmp_path / "toy.inter"), image_root=str(root),
+                           out=str(tmp_path / "p"), kcore=1))
+    assert m["stats"]["items_with_image"] == 1 and m["stats"]["items_without_metadata"] == 1
+    items = PreparedDataset(tmp_path / "p").items.set_index("item_id")
+    assert items.loc["11", "image"] == str((root / "11" / "a.jpg").absolute()) and items.loc["11", "text"] == ""
+
+
+def test_sub_second_time_is_kept_for_ordering(tmp_path: Path):
+    """Times are stored in whole seconds; the fraction (RecBole float seconds, 2023
+    milliseconds) is kept in ``time_frac`` so flooring creates no ties."""
+    from moedist.data.sources.amazon import parse_time
+
+    assert parse_time("300.7", "t")[0] == 300 and parse_time("300.7", "t")[1] == pytest.approx(0.7)
+    assert parse_time(1588687728923, "t", divisor=1000) == (1588687728, 0.923)
+    assert parse_time(2**62 + 1, "t") == (2**62 + 1, 0.0)  # large integers stay exact
+    write(tmp_path / "x.inter", ["user_id:token\titem_id:token\ttimestamp:float", "u\ta\t100.0", "u\tc\t300.7", "u\tb\t300.2"])
+    src = load_atomic(tmp_path / "x.inter")
+    assert src.interactions["timestamp"].tolist() == [100, 300, 300]
+    assert src.interactions["time_frac"].tolist() == pytest.approx([0.0, 0.7, 0.2])

@@ -211,8 +211,13 @@ def parse_id(value: Any) -> str | None:
     return None
 
 
-def parse_timestamp(value: Any, field: str, *, divisor: int = 1) -> int:
-    """Unix time (int, float or numeric string) -> whole seconds >= 0 (floored, ``// divisor``)."""
+def parse_time(value: Any, field: str, *, divisor: int = 1) -> tuple[int, float]:
+    """Unix time (int, float or numeric string, in units of ``1/divisor`` s) ->
+    ``(whole seconds >= 0, fraction of the second in [0, 1))``.
+
+    The whole seconds are floored (what the prepared tables store); the fraction keeps the
+    order of interactions within one second (``300.2`` before ``300.7``; 2023's milliseconds)
+    so that flooring never creates ties that file order would then break."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise BadLine("missing_timestamp", f"missing timestamp field {field!r}")
     t: Any
@@ -236,11 +241,22 @@ def parse_timestamp(value: Any, field: str, *, divisor: int = 1) -> int:
         raise BadLine("bad_timestamp", f"non-numeric timestamp {value!r} in field {field!r}")
     if t < 0:
         raise BadLine("bad_timestamp", f"negative timestamp {value!r} in field {field!r}")
+    frac = 0.0
     if isinstance(t, float):
-        t = math.floor(t)
+        whole = math.floor(t)
+        frac = t - whole  # exact: t and floor(t) are within a factor of 2 (or floor(t) = 0)
+        t = whole
     if t > MAX_TIMESTAMP:
         raise BadLine("bad_timestamp", f"timestamp {value!r} in field {field!r} is out of range")
-    return t // divisor if divisor != 1 else t
+    if divisor == 1:
+        return t, frac
+    seconds, rest = divmod(t, divisor)
+    return seconds, (rest + frac) / divisor
+
+
+def parse_timestamp(value: Any, field: str, *, divisor: int = 1) -> int:
+    """Unix time (int, float or numeric string) -> whole seconds >= 0 (floored, ``// divisor``)."""
+    return parse_time(value, field, divisor=divisor)[0]
 
 
 def parse_rating(value: Any, field: str) -> float:
@@ -257,14 +273,16 @@ def parse_rating(value: Any, field: str) -> float:
     raise BadLine("bad_rating", f"non-numeric rating {value!r} in field {field!r}")
 
 
-def interactions_frame(users: list, items: list, times: list, ratings: list) -> pd.DataFrame:
-    """The raw interaction table with the dtypes of ``RAW_INTERACTION_COLUMNS``."""
+def interactions_frame(users: list, items: list, times: list, ratings: list, fracs: list | None = None) -> pd.DataFrame:
+    """The raw interaction table with the dtypes of ``RAW_INTERACTION_COLUMNS``; ``fracs`` is
+    each timestamp's sub-second fraction (``time_frac``, 0 when None)."""
     df = pd.DataFrame(
         {
             "user_id": pd.array(users, dtype="string"),
             "item_id": pd.array(items, dtype="string"),
             "timestamp": np.asarray(times, dtype=np.int64),
             "rating": np.asarray(ratings, dtype=np.float64),
+            "time_frac": np.asarray(fracs, dtype=np.float64) if fracs is not None else np.zeros(len(users), np.float64),
         }
     )
     return df[list(RAW_INTERACTION_COLUMNS)]
@@ -315,6 +333,32 @@ class ImageIndex:
 
 def make_image_index(image_root: str | Path | None) -> ImageIndex | None:
     return ImageIndex(image_root) if image_root is not None else None
+
+
+def with_image_only_items(items: pd.DataFrame, wanted: set[str], images: ImageIndex | None) -> pd.DataFrame:
+    """``items`` plus a row for every interacted item that has no metadata row but a local
+    image (``image_root/<item_id>/``): title, brand and text missing, so the item still
+    counts as one without metadata; only the image is known."""
+    if images is None:
+        return items
+    have = set(items["item_id"].dropna().tolist())
+    cols = new_item_columns()
+    for item in sorted((images.names & wanted) - have):
+        local = images.lookup(item)
+        if local is None:
+            continue
+        cols["item_id"].append(item)
+        cols["title"].append(None)
+        cols["brand"].append(None)
+        cols["categories"].append([])
+        cols["image"].append(local)
+        cols["text"].append(None)
+    if not cols["item_id"]:
+        return items
+    extra = items_frame(cols)
+    if items.empty:
+        return extra
+    return pd.concat([items, extra], ignore_index=True)[list(RAW_ITEM_COLUMNS)]
 
 
 # --------------------------------------------------------------------------- Amazon fields
@@ -567,6 +611,7 @@ def _read_reviews(path: Path, version: str, policy: LinePolicy, progress: Progre
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
+    fracs: list[float] = []
     ratings: list[float] = []
     parser = RecordParser()
     records = 0
@@ -588,7 +633,7 @@ def _read_reviews(path: Path, version: str, policy: LinePolicy, progress: Progre
                 raise BadLine("missing_item", f"missing or empty item id field {ikeys[0]!r}")
             check_text(user, ukey)
             check_text(item, k)
-            t = parse_timestamp(rec.get(tkey), tkey, divisor=divisor)
+            t, frac = parse_time(rec.get(tkey), tkey, divisor=divisor)
             r = parse_rating(rec.get(rkey), rkey)
         except BadLine as e:
             policy.bad(e, path, lineno, prefix="reviews")
@@ -596,12 +641,13 @@ def _read_reviews(path: Path, version: str, policy: LinePolicy, progress: Progre
         users.append(user)
         items.append(item)
         times.append(t)
+        fracs.append(frac)
         ratings.append(r)
     if records == 0:
         raise DataError("empty file: no review records", path=path)
     if not users:
         raise DataError("no interactions: every review line was bad and skipped", path=path)
-    return interactions_frame(users, items, times, ratings)
+    return interactions_frame(users, items, times, ratings, fracs)
 
 
 def _read_meta(
@@ -685,7 +731,8 @@ def load_amazon(
     ``meta_path`` the metadata file beside the reviews file (``meta_<Cat>.json[l][.gz]``) is
     used if there is one; otherwise items are empty. ``version`` ("2014" / "2018" / "2023")
     is detected from the fields and file names when None. ``image_root/<item_id>/`` folders
-    give local images (first file in sorted order), else the first image URL is kept.
+    give local images (first file in sorted order), else the first image URL is kept; an
+    item with a local image but no metadata row gets an image-only row.
     ``progress(n)`` receives the cumulative number of lines read, every ~100k lines.
     """
     policy = LinePolicy(on_bad_line)
@@ -704,12 +751,13 @@ def load_amazon(
     prog = Progress(progress)
     inter = _read_reviews(rpath, v, policy, prog)
     files = [str(rpath)]
+    wanted = set(inter["item_id"].unique().tolist())
     if mpath is not None:
-        wanted = set(inter["item_id"].unique().tolist())
         items = _read_meta(mpath, v, wanted, policy, prog, images)
         files.append(str(mpath))
     else:
         items = items_frame(new_item_columns())
+    items = with_image_only_items(items, wanted, images)
     return RawSource(
         name=category_name(rpath),
         interactions=inter,

@@ -3,7 +3,8 @@
 Tab-separated text with a header of ``name:type`` fields, type one of ``token``, ``float``,
 ``token_seq`` (space-separated tokens), ``float_seq``. The interaction file needs
 ``user_id``, ``item_id`` and ``timestamp`` (``rating`` is optional); float timestamps, as
-RecBole writes them, are floored to whole seconds. The item file needs ``item_id``; its
+RecBole writes them, are floored to whole seconds (the fraction still orders interactions
+within a second). The item file needs ``item_id``; its
 title comes from ``movie_title`` or ``title``, its category path from ``class`` (MovieLens
 genres) or ``categories`` split on spaces, its brand from ``brand``. ``release_year`` and
 other columns are not used.
@@ -27,7 +28,8 @@ from moedist.data.sources.amazon import (
     make_image_index,
     new_item_columns,
     parse_rating,
-    parse_timestamp,
+    parse_time,
+    with_image_only_items,
 )
 from moedist.data.text import item_text
 from moedist.errors import DataError
@@ -109,6 +111,7 @@ def _read_inter(path: Path, policy: LinePolicy, progress: Progress | None):
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
+    fracs: list[float] = []
     ratings: list[float] = []
     for lineno, values in rows:
         try:
@@ -118,7 +121,7 @@ def _read_inter(path: Path, policy: LinePolicy, progress: Progress | None):
             item = values[ii].strip()
             if not item:
                 raise BadLine("missing_item", "empty item_id")
-            t = parse_timestamp(values[ti], "timestamp")
+            t, frac = parse_time(values[ti], "timestamp")
             r = parse_rating(values[ri], "rating") if ri is not None else float("nan")
         except BadLine as e:
             policy.bad(e, path, lineno, prefix="inter")
@@ -126,10 +129,11 @@ def _read_inter(path: Path, policy: LinePolicy, progress: Progress | None):
         users.append(user)
         items.append(item)
         times.append(t)
+        fracs.append(frac)
         ratings.append(r)
     if not users:
         raise DataError("no interactions (header only, or every row was bad and skipped)", path=path)
-    return interactions_frame(users, items, times, ratings)
+    return interactions_frame(users, items, times, ratings, fracs)
 
 
 def _first_col(index: dict[str, int], names: tuple[str, ...]) -> int | None:
@@ -178,7 +182,9 @@ def load_atomic(
     progress: ProgressFn | None = None,
 ) -> RawSource:
     """Load a RecBole ``.inter`` file (and its ``.item`` file: the one beside it with the same
-    stem when ``item_path`` is None, if present) into a :class:`RawSource`."""
+    stem when ``item_path`` is None, if present) into a :class:`RawSource`. ``image_root``
+    gives local images (``image_root/<item_id>/``) to every interacted item, also to those
+    without an ``.item`` row."""
     policy = LinePolicy(on_bad_line)
     ipath = Path(inter_path)
     if item_path is None:
@@ -190,12 +196,13 @@ def load_atomic(
     prog = Progress(progress)
     inter = _read_inter(ipath, policy, prog)
     files = [str(ipath)]
+    wanted = set(inter["item_id"].unique().tolist())
     if item is not None:
-        wanted = set(inter["item_id"].unique().tolist())
         items = _read_items(item, wanted, policy, prog, images)
         files.append(str(item))
     else:
         items = items_frame(new_item_columns())
+    items = with_image_only_items(items, wanted, images)
     return RawSource(name=ipath.stem, interactions=inter, items=items, files=files, skipped=dict(policy.skipped))
 
 

@@ -11,6 +11,11 @@
 
 Each user's full sequence is the longest prefix-plus-target among all rows of all three files;
 every other row of the user must be a prefix of it (else a DataError names the file and line).
+UniSRec keeps only the last 50 items of each history (``item_seq[:-t][-50:]``), so the rows of
+a user with more than 52 interactions are windows, not prefixes: then the sequence is rebuilt
+from the shortest training row's history, the training targets in order and the validation
+and test targets, each row's history checked against the last W items rebuilt before it (W =
+the longest history in the files).
 The files carry **order only, no time**: an interaction's timestamp is its position in the
 user's sequence (0, 1, 2, ... seconds), so every interval is one second. Models that use
 absolute time or intervals (HM4SR's Temporal MoE) learn nothing from it; turn them off
@@ -19,6 +24,7 @@ or images.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from moedist.data.schema import RawSource
@@ -93,10 +99,105 @@ def _read_index(path: Path, policy: LinePolicy, progress: Progress, prefix: str)
     return out
 
 
+@dataclass
+class _Row:
+    split: str
+    hist: list[str]
+    target: str
+    path: Path
+    lineno: int
+
+    @property
+    def seq(self) -> list[str]:
+        return self.hist + [self.target]
+
+
+def _show(items: list[str], n: int = 3) -> str:
+    if len(items) <= 2 * n:
+        return " ".join(items)
+    return f"{' '.join(items[:n])} ... {' '.join(items[-n:])}, {len(items)} items"
+
+
+def _distance(a: list[str], b: list[str]) -> int:
+    """Positions that differ between two histories aligned at their ends, plus the length gap."""
+    return sum(x != y for x, y in zip(reversed(a), reversed(b))) + abs(len(a) - len(b))
+
+
+def _as_prefixes(user: str, rows: list[_Row]) -> tuple[list[str] | None, DataError | None]:
+    """Untruncated files: every row's prefix + target is a prefix of the longest one."""
+    longest = rows[0]
+    for r in rows[1:]:
+        if len(r.hist) > len(longest.hist):
+            longest = r
+    full = longest.seq
+    for r in rows:
+        seq = r.seq
+        if full[: len(seq)] != seq:
+            err = DataError(
+                f"user {user}'s sequence here is not a prefix of the one at {longest.path.name}:{longest.lineno}",
+                path=r.path,
+                line=r.lineno,
+            )
+            return None, err
+    return full, None
+
+
+def _windowed(user: str, rows: list[_Row], window: int) -> list[str]:
+    """Rebuild a sequence whose rows keep only the last ``window`` items of their history
+    (UniSRec writes ``item_seq[:-t][-50:]``): the history of the shortest training row, then
+    the training targets in order (each row's history must be the last ``window`` items
+    rebuilt so far; rows with equal histories are taken last-written first, as UniSRec
+    writes them newest first), then the validation and test targets, checked the same way."""
+    train = [r for r in rows if r.split == "train"]
+    later = [r for r in rows if r.split != "train"]
+    if train:
+        shortest = min(len(r.hist) for r in train)
+        seq = list([r for r in train if len(r.hist) == shortest][-1].hist)
+    else:
+        seq = list(later[0].hist)
+    prev: _Row | None = None
+
+    def mismatch(r: _Row) -> DataError:
+        where = f"the rows up to {prev.path.name}:{prev.lineno}" if prev is not None else "its first row"
+        return DataError(
+            f"user {user}'s history here ({_show(r.hist)}) is not the last {window} items of their sequence as "
+            f"rebuilt from {where} ({_show(seq[-window:])})",
+            path=r.path,
+            line=r.lineno,
+        )
+
+    pending: dict[tuple[str, ...], list[_Row]] = {}
+    for r in train:
+        pending.setdefault(tuple(r.hist), []).append(r)
+    for _ in range(len(train)):
+        want = seq[-window:]
+        cands = pending.get(tuple(want))
+        if not cands:
+            # no row continues the sequence: name the one whose history is nearest to it
+            left = [r for rs in pending.values() for r in rs]
+            nearest = min(left, key=lambda r: (_distance(r.hist, want), len(r.hist), r.lineno))
+            raise mismatch(nearest)
+        prev = cands.pop()
+        if not cands:
+            del pending[tuple(seq[-window:])]
+        seq.append(prev.target)
+    for r in later:
+        if r.hist != seq[-window:]:
+            raise mismatch(r)
+        seq.append(r.target)
+        prev = r
+    return seq
+
+
 def _read_sequences(files: dict[str, Path], policy: LinePolicy, progress: Progress) -> dict[str, list[str]]:
-    """user index -> full item-index sequence, checked for consistency across rows."""
-    full: dict[str, tuple[list[str], Path, int]] = {}
-    rows_seen: list[tuple[str, list[str], Path, int]] = []
+    """user index -> full item-index sequence, checked for consistency across rows.
+
+    Each row is a prefix of its user's sequence and the item that follows it. When the files
+    keep only the last W items of long histories (UniSRec keeps 50; W is the longest history
+    in the files), a long user's rows are windows rather than prefixes and the sequence is
+    rebuilt from them (:func:`_windowed`). A row that fits neither is a DataError naming it."""
+    by_user: dict[str, list[_Row]] = {}
+    window = 0
     for split in SPLITS:
         path = files[split]
         rows = _rows(path, policy, progress, ("user_id", "item_id_list", "item_id"), split)
@@ -110,19 +211,26 @@ def _read_sequences(files: dict[str, Path], policy: LinePolicy, progress: Progre
             if not target:
                 policy.bad(BadLine("missing_item", "empty item_id"), path, lineno, prefix=split)
                 continue
-            seq = values[li].split() + [target]
-            rows_seen.append((user, seq, path, lineno))
-            if user not in full or len(seq) > len(full[user][0]):
-                full[user] = (seq, path, lineno)
-    if not full:
+            hist = values[li].split()
+            window = max(window, len(hist))
+            by_user.setdefault(user, []).append(_Row(split, hist, target, path, lineno))
+    if not by_user:
         raise DataError("no sequences (header only, or every row was bad and skipped)", path=files["train"])
-    for user, seq, path, lineno in rows_seen:
-        longest, lpath, lline = full[user]
-        if longest[: len(seq)] != seq:
-            raise DataError(
-                f"user {user}'s sequence here is not a prefix of the one at {lpath.name}:{lline}", path=path, line=lineno
+    full: dict[str, list[str]] = {}
+    for user, rows in by_user.items():
+        seq, err = _as_prefixes(user, rows)
+        if err is not None:
+            # a full-window history that is not a prefix of the longest row marks truncation
+            longest = max(len(r.hist) for r in rows)
+            longest_seq = next(r.seq for r in rows if len(r.hist) == longest)
+            truncated = window > 0 and any(
+                len(r.hist) == window and longest_seq[: len(r.hist) + 1] != r.seq for r in rows
             )
-    return {u: s for u, (s, _, _) in full.items()}
+            if not truncated:
+                raise err
+            seq = _windowed(user, rows, window)
+        full[user] = seq
+    return full
 
 
 def _read_texts(path: Path, wanted: set[str], policy: LinePolicy, progress: Progress) -> dict[str, str]:
