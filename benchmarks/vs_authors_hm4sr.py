@@ -658,7 +658,7 @@ def main() -> None:
                                                  "hm4sr.temporal_experts_trainable=false", f"train.lr={args.lr}",
                                                  *args.override])
     data = PreparedDataset(cfg.data)
-    feats = load_item_features(args.features, n_items=data.n_items)
+    feats = load_item_features(args.features, n_items=data.n_items, items=data.items, data_dir=data.path)
     if "text" not in feats.features:
         raise SystemExit(f"{args.features} has no text features; the authors' model needs text and image")
     tables = dict(feats.features)

@@ -471,7 +471,7 @@ def main() -> None:
         if name in splits:
             print(f"{name}: done already ({out})", flush=True)
             continue
-        feats = load_item_features(args.features, n_items=data.n_items)
+        feats = load_item_features(args.features, n_items=data.n_items, items=data.items, data_dir=data.path)
         if "text" not in feats.features:
             raise SystemExit(f"{args.features} has no text features")
         tables = dict(feats.features)

@@ -49,6 +49,9 @@ def add_extract_arguments(p: argparse.ArgumentParser, *, data_option: bool = Fal
     p.add_argument("--image-cache", dest="image_cache", help="folder for downloaded images (default <DATA_DIR>/features/.image-cache)")
     p.add_argument("--fetch-workers", dest="fetch_workers", type=int, default=8, help="concurrent image downloads per actor")
     p.add_argument("--fetch-timeout", dest="fetch_timeout", type=float, default=10.0, help="seconds per image request")
+    p.add_argument("--no-retry-missing", dest="retry_missing", action="store_false",
+                   help="on a re-run, keep shards whose images failed for temporary reasons (timeouts, connection errors, "
+                        "HTTP 5xx, files not found that are there now) instead of rebuilding them")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -72,6 +75,8 @@ def print_extract_summary(manifest: dict, out_dir) -> None:
     ips = run.get("items_per_s")
     t.add_row("items/s", f"{ips:,.1f}" if ips else "-")
     console.print(t)
+    for w in manifest.get("warnings", []):
+        err_console.print(f"[bold red]WARNING:[/bold red] {escape(str(w))}")
 
 
 def cmd_extract(args) -> int:
@@ -86,6 +91,7 @@ def cmd_extract(args) -> int:
         image_cache_dir=args.image_cache,
         fetch_workers=args.fetch_workers,
         fetch_timeout=args.fetch_timeout,
+        retry_missing=getattr(args, "retry_missing", True),
         log=lambda m: err_console.print(f"[dim]{escape(str(m))}[/dim]"),
     )
     if args.local:

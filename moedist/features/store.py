@@ -25,7 +25,11 @@ encoder specs and shard size: a re-run with the same inputs resumes), ``complete
 (each encoder's ``describe()``), ``encoder_specs``, ``item_ids`` (``item_ids[i-1]`` is the raw
 id of ``item_idx`` i), ``shards`` (``file``, ``index``, ``first_item``, ``last_item``, ``count``,
 ``sha256``, ``bytes``, ``missing``), ``missing`` (per modality: ``total``, ``reasons``,
-``examples``), ``run`` (mode, seconds, items/s of the last run).
+``examples``), ``run`` (mode, seconds, items/s of the last run), ``items_digest`` (sha256 of
+the items' ``item_id`` order and of the ``text`` / ``image`` fields that were encoded: training
+checks that its dataset is the one the features were made from), ``fingerprint_inputs`` (what
+the fingerprint is made of, to say what changed), ``warnings`` (e.g. a modality missing for
+nearly every item). :func:`read_manifest` checks the shape of all of it.
 """
 from __future__ import annotations
 
@@ -156,7 +160,58 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_manifest(m, path: Path) -> None:
+    """The manifest's shape (types, ranges, shard entries); DataError naming the field."""
+
+    def bad(msg: str):
+        raise DataError(f"manifest is not usable: {msg}", path=path)
+
+    if not isinstance(m, dict):
+        bad(f"expected a JSON object, got a JSON {type(m).__name__}")
+    if m.get("format") != FORMAT:
+        raise DataError(f"not a moedist item-features manifest (format={m.get('format')!r})", path=path)
+    if m.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"features format version {m.get('format_version')} is not supported (expected {FORMAT_VERSION})", path=path)
+    for key in ("n_items", "shard_size"):
+        if not _is_int(m.get(key)) or m[key] < 1:
+            bad(f"'{key}' must be a positive integer, got {m.get(key)!r}")
+    dims = m.get("dims")
+    if not isinstance(dims, dict) or not all(isinstance(k, str) and _is_int(v) and v > 0 for k, v in dims.items()):
+        bad(f"'dims' must map modality -> positive integer, got {dims!r}")
+    if m.get("complete") and not dims:
+        bad("'dims' is empty in a complete manifest")
+    if "complete" in m and not isinstance(m["complete"], bool):
+        bad(f"'complete' must be true or false, got {m['complete']!r}")
+    for key in ("encoders", "encoder_specs", "missing"):
+        if key in m and not isinstance(m[key], dict):
+            bad(f"'{key}' must be an object, got {type(m[key]).__name__}")
+    ids = m.get("item_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) != m["n_items"]):
+        bad(f"'item_ids' must be a list of n_items={m['n_items']} ids" + (f", got {len(ids)}" if isinstance(ids, list) else ""))
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        bad(f"'shards' must be a list, got {type(shards).__name__}")
+    for i, sh in enumerate(shards):
+        where = f"shards[{i}]"
+        if not isinstance(sh, dict):
+            bad(f"{where} must be an object")
+        for key in ("index", "first_item", "last_item"):
+            if not _is_int(sh.get(key)) or sh[key] < 0:
+                bad(f"{where}.{key} must be a non-negative integer, got {sh.get(key)!r}")
+        if sh.get("file") != shard_name(sh["index"]):  # also keeps paths inside the folder
+            bad(f"{where}.file must be {shard_name(sh['index'])!r}, got {sh.get('file')!r}")
+        if not isinstance(sh.get("sha256"), str):
+            bad(f"{where}.sha256 must be a string")
+        if "missing" in sh and not isinstance(sh["missing"], dict):
+            bad(f"{where}.missing must be an object")
+
+
 def read_manifest(features_dir: str | Path) -> dict:
+    """``manifest.json`` of a features folder, checked (:class:`DataError` naming it otherwise)."""
     path = Path(features_dir) / MANIFEST
     if not path.is_file():
         raise DataError("no manifest.json: not a features folder, or the extraction never finished a shard (run `moedist extract`)", path=path)
@@ -164,11 +219,58 @@ def read_manifest(features_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"manifest is not valid JSON ({e})", path=path) from e
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"not a moedist item-features manifest (format={manifest.get('format')!r})", path=path)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"features format version {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})", path=path)
+    except OSError as e:
+        raise DataError(f"cannot read the manifest ({e})", path=path) from e
+    _check_manifest(manifest, path)
     return manifest
+
+
+def read_shard_missing(path: str | Path) -> dict[int, dict[str, str]]:
+    """``{item_idx: {modality: reason}}`` for the items of a shard with a missing modality
+    (from its ``.meta.json`` entries only). Raises :class:`DataError` for an unreadable shard."""
+    path = Path(path)
+    out: dict[int, dict[str, str]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".meta.json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    if meta.get("missing"):
+                        out[int(meta["item_idx"])] = dict(meta["missing"])
+    except (tarfile.TarError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"corrupt shard ({type(e).__name__}: {e})", path=path) from e
+    return out
+
+
+# ----------------------------------------------------------------------------- items identity
+
+
+def _field(v) -> str | None:
+    if v is None:
+        return None
+    try:
+        if v != v:  # NaN / pd.NA-like missing values
+            return None
+    except (TypeError, ValueError):  # pd.NA raises on bool()
+        return None
+    return str(v)
+
+
+def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
+    """sha256 of the items' ``item_id`` order (and of their ``text`` / ``image`` fields when
+    given), each a sequence ordered by ``item_idx``. Missing values (None / NaN) hash alike."""
+
+    def h(values, missing_as: str | None) -> str:
+        vals = [_field(v) for v in values]
+        vals = [missing_as if v is None else v for v in vals] if missing_as is not None else vals
+        return hashlib.sha256(json.dumps(vals).encode()).hexdigest()
+
+    out = {"item_id": h(item_ids, "")}  # the pipeline stores a missing id as ""
+    if text is not None:
+        out["text"] = h(text, None)
+    if image is not None:
+        out["image"] = h(image, None)
+    return out
 
 
 def read_shard(path: str | Path, *, first_item: int, last_item: int, dims: dict[str, int]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[int, dict]]:
@@ -257,10 +359,51 @@ class ItemFeatures:
         )
 
 
+def _check_items(manifest: dict, items, modalities: list[str], features_dir: Path, data_dir, mpath: Path) -> None:
+    """The dataset's items (ids in item_idx order, and the encoded fields) == the manifest's."""
+    import pandas as pd
+
+    if isinstance(items, pd.DataFrame):
+        df = items.sort_values("item_idx", kind="stable") if "item_idx" in items else items
+        ids = df["item_id"].tolist()
+        fields = {m: df[m].tolist() for m in modalities if m in df}
+    else:
+        ids, fields = list(items), {}
+    here = f"the dataset {data_dir}" if data_dir is not None else "the dataset"
+    source = manifest.get("data_dir")
+    made_from = f"were extracted from {source}" if source else "were made for other items"
+    redo = f"re-run `moedist extract {data_dir}`" if data_dir is not None else "re-run `moedist extract` for this dataset"
+    stored = manifest.get("item_ids")
+    if stored is None:
+        raise DataError(f"the manifest has no item_ids, so features in {features_dir} cannot be matched with {here}; {redo}", path=mpath)
+    if len(ids) != len(stored):
+        raise DataError(f"features in {features_dir} are for {len(stored)} items but {here} has {len(ids)}: they {made_from}; {redo}", path=mpath)
+    mine = [("" if _field(x) is None else _field(x)) for x in ids]
+    if mine != [str(x) for x in stored]:
+        i = next(k for k, (a, b) in enumerate(zip(mine, stored)) if a != str(b))
+        raise DataError(
+            f"features in {features_dir} {made_from}, not from {here}: item_idx {i + 1} is {mine[i]!r} in the dataset "
+            f"but {stored[i]!r} in the features; {redo}",
+            path=mpath,
+        )
+    digest = manifest.get("items_digest")
+    if isinstance(digest, dict) and fields:
+        now = items_digest(ids, **{m: v for m, v in fields.items() if m in ("text", "image")})
+        changed = [m for m in fields if m in digest and m in now and digest[m] != now[m]]
+        if changed:
+            raise DataError(
+                f"features in {features_dir} {made_from}: the same item ids, but the items' {' and '.join(changed)} "
+                f"in {here} differ from what was encoded; {redo}",
+                path=mpath,
+            )
+
+
 def load_item_features(
     features_dir: str | Path,
     n_items: int | None = None,
     *,
+    items=None,
+    data_dir: str | Path | None = None,
     modalities: Iterable[str] | None = None,
     verify: bool = True,
 ) -> ItemFeatures:
@@ -268,7 +411,12 @@ def load_item_features(
 
     Verifies each shard's sha256 (``verify=False`` skips only that) and dims against the
     manifest, and that ``n_items`` (when given, e.g. the prepared dataset's item count)
-    matches. A missing, corrupt or incomplete shard raises :class:`DataError` naming it.
+    matches. ``items`` -- the dataset's items table (``item_idx``, ``item_id`` and the
+    ``text`` / ``image`` columns) or its raw item ids in ``item_idx`` order -- must be the
+    items the features were made from: the same ids in the same order, and (for manifests
+    that record an ``items_digest``) the same text / image fields for the modalities loaded;
+    ``data_dir`` names the dataset in the error. A missing, corrupt or incomplete shard, or a
+    mismatch, raises :class:`DataError` naming it.
     """
     import torch
 
@@ -279,7 +427,8 @@ def load_item_features(
         raise DataError("the extraction did not finish (manifest says complete=false); re-run `moedist extract` to resume", path=mpath)
     total = int(manifest["n_items"])
     if n_items is not None and int(n_items) != total:
-        raise DataError(f"features are for {total} items but the dataset has {n_items}: re-run `moedist extract` for this dataset", path=mpath)
+        where = f" {data_dir}" if data_dir is not None else ""
+        raise DataError(f"features are for {total} items but the dataset{where} has {n_items}: re-run `moedist extract` for this dataset", path=mpath)
     dims = {m: int(d) for m, d in manifest["dims"].items()}
     if modalities is not None:
         wanted = list(modalities)
@@ -287,6 +436,8 @@ def load_item_features(
         if absent:
             raise DataError(f"features have no {absent} modality (have {sorted(dims)})", path=mpath)
         dims = {m: dims[m] for m in wanted}
+    if items is not None:
+        _check_items(manifest, items, list(dims), features_dir, data_dir, mpath)
     feats = {m: np.zeros((total + 1, d), np.float32) for m, d in dims.items()}
     mask = {m: np.zeros(total + 1, bool) for m in dims}
     shard_size = int(manifest["shard_size"])
@@ -374,6 +525,7 @@ def write_feature_arrays(
         "encoders": {m: (encoders or {}).get(m, {"backend": "arrays", "modality": m, "dim": int(x.shape[1])}) for m, x in arrays.items()},
         "dims": {m: int(x.shape[1]) for m, x in arrays.items()},
         "item_ids": [str(x) for x in item_ids],
+        "items_digest": items_digest(item_ids),
         "shards": shards,
         "missing": {m: {"total": int((~masks[m]).sum()), "reasons": {"absent": int((~masks[m]).sum())} if (~masks[m]).any() else {}, "examples": {}} for m in arrays},
         "run": {"mode": "arrays"},

@@ -307,3 +307,182 @@ def test_write_feature_arrays_round_trip(tmp_path):
     np.testing.assert_array_equal(f.features["image"][1:].numpy(), image)
     assert f.mask["image"].tolist() == [False] + [i != 4 for i in range(11)] and f.mask["text"][1:].all()
     assert f.item_ids[1] == "i1" and m["missing"]["image"]["total"] == 1
+
+
+# ----------------------------------------------------------------------------- resume: never mix encoders
+
+
+def _text_only(dataset, out, text, **kw):
+    return extract_features_local(dataset, out, text_encoder=text, image_encoder=None, shard_size=SHARD, batch_size=8, progress=False, **kw)
+
+
+def _retrain_bert(folder, seed):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig.from_pretrained(folder)).save_pretrained(folder)
+
+
+def test_new_weights_at_the_same_path_rebuild_every_shard(dataset, encoders, tmp_path):
+    import shutil
+
+    text, _ = encoders
+    bert = tmp_path / "bert"
+    shutil.copytree(text["model"], bert)
+    spec = dict(text, model=str(bert))
+    out = tmp_path / "feat"
+    first = _text_only(dataset, out, spec)
+    (out / "shard-000001.tar").unlink()  # an interrupted run ...
+    _retrain_bert(bert, seed=7)  # ... and a new checkpoint written over the old one
+    logs = []
+    m = _text_only(dataset, out, spec, log=logs.append)
+    assert m["run"]["shards_built"] == 3 and m["run"]["shards_skipped"] == 0
+    assert any("weights changed" in line and "rebuilding every shard" in line for line in logs)
+    assert m["encoders"]["text"]["weights"]["sha256"] != first["encoders"]["text"]["weights"]["sha256"]
+    fresh = tmp_path / "fresh"
+    _text_only(dataset, fresh, spec)
+    _assert_same_features(out, fresh)  # every row made with the new weights
+
+
+def test_a_new_encoder_version_rebuilds_every_shard(dataset, encoders, tmp_path, monkeypatch):
+    from moedist.features.encoders import HFTextCLSEncoder
+
+    text, _ = encoders
+    out = tmp_path / "feat"
+    _text_only(dataset, out, text)
+    monkeypatch.setattr(HFTextCLSEncoder, "version", HFTextCLSEncoder.version + ".1")  # preprocessing changed
+    m = _text_only(dataset, out, text)
+    assert m["run"]["shards_built"] == 3 and m["run"]["shards_skipped"] == 0
+    assert m["encoders"]["text"]["version"] == HFTextCLSEncoder.version
+
+
+def _pretend_older_library(out):
+    path = out / "manifest.json"
+    m = json.loads(path.read_text())
+    m["encoders"]["text"]["transformers"] = "0.0.1"  # what describe() said when the kept shards were made
+    path.write_text(json.dumps(m))
+
+
+def test_kept_shards_from_a_differently_described_encoder_are_not_mixed_local(dataset, encoders, tmp_path):
+    text, _ = encoders
+    out = tmp_path / "feat"
+    _text_only(dataset, out, text)
+    _pretend_older_library(out)
+    (out / "shard-000001.tar").unlink()
+    logs = []
+    m = _text_only(dataset, out, text, log=logs.append)
+    assert m["run"]["shards_built"] == 3 and m["run"]["shards_skipped"] == 0
+    assert any("differs from the one that made the 2 kept shard(s)" in line and "0.0.1" in line for line in logs)
+    assert m["encoders"]["text"]["transformers"] != "0.0.1"
+
+
+def test_kept_shards_from_a_differently_described_encoder_are_not_mixed_ray(dataset, encoders, ray_out, tmp_path):
+    import shutil
+
+    out = tmp_path / "ray-copy"
+    shutil.copytree(ray_out[0], out)
+    _pretend_older_library(out)
+    (out / "shard-000002.tar").unlink()
+    logs = []
+    m = _run_ray(dataset, encoders, out, log=logs.append)
+    assert m["run"]["shards_built"] == 3 and m["run"]["shards_skipped"] == 0 and m["complete"]
+    assert any("differs from the one that made the 2 kept shard(s)" in line for line in logs)
+    _assert_same_features(out, ray_out[0])
+
+
+# ----------------------------------------------------------------------------- resume: retry what failed for a while
+
+
+def _image_dataset(root, sources):
+    root.mkdir()
+    pd.DataFrame({"item_idx": range(1, len(sources) + 1), "item_id": [f"I{i}" for i in range(1, len(sources) + 1)],
+                  "text": None, "image": sources}).to_parquet(root / "items.parquet", index=False)
+    return root
+
+
+def _jpeg_bytes(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _images_only(data, out, image, **kw):
+    return extract_features_local(data, out, text_encoder=None, image_encoder=image, shard_size=3, batch_size=3, progress=False,
+                                  fetch_retries=0, fetch_timeout=2, **kw)
+
+
+def test_images_missing_while_a_mount_was_down_are_retried_and_warned_about(encoders, tmp_path):
+    _, image = encoders
+    mount = tmp_path / "mnt"  # not there during the first run
+    data = _image_dataset(tmp_path / "data", [str(mount / f"{i}.jpg") for i in range(1, 7)] + [str(tmp_path / "really-gone.jpg")])
+    out = tmp_path / "feat"
+    logs = []
+    with pytest.warns(RuntimeWarning, match="image features are missing for 7 of 7 items"):
+        m = _images_only(data, out, image, log=logs.append)
+    assert m["missing"]["image"]["reasons"] == {"file_not_found": 7}
+    assert m["warnings"] and any(line.startswith("WARNING: image features are missing for 7 of 7") for line in logs)
+    mount.mkdir()
+    for i in range(1, 7):
+        (mount / f"{i}.jpg").write_bytes(_jpeg_bytes(i))
+    m = _images_only(data, out, image)
+    assert m["run"]["shards_built"] == 2 and m["run"]["shards_skipped"] == 1  # shard 2 holds only item 7, still gone
+    assert m["missing"]["image"]["reasons"] == {"file_not_found": 1} and m["warnings"] == []
+    assert load_item_features(out).mask["image"].tolist() == [False] + [True] * 6 + [False]
+    # a file that is really gone does not make every later run rebuild its shard
+    m = _images_only(data, out, image)
+    assert m["run"]["shards_built"] == 0 and m["run"]["shards_skipped"] == 3
+
+
+def test_images_that_timed_out_or_were_refused_are_retried_on_a_rerun(encoders, tmp_path):
+    import socket
+
+    _, image = encoders
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local = tmp_path / "ok.jpg"
+    local.write_bytes(_jpeg_bytes(0))
+    data = _image_dataset(tmp_path / "data", [str(local)] * 3 + [f"http://127.0.0.1:{port}/x.jpg"] + [str(local)] * 2)
+    out = tmp_path / "feat"
+    m = _images_only(data, out, image, image_cache_dir=tmp_path / "cache")
+    assert m["missing"]["image"]["reasons"] == {"connection_error": 1}
+    logs = []
+    m = _images_only(data, out, image, image_cache_dir=tmp_path / "cache", log=logs.append)
+    assert m["run"]["shards_built"] == 1 and m["run"]["shards_skipped"] == 1  # only the shard with the failure
+    assert any("shard-000001.tar: 1 image(s) failed for temporary reasons (connection_error: 1)" in line for line in logs)
+    m = _images_only(data, out, image, image_cache_dir=tmp_path / "cache", retry_missing=False)
+    assert m["run"]["shards_built"] == 0
+
+
+# ----------------------------------------------------------------------------- bad settings, unusable manifests
+
+
+def test_local_batch_size_must_be_positive(dataset, encoders, tmp_path):
+    from moedist.errors import ConfigError
+
+    text, _ = encoders
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        extract_features_local(dataset, tmp_path / "x", text_encoder=text, image_encoder=None, batch_size=0, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["list", "no-dims", "bad-shard-entry"])
+def test_an_unusable_manifest_makes_extract_start_over(dataset, encoders, local_out, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(local_out[0], out)
+    m = json.loads((out / "manifest.json").read_text())
+    if damage == "list":
+        m = m["shards"]
+    elif damage == "no-dims":
+        del m["dims"]
+    else:
+        m["shards"][1] = {"file": "shard-000001.tar"}
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="manifest.json: manifest is not usable"):
+        load_item_features(out)
+    logs = []
+    m = _run_local(dataset, encoders, out, log=logs.append)
+    assert m["complete"] and m["run"]["shards_built"] == 3
+    assert any("ignoring unusable manifest" in line and "rebuilding every shard" in line for line in logs)
+    _assert_same_features(out, local_out[0])

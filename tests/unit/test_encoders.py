@@ -273,3 +273,109 @@ def test_spec_parsing_and_errors(tmp_path):
 
 def test_offline_env_is_forced():
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+# ----------------------------------------------------------------------------- transformers: limits and preprocessing
+
+
+def test_bert_long_text_is_cut_to_the_models_position_limit(tiny_bert_dir):
+    from transformers import AutoModel
+
+    enc = build_encoder({"backend": "transformers", "model": str(tiny_bert_dir), "modality": "text"})
+    assert enc.max_length == 64  # max_position_embeddings=64, not the default 512
+    long_text = " ".join(["red", "bike"] * 100)  # 200 word pieces
+    got = enc.encode([long_text, "car"])
+    assert got.shape == (2, 32) and np.isfinite(got).all()
+    tok = enc.tokenizer
+    ids = [tok.cls_token_id] + tok(long_text, add_special_tokens=False)["input_ids"][:63]
+    with torch.no_grad():
+        want = AutoModel.from_pretrained(tiny_bert_dir).eval()(torch.tensor([ids])).last_hidden_state[0, 0].numpy()
+    np.testing.assert_allclose(got[0], want, atol=1e-5)
+    assert enc.describe()["preprocessing"]["max_length"] == 64
+
+
+def _vit_with_processor(tmp_path, name: str, processor: dict, image_size: int = 32) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    d = tmp_path / name
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64), add_pooling_layer=False).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(processor))
+    return d
+
+
+@pytest.mark.parametrize(
+    "processor_class, config",
+    [
+        # DeiT: fixed resize, then a center crop, bicubic
+        ("DeiTImageProcessorPil", {"image_processor_type": "DeiTImageProcessor", "do_resize": True, "size": {"height": 40, "width": 40},
+                                    "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "resample": 3,
+                                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}),
+        # CLIP: shortest edge, then a center crop whose offset is odd (floor, not round), bicubic
+        ("CLIPImageProcessorPil", {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 36},
+                                    "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "resample": 3,
+                                    "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}),
+        # ViT: plain resize, nearest
+        ("ViTImageProcessorPil", {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32}, "resample": 0,
+                                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
+    ],
+)
+def test_vit_preprocessor_config_matches_transformers_image_processor(tmp_path, processor_class, config):
+    import transformers
+
+    d = _vit_with_processor(tmp_path, processor_class, config)
+    enc = build_encoder({"backend": "transformers", "model": str(d), "modality": "image"})
+    processor = getattr(transformers, processor_class).from_pretrained(d)
+    ims = _images(2, size=(60, 65)) + _images(1, seed=1, size=(47, 90))  # 65x60 -> shortest edge 36 -> 39x36: crop offset 3.5
+    want = processor(ims, return_tensors="pt")["pixel_values"]
+    got = torch.stack([enc.transform(im) for im in ims])
+    assert got.shape == want.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert enc.encode(ims).shape == (3, 32)
+    assert enc.describe()["preprocessing"]["interpolation"] == {3: "bicubic", 0: "nearest"}[config["resample"]]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"size": {"height": 40, "width": 40}}, "gives 40x40 images but the model's image_size is 32x32"),
+        ({"size": {"shortest_edge": 32}}, "varying shape"),
+        ({"size": {"height": 32, "width": 32}, "do_center_crop": True, "crop_size": {"height": 40, "width": 40}}, "larger than the resized image"),
+        ({"size": {"longest_edge": 32}}, "not supported"),
+        ({"size": {"height": 32, "width": 32}, "resample": 9}, "resample"),
+        ({"size": {"height": 32, "width": 32}, "do_pad": True}, "do_pad"),
+        ({"size": {"height": 32, "width": 32}, "rescale_factor": 1.0}, "rescale_factor"),
+    ],
+)
+def test_unsupported_preprocessor_config_is_a_config_error_at_build_time(tmp_path, config, message):
+    d = _vit_with_processor(tmp_path, "vit-bad", config)
+    with pytest.raises(ConfigError, match=message) as e:
+        build_encoder({"backend": "transformers", "model": str(d), "modality": "image"})
+    assert "preprocessor_config.json" in str(e.value)
+
+
+def test_16_bit_images_are_scaled_before_encoding(tiny_vit_dir):
+    enc = build_encoder({"backend": "transformers", "model": str(tiny_vit_dir), "modality": "image"})
+    grey16 = Image.fromarray(np.full((40, 48), 30000, np.uint16))
+    np.testing.assert_allclose(enc.encode([grey16]), enc.encode([Image.new("L", (48, 40), 117)]), atol=1e-6)
+
+
+def test_weights_identity_and_version_are_part_of_the_encoder_identity(tmp_path, tiny_bert_dir):
+    import shutil
+
+    from moedist.features.encoders import HFTextCLSEncoder, encoder_identity
+
+    d = tmp_path / "bert"
+    shutil.copytree(tiny_bert_dir, d)
+    spec = {"backend": "transformers", "model": str(d), "modality": "text"}
+    before = encoder_identity(spec)
+    assert before["version"] == HFTextCLSEncoder.version and before["weights"]["sha256"]
+    assert build_encoder(spec).describe()["weights"]["sha256"] == before["weights"]["sha256"]
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(5)  # new weights, same architecture and size, same path
+    BertModel(BertConfig.from_pretrained(d)).save_pretrained(d)
+    after = encoder_identity(spec)
+    assert after["weights"]["sha256"] != before["weights"]["sha256"] and after["weights"]["bytes"] == before["weights"]["bytes"]
+    eff = encoder_identity("efficientnet_lite0")
+    assert eff["weights"]["sha256"] == build_encoder("efficientnet_lite0").describe()["weights_sha256"]

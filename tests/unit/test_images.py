@@ -232,3 +232,48 @@ def test_decode_image_never_raises():
     assert decode_image(b"")[1] == "not_an_image"
     assert decode_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)[0] is None
     assert decode_image(GOOD)[0].size == (32, 24)
+
+
+def _encoded(im: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_a_tiny_strip_is_refused_before_resizing_it_allocates_gigabytes():
+    strip = _encoded(Image.new("RGB", (20000, 1), (200, 10, 10)), "PNG")  # 143 bytes
+    t0 = time.perf_counter()
+    assert decode_image(strip) == (None, "extreme_aspect")
+    assert decode_image(_encoded(Image.new("RGB", (1, 5000)), "PNG")) == (None, "extreme_aspect")
+    assert time.perf_counter() - t0 < 5
+    assert "extreme_aspect" in REASONS
+    # wide but sane banners are kept, pixels unchanged
+    img, r = decode_image(_encoded(Image.new("RGB", (900, 10), (1, 2, 3)), "PNG"))
+    assert r is None and img.size == (900, 10) and np.asarray(img)[0, 0].tolist() == [1, 2, 3]
+
+
+def test_more_pixels_than_pil_allows_is_too_large_even_where_pil_only_warns(monkeypatch):
+    data = _encoded(Image.new("L", (40, 40), 7), "PNG")  # 1600 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1x..2x the limit: PIL warns and decodes
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert decode_image(data) == (None, "too_large")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # beyond 2x: PIL raises
+    assert decode_image(data) == (None, "too_large")
+
+
+def test_high_bit_depth_greyscale_is_scaled_not_clipped():
+    grey16 = Image.fromarray(np.array([[0, 30000], [65535, 257]], dtype=np.uint16))
+    img, r = decode_image(_encoded(grey16, "PNG"))
+    assert r is None and img.mode == "RGB"
+    assert np.asarray(img)[..., 0].tolist() == [[0, 117], [255, 1]]  # round(v / 257); PIL clipped 30000 to 255
+    assert (np.asarray(img)[..., 0] == np.asarray(img)[..., 2]).all()
+    unit = Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32))  # float in [0, 1]: was all black
+    img, r = decode_image(_encoded(unit, "TIFF"))
+    assert r is None and np.asarray(img)[..., 1].tolist() == [[0, 128], [255, 64]]
+    eight = Image.fromarray(np.array([[0.0, 100.0], [255.0, 3.0]], dtype=np.float32))  # float holding 8-bit values
+    assert np.asarray(decode_image(_encoded(eight, "TIFF"))[0])[..., 0].tolist() == [[0, 100], [255, 3]]
+    wide = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))  # mode "I"
+    assert np.asarray(decode_image(_encoded(wide, "TIFF"))[0])[..., 0].tolist() == [[0, 255]]
+    # RGBA keeps the reference extractors' behaviour: alpha dropped, colour kept
+    img, _ = decode_image(_encoded(Image.new("RGBA", (3, 3), (255, 0, 0, 0)), "PNG"))
+    assert np.asarray(img)[0, 0].tolist() == [255, 0, 0]
