@@ -5,8 +5,14 @@ A checkpoint directory holds::
     model.safetensors       full model weights, experts by *global* index
     optimizer.safetensors   Adam moments per parameter name (``exp_avg/<name>``, ``exp_avg_sq/<name>``)
     state.json              loop position (epoch, step in epoch, global step), best metric,
-                            optimizer step count, the world size and ep_size that wrote it
-    rng.safetensors         torch RNG state per rank (used only when the topology is unchanged)
+                            optimizer step count, the world size and ep_size that wrote it, and
+                            (from the training loop) the run's resolved ``config`` and the
+                            ``dataset`` / ``features`` identity that resuming checks
+                            (:mod:`moedist.train.identity`)
+    rng.safetensors         RNG states per rank: torch CPU (``rank<i>``), the CUDA generator of the
+                            model's device when it is on a GPU (``rank<i>.cuda``), numpy's and
+                            Python's global generators (``rank<i>.numpy*``, ``rank<i>.python*``);
+                            restored only when the world size is unchanged
 
 Nothing is pickled, so loading a checkpoint cannot execute code. The same files load into a
 plain torch optimizer, a DeepSpeed engine with ZeRO stage 0, 1 or 2, any world size and any
@@ -18,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +36,12 @@ from moedist.errors import CheckpointError
 
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint that does not fit the model (other parameter names or shapes):
+    the run's configuration changed, not a damaged file. Never a reason to fall back to an
+    older checkpoint, which would not fit either."""
 
 
 # ----------------------------------------------------------------------------- expert shards
@@ -190,6 +204,78 @@ def full_model_state(model: torch.nn.Module, optimizer=None) -> dict[str, torch.
     return state
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for an empty model."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def rng_states(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """This process's random generator states as tensors (safetensors holds nothing else):
+    torch's CPU generator, the CUDA generator of ``device`` when it is a GPU (dropout and every
+    other random op on the GPU draw from it, not from the CPU generator), numpy's and Python's
+    global generators."""
+    out = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    if kind == "MT19937":
+        out["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64).copy())
+        out["numpy_pos"] = torch.tensor([int(pos), int(has_gauss)], dtype=torch.int64)
+        out["numpy_gauss"] = torch.tensor([float(gauss)], dtype=torch.float64)
+    version, internal, gauss_next = random.getstate()
+    if version == 3:
+        out["python"] = torch.tensor(internal, dtype=torch.int64)
+        out["python_gauss"] = torch.tensor(
+            [0.0 if gauss_next is None else float(gauss_next), float(gauss_next is not None)], dtype=torch.float64
+        )
+    return out
+
+
+def set_rng_states(states: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_states` returned (the parts present; a checkpoint of an older
+    moedist has only ``torch``). The CUDA state goes to ``device``'s generator."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].to(torch.uint8))
+    if "cuda" in states and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8), device)
+    if {"numpy", "numpy_pos", "numpy_gauss"} <= set(states):
+        pos, has_gauss = (int(x) for x in states["numpy_pos"].tolist())
+        np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), pos, has_gauss,
+                             float(states["numpy_gauss"][0])))
+    if {"python", "python_gauss"} <= set(states):
+        value, present = states["python_gauss"].tolist()
+        random.setstate((3, tuple(int(x) for x in states["python"].tolist()), value if present else None))
+
+
+def _rng_key(rank: int, kind: str) -> str:
+    return f"rank{rank}" if kind == "torch" else f"rank{rank}.{kind}"  # "rank<i>": as older checkpoints
+
+
+def _rank_rng(rng: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """One rank's states out of a whole ``rng.safetensors``."""
+    out = {}
+    for key, t in rng.items():
+        head, _, kind = key.partition(".")
+        if head == f"rank{rank}":
+            out[kind or "torch"] = t
+    return out
+
+
+def _gather_rng_states(mine: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Every rank's :func:`rng_states` (collective; rank 0 writes them)."""
+    if not dist.is_initialized():
+        return [mine]
+    parts: list = [None] * _world()
+    # objects, not tensors: ranks may hold different sets of generators; NCCL moves the
+    # pickled bytes through the current CUDA device (nothing is pickled to disk)
+    dist.all_gather_object(parts, {k: v.numpy() for k, v in mine.items()})
+    return [{k: torch.from_numpy(v) for k, v in p.items()} for p in parts]
+
+
 def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *, ep_size: int = 1, keep_previous: bool = False) -> None:
     """Collective save of a complete, topology-independent checkpoint to ``directory``.
 
@@ -211,24 +297,14 @@ def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *
                 if t is None:
                     continue
                 moments[f"{key}/{name}"] = _gather_full(p, t.detach()).float().cpu().contiguous()
-    rng = torch.get_rng_state()
-    rngs = [torch.empty_like(rng) for _ in range(_world())]
-    if dist.is_initialized() and dist.get_backend() == "gloo":
-        dist.all_gather(rngs, rng)
-    elif dist.is_initialized():  # NCCL gathers device tensors
-        dev = torch.device("cuda", torch.cuda.current_device())
-        parts = [torch.empty_like(rng, device=dev) for _ in range(_world())]
-        dist.all_gather(parts, rng.to(dev))
-        rngs = [r.cpu() for r in parts]
-    else:
-        rngs = [rng]
+    rngs = _gather_rng_states(rng_states(model_device(model)))
     if _rank() == 0:
         tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
-        save_file({f"rank{i}": r for i, r in enumerate(rngs)}, str(tmp / "rng.safetensors"))
+        save_file({_rng_key(i, k): t for i, r in enumerate(rngs) for k, t in r.items()}, str(tmp / "rng.safetensors"))
         state = dict(loop_state, optimizer_step=_optimizer_step(optimizer) if optimizer is not None else 0,
                      world_size=_world(), ep_size=ep_size, complete=True)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -273,25 +349,78 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict, dict, dict]:
     return out[0], out[1], state, rng
 
 
-def load_checkpoint(directory: str | Path, model, optimizer=None) -> dict:
-    """Load weights (+ optimizer moments) into this rank's shard of ``model``; returns the loop state.
+def read_state(directory: str | Path) -> dict:
+    """``state.json`` of a checkpoint (the loop position, and the ``config`` / ``dataset`` of the
+    run that wrote it), without reading the tensors."""
+    path = Path(directory) / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return state
 
-    Must be called on every rank (ZeRO setters are collective).
-    """
-    weights, moments, state, rng = read_checkpoint(directory)
-    params = dict(model.named_parameters())
+
+def _check_fits(directory: Path, model, optimizer, weights: dict, moments: dict) -> None:
+    """CheckpointMismatch unless every tensor of the checkpoint fits ``model`` (names and
+    shapes of the weights, shapes of the Adam moments); CheckpointError when a ZeRO optimizer
+    would lack a moment. Checked before anything is loaded, so a checkpoint that does not fit
+    leaves the model and optimizer as they were."""
     own = model.state_dict()
+    params = dict(model.named_parameters())
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{directory}: does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        parts = [f"the model has {len(missing)} tensor(s) the checkpoint lacks ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"] if missing else []
+        if unexpected:
+            parts.append(f"the checkpoint has {len(unexpected)} the model lacks ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+        raise CheckpointMismatch(f"{directory}: does not match the model: " + "; ".join(parts))
+    wrong = []
+    for name, t in own.items():
+        p = params.get(name)
+        piece = _local_slice(p, weights[name]) if p is not None else weights[name]
+        if piece.shape != t.shape:
+            wrong.append(f"{name} {tuple(weights[name].shape)} in the checkpoint, {tuple(t.shape)} in the model")
+    if wrong:
+        raise CheckpointMismatch(f"{directory}: does not match the model: " + "; ".join(wrong[:4])
+                                 + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else ""))
+    if optimizer is None or not moments:
+        return
+    zero = _zero_optimizer(optimizer)
+    for name, p in params.items():
+        have = [key for key in MOMENTS if f"{key}/{name}" in moments]
+        if have and len(have) < len(MOMENTS):  # a parameter's Adam state is both moments or none
+            lacks = next(key for key in MOMENTS if key not in have)
+            raise CheckpointError(f"{directory / 'optimizer.safetensors'}: has {have[0]} but lacks {lacks} of {name} (incomplete)")
+        for key in MOMENTS:
+            m = moments.get(f"{key}/{name}")
+            if m is None:
+                if zero and p.requires_grad:
+                    raise CheckpointError(f"{directory / 'optimizer.safetensors'}: lacks {key} of {name}")
+                continue
+            if tuple(m.shape) != tuple(weights[name].shape):
+                raise CheckpointMismatch(f"{directory / 'optimizer.safetensors'}: {key} of {name} has shape "
+                                         f"{tuple(m.shape)}, the parameter {tuple(weights[name].shape)}")
+
+
+def load_checkpoint(directory: str | Path, model, optimizer=None) -> dict:
+    """Load weights (+ optimizer moments, + this rank's RNG states) into this rank's shard of
+    ``model``; returns the loop state.
+
+    Every file is read and checked against the model first: a truncated file raises
+    CheckpointError, one that does not fit the model CheckpointMismatch, and in both cases
+    nothing has been loaded. Must be called on every rank (ZeRO setters are collective).
+    """
+    directory = Path(directory)
+    weights, moments, state, rng = read_checkpoint(directory)
+    _check_fits(directory, model, optimizer, weights, moments)
+    params = dict(model.named_parameters())
+    own = model.state_dict()
     local = {}
     for name, t in own.items():
-        full = weights[name]
         p = params.get(name)
-        piece = _local_slice(p, full) if p is not None else full
-        if piece.shape != t.shape:
-            raise CheckpointError(f"{directory}: {name} has shape {tuple(full.shape)}, the model expects {tuple(t.shape)}")
+        piece = _local_slice(p, weights[name]) if p is not None else weights[name]
         local[name] = piece.to(t.dtype)
     model.load_state_dict(local, strict=True)
     masters = master_params(optimizer)
@@ -306,9 +435,9 @@ def load_checkpoint(directory: str | Path, model, optimizer=None) -> dict:
                 masters[id(p)].copy_(_local_slice(p, weights[name]))
     if optimizer is not None and moments:
         _set_optimizer_state(optimizer, model, moments, int(state.get("optimizer_step", 0)))
-    key = f"rank{_rank()}"
-    if state.get("world_size") == _world() and key in rng:
-        torch.set_rng_state(rng[key])
+    mine = _rank_rng(rng, _rank())
+    if state.get("world_size") == _world() and mine:
+        set_rng_states(mine, model_device(model))
     state["same_topology"] = state.get("world_size") == _world() and state.get("ep_size") is not None
     return state
 

@@ -1,6 +1,8 @@
 """``moedist train`` (and the other torch-side commands), registered lazily by moedist.cli."""
 from __future__ import annotations
 
+import argparse
+
 
 MODELS = ("hm4sr", "mamex", "sasrec", "popularity", "content")
 
@@ -43,8 +45,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A sub-command parser that takes options and ``key=value`` positionals in any order
+    (``--model sasrec a=1 --epochs 3 b=2``): argparse's default parsing stops collecting a
+    ``nargs="*"`` positional at the first option after it."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:  # parse_known_intermixed_args calls parse_known_args itself
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def add_commands(sub) -> None:
     tr = sub.add_parser("train", help="train a model (single process; see --help)")
+    tr.__class__ = _IntermixedParser  # the parent parser builds its sub-parsers from its own class
     tr.add_argument("--model", choices=MODELS, help="model to train (default hm4sr, or the config's model)")
     tr.add_argument("--data", help="prepared dataset directory")
     tr.add_argument("--features", help="feature shards directory (default: the one under <data>/features)")

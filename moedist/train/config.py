@@ -75,3 +75,48 @@ class ExperimentConfig:
     mamex: MAMEXConfig = field(default_factory=MAMEXConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     content: ContentMappingConfig = field(default_factory=ContentMappingConfig)
+
+
+LOO_MODELS = ("hm4sr", "sasrec", "popularity")  # leave-one-out protocol; the others: cold start
+
+
+def validate_experiment(cfg: ExperimentConfig) -> None:
+    """ConfigError naming the key for a value the loop cannot run with, before any data is
+    read or any epoch is trained (the YAML loader has checked the types already)."""
+    import math
+
+    from moedist.errors import ConfigError
+
+    tc = cfg.train
+
+    def need(ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: must be {what}")
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    need(tc.epochs >= 0, "train.epochs", tc.epochs, "an integer >= 0")
+    need(tc.batch_size >= 1, "train.batch_size", tc.batch_size, "an integer >= 1")
+    need(tc.eval_batch_size >= 1, "train.eval_batch_size", tc.eval_batch_size, "an integer >= 1")
+    need(tc.eval_every >= 1, "train.eval_every", tc.eval_every, "an integer >= 1 (evaluate every N epochs)")
+    need(tc.patience >= 0, "train.patience", tc.patience, "an integer >= 0")
+    need(tc.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", tc.max_steps_per_epoch, "an integer >= 0 (0 = whole epochs)")
+    for key in ("lr", "weight_decay", "router_lr_scale", "grad_clip"):
+        v = getattr(tc, key)
+        need(finite(v) and v >= 0, f"train.{key}", v, "a finite number >= 0")
+    topk = list(tc.topk)
+    need(len(topk) > 0 and all(k >= 1 for k in topk), "train.topk", topk, "a non-empty list of integers >= 1")
+    need(cfg.dist.grad_accum >= 1, "dist.grad_accum", cfg.dist.grad_accum, "an integer >= 1")
+    need(cfg.dist.ep_size >= 1, "dist.ep_size", cfg.dist.ep_size, "an integer >= 1")
+    if cfg.model != "popularity":  # nothing is selected for a model without training
+        from moedist.train.evaluate import metric_names
+
+        protocol = "loo" if cfg.model in LOO_MODELS else "cold"
+        names = metric_names(topk, protocol=protocol)
+        if tc.valid_metric not in names:
+            raise ConfigError(
+                f"train.valid_metric={tc.valid_metric!r} is not a metric of the "
+                f"{'leave-one-out' if protocol == 'loo' else 'cold-start'} protocol with train.topk={topk} "
+                f"(choose one of: {', '.join(names)})"
+            )

@@ -146,12 +146,14 @@ def positive_ranks(
             score_fn, pos_cols, n_columns=n_columns, chunk_size=chunk_size
         )
     neg_inf = float("-inf")
-    pos_s = torch.nan_to_num(positive_scores, nan=neg_inf)  # [B, P]
+    # NaN -> -inf only: nan_to_num's defaults would also turn a real +-inf into the largest
+    # finite float, tying it with an item that really scores that much
+    pos_s = torch.nan_to_num(positive_scores, nan=neg_inf, posinf=float("inf"), neginf=neg_inf)  # [B, P]
     valid = pos_cols >= 0
     ahead = torch.zeros(pos_cols.shape, dtype=torch.long, device=pos_cols.device)  # [B, P]
     for start in range(0, n_columns, chunk_size):
         end = min(start + chunk_size, n_columns)
-        s = torch.nan_to_num(score_fn(start, end), nan=neg_inf)  # [B, c]
+        s = torch.nan_to_num(score_fn(start, end), nan=neg_inf, posinf=float("inf"), neginf=neg_inf)  # [B, c]
         cols = torch.arange(start, end, device=s.device)  # [c]
         is_self = pos_cols[:, :, None] == cols  # [B, P, c]: column c is positive p itself
         is_pos = is_self.any(dim=1)  # [B, c]: column is one of the row's positives
@@ -577,8 +579,9 @@ def evaluate_full_sort(
 ) -> MetricAccumulator:
     """Leave-one-out evaluation of ``model.full_sort_predict`` over sequential batches.
 
-    ``mask_history`` removes ``batch["item_seq"]`` items from the candidates (off by
-    default, as in the authors' code).
+    ``mask_history`` removes the user's earlier items from the candidates (off by default, as
+    in the authors' code): ``batch["history"]`` (``[B, H]`` item ids, 0-padded: the whole
+    history) when the batch has it, else ``batch["item_seq"]`` (only the last ``max_seq_len``).
     """
     acc = MetricAccumulator(metric_names(ks, protocol="loo"))
     was_training = model.training
@@ -588,7 +591,7 @@ def evaluate_full_sort(
             if device is not None:
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             scores = model.full_sort_predict(batch)  # [B, N]
-            history = batch["item_seq"] if mask_history else None
+            history = batch.get("history", batch["item_seq"]) if mask_history else None
             acc.add(
                 full_sort_metric_sums(
                     scores, batch["target"], ks=ks, ties=ties, history=history

@@ -17,11 +17,19 @@ from typing import Callable
 
 from moedist.config import to_dict
 from moedist.errors import ConfigError
-from moedist.train.config import ExperimentConfig
-from moedist.train.loop import DistContext, check_expert_parallel, default_run_dir, resolve_device, run_training
+from moedist.train.config import ExperimentConfig, validate_experiment
+from moedist.train.loop import (
+    DistContext,
+    check_expert_parallel,
+    check_resumable,
+    default_run_dir,
+    resolve_device,
+    run_training,
+)
 
 
 def launch(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) -> dict:
+    validate_experiment(cfg)  # before Ray starts: a clear error, not one after the first epoch
     if cfg.dist.workers <= 0:
         if cfg.dist.ep_size > 1:
             raise ConfigError(f"dist.ep_size={cfg.dist.ep_size} needs dist.workers >= {cfg.dist.ep_size}")
@@ -206,6 +214,7 @@ def build_trainer(
 def launch_ray(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = None) -> dict:
     echo = echo or (lambda s: print(s, flush=True))
     run_dir = resolve_run_paths(cfg)
+    check_resumable(cfg, run_dir)
     started = init_ray(cfg)
     try:
         use_gpu = resolve_use_gpu(cfg)

@@ -25,6 +25,7 @@ The loop knows nothing model-specific beyond ``calculate_loss`` / ``full_sort_pr
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -44,8 +45,15 @@ from moedist.data.dataset import ColdStartData, PreparedDataset, SequentialSampl
 from moedist.errors import CheckpointError, ConfigError, DataError, MoedistError
 from moedist.io import atomic_write_bytes, atomic_write_text
 from moedist.moe.dispatch import shard_bounds
-from moedist.train.checkpoint import latest_complete, load_checkpoint, previous_of, save_checkpoint
-from moedist.train.config import ExperimentConfig
+from moedist.train.checkpoint import (
+    CheckpointMismatch,
+    latest_complete,
+    load_checkpoint,
+    previous_of,
+    read_state,
+    save_checkpoint,
+)
+from moedist.train.config import ExperimentConfig, validate_experiment
 from moedist.train.evaluate import (
     EVAL_RANKS,
     cold_start_metric_sums,
@@ -54,6 +62,7 @@ from moedist.train.evaluate import (
     loo_metric_sums,
     pad_item_lists,
 )
+from moedist.train.identity import check_resume, noted_changes, run_identity
 
 SEQUENTIAL_MODELS = {"hm4sr", "sasrec", "popularity"}
 COLD_START_MODELS = {"mamex", "content"}
@@ -146,7 +155,7 @@ def load_features_for(cfg: ExperimentConfig, data: PreparedDataset, echo=None):
         )
     from moedist.features.store import load_item_features
 
-    features = load_item_features(fdir, n_items=data.n_items)
+    features = load_item_features(fdir, n_items=data.n_items, items=data.items, data_dir=data.path)
     if echo:
         echo(f"item features from {fdir}: " + ", ".join(f"{m} {tuple(t.shape)}" for m, t in features.features.items()))
     return features
@@ -264,8 +273,21 @@ class SequentialTask:
         """Rank of each sample's target, ``[B]`` (exact, see evaluate.py)."""
         batch = {k: v.to(device) for k, v in self.splits[split].batch(idx).items()}
         scores = model.full_sort_predict(batch)  # [B, N]
-        history = batch["item_seq"] if self.cfg.train.mask_history else None
+        history = self.history(split, idx).to(device) if self.cfg.train.mask_history else None
         return full_sort_ranks(scores, batch["target"], ties=self.cfg.train.rank_ties, history=history)
+
+    def history(self, split: str, idx: np.ndarray) -> torch.Tensor:
+        """``[B, H]`` every item of each sample's user before its target, 0-padded (H = the
+        longest such history in this batch): what ``train.mask_history`` removes from the
+        candidates. Not ``item_seq``, which keeps only the last ``max_seq_len`` of them."""
+        samples = self.splits[split]
+        tgt = samples.target_pos[idx]
+        start = samples.data.offsets[samples.users[idx]]
+        length = tgt - start
+        cols = np.arange(max(int(length.max()) if len(length) else 0, 1))
+        valid = cols[None, :] < length[:, None]
+        pos = np.where(valid, start[:, None] + cols[None, :], 0)
+        return torch.from_numpy(np.where(valid, samples.data.seq_items[pos], 0).astype(np.int64))
 
     def metric_sums(self, ranks: torch.Tensor) -> dict:
         return loo_metric_sums(ranks, ks=self.cfg.train.topk)
@@ -600,11 +622,12 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     tc = cfg.train
     if not cfg.data:
         raise ConfigError("data= is required (a directory written by `moedist data prepare`)")
+    validate_experiment(cfg)
     data = PreparedDataset(cfg.data)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg, data.name)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    # what config.yaml and every checkpoint record: the config as given, before the loop
+    # carries dist.ep_size into the model's section
+    as_given = copy.deepcopy(cfg)
     seed_everything(tc.seed)  # the same initial weights on every rank, expert shards included
     apply_expert_parallel(cfg, ctx)
     features = load_features_for(cfg, data, echo)
@@ -626,26 +649,42 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
          f"{f'; item catalogue in {catalogue_shards} shards' if catalogue_shards > 1 else ''}; run dir {run_dir}")
 
     ckpt = run_dir / "checkpoints"
-    logger = RunLogger(run_dir, enabled=ctx.is_main)
+    identity = run_identity(as_given, data.manifest, find_features(cfg) if model_needs_features(cfg) else None)
     state = {"epoch": -1, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "stopped": False}
-    candidates = [ctx.resume_from, ckpt / "last", previous_of(ckpt / "last")] if tc.resume else []
-    source, loaded = _resume(candidates, model, stepper, say if ctx.is_main else None)
+    if trainable:
+        candidates = [ctx.resume_from, ckpt / "last", previous_of(ckpt / "last")] if tc.resume else []
+    else:  # nothing to train: the best checkpoint is the whole run, reused only for the same data and settings
+        candidates = [ckpt / "best"] if tc.resume else []
+    # before anything in the run directory changes: a checkpoint of another configuration or
+    # dataset is refused here, and the old run stays as it was
+    source, loaded = _resume(candidates, model, stepper, say if ctx.is_main else None, identity, trust_unverified=trainable)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(as_given, run_dir / "config.yaml")
+    logger = RunLogger(run_dir, enabled=ctx.is_main)
     if source is not None:
         state.update({k: loaded[k] for k in state if k in loaded})
         echo(f"resumed from {source} (epoch {state['epoch']}, written by {loaded.get('world_size')} worker(s), ep_size {loaded.get('ep_size')})")
         logger.keep_epochs_upto(state["epoch"])
     elif ctx.is_main and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
+    state.update(identity)  # every checkpoint of this run records what it was trained with
 
     if trainable and not state["stopped"]:
         _fit(stepper, task, cfg, ctx, state, ckpt, logger, echo)
-    elif not trainable and latest_complete(ckpt / "best") is None:
+    elif not trainable and source is None:
         save_checkpoint(ckpt / "best", model, None, state)
     logger.close()
 
-    best = latest_complete(ckpt / "best")
+    best = _best_checkpoint(ckpt, state, trainable)
     if best is not None:
-        load_checkpoint(best, model, None)
+        try:
+            load_checkpoint(best, model, None)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; the best model (epoch {state.get('best_epoch')}) cannot be tested. "
+                                  "Start the run again with train.resume=false (or another --run-dir)") from None
+    elif trainable:
+        echo("note: no validation has run (no epoch trained), so the current weights are tested (best epoch: none)")
     bs = tc.eval_batch_size
     results = {
         "model": cfg.model,
@@ -669,6 +708,28 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     return results
 
 
+def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The launcher's check, before Ray or any worker starts: a ConfigError when the run
+    directory's latest checkpoint was written with another dataset or settings (the workers
+    check again, and also that the tensors fit the model)."""
+    if not cfg.train.resume:
+        return
+    from moedist.data.prepare import load_manifest
+
+    identity = run_identity(cfg, load_manifest(cfg.data), find_features(cfg) if model_needs_features(cfg) else None)
+    ckpt = Path(run_dir) / "checkpoints"
+    for c in (ckpt / "last", previous_of(ckpt / "last")):
+        source = latest_complete(c)
+        if source is None:
+            continue
+        try:
+            stored = read_state(source)
+        except CheckpointError:
+            continue
+        check_resume(stored, identity, source)
+        return
+
+
 def write_eval_ranks(path: Path, task, ranks: dict) -> None:
     """The final model's rank of every held-out item, per split: ``<split>_users [U]`` and
     ``<split>_ranks`` (``[U]`` one-positive, or ``[U, P]`` with 0 = padding for cold start).
@@ -684,19 +745,71 @@ def write_eval_ranks(path: Path, task, ranks: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _resume(candidates, model, stepper, warn) -> tuple[Path | None, dict]:
-    """Load the newest readable checkpoint among ``candidates``; a corrupt one is reported
-    (naming the file) and the next older one is used instead."""
+def _resume(candidates, model, stepper, warn, identity: dict, *, trust_unverified: bool = True) -> tuple[Path | None, dict]:
+    """Load the newest readable checkpoint among ``candidates``; an unreadable or truncated
+    one is reported (naming the file) and the next older one is used instead.
+
+    A readable checkpoint of another run is never skipped: one written with another dataset
+    or with settings that change the model, objective or model selection
+    (:func:`moedist.train.identity.check_resume`), or whose tensors do not fit the model, is
+    a ConfigError naming the differences, raised before anything is loaded or written.
+    A checkpoint of an older moedist records no identity; it is resumed with a warning when
+    ``trust_unverified``, else ignored (a model without training is simply rebuilt).
+    If no candidate loads, the model and optimizer are untouched (the seeded initial model).
+    """
     for c in candidates:
         source = latest_complete(c)
         if source is None:
             continue
         try:
-            return source, load_checkpoint(source, model, stepper.optimizer if stepper else None)
+            stored = read_state(source)
         except CheckpointError as e:
             if warn:
                 warn(f"warning: cannot resume from it: {e}; trying an older checkpoint")
+            continue
+        if not check_resume(stored, identity, source):
+            if not trust_unverified:
+                continue
+            if warn:
+                warn(f"warning: {source} predates the checks of configuration and dataset on resume; "
+                     "resuming from it unchecked")
+        try:
+            loaded = load_checkpoint(source, model, stepper.optimizer if stepper else None)
+        except CheckpointMismatch as e:
+            raise ConfigError(
+                f"cannot resume: {e}. The run's model settings changed since this checkpoint was written; "
+                "resume with the original settings, or start fresh with train.resume=false (overwrites this "
+                "run directory) or another --run-dir"
+            ) from None
+        except CheckpointError as e:
+            if warn:
+                warn(f"warning: cannot resume from it: {e}; trying an older checkpoint")
+            continue
+        changed = noted_changes(stored.get("config") or {}, identity["config"])
+        if changed and warn:
+            warn(f"note: resuming with changed settings: {', '.join(changed)}")
+        return source, loaded
     return None, {}
+
+
+def _best_checkpoint(ckpt: Path, state: dict, trainable: bool) -> Path | None:
+    """The checkpoint to test: ``checkpoints/best`` of the best epoch. A CheckpointError when
+    it is missing or holds another epoch (the results would claim a best epoch whose weights
+    were not tested); None when no validation has run at all (nothing to select from)."""
+    if not trainable:
+        return latest_complete(ckpt / "best")  # just written, or reused for the same data
+    epoch = state.get("best_epoch")
+    if epoch is None:
+        return None
+    best = latest_complete(ckpt / "best")
+    found = read_state(best).get("best_epoch") if best is not None else None
+    if best is None or found != epoch:
+        what = "missing or incomplete" if best is None else f"of epoch {found}"
+        raise CheckpointError(
+            f"{ckpt / 'best'} is {what}, but epoch {epoch} was the best: the best model cannot be tested. "
+            "Put the directory back, or start the run again with train.resume=false (or another --run-dir)"
+        )
+    return best
 
 
 def _fit(stepper, task, cfg: ExperimentConfig, ctx: DistContext, state: dict, ckpt: Path, logger: RunLogger, echo) -> None:

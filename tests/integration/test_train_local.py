@@ -159,3 +159,118 @@ def test_a_bf16_deepspeed_run_resumes_to_the_uninterrupted_result(model, extra, 
     # float32 masters, not the module's bf16 copies: some value is not a bf16 number
     assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in weights.values() if t.is_floating_point())
     assert moments and any(k.startswith("exp_avg_sq/") for k in moments)
+
+
+# ----------------------------------------------------------------------------- resume safety
+
+
+def _snapshot(run_dir):
+    """Every file of a run directory but TensorBoard's, by content."""
+    run_dir = Path(run_dir)
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and "tb" not in p.relative_to(run_dir).parts}
+
+
+def test_resume_with_another_model_size_is_refused_and_the_run_is_kept(toy_data, tmp_path):
+    """A checkpoint that does not fit the model is not 'corrupt': no silent fresh start that
+    overwrites config.yaml and deletes metrics.jsonl, but an error before anything changes."""
+    small = [*SMALL_SEQ, "train.epochs=3"]
+    run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *small), echo=lambda s: None)
+    before = _snapshot(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"sasrec\.hidden_size: 16 in the checkpoint, 32 now(.|\n)*train\.resume=false"):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *small, "sasrec.hidden_size=32"), echo=lambda s: None)
+    assert _snapshot(tmp_path / "r") == before
+    # a checkpoint of an older moedist records no config: the tensors' shapes still refuse it
+    for c in ("last", "last-previous"):
+        f = tmp_path / "r" / "checkpoints" / c / "state.json"
+        state = json.loads(f.read_text())
+        f.write_text(json.dumps({k: v for k, v in state.items() if k not in ("config", "dataset", "features")}))
+    before = _snapshot(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"does not match the model(.|\n)*train\.resume=false"):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *small, "sasrec.hidden_size=32"), echo=lambda s: None)
+    assert _snapshot(tmp_path / "r") == before
+    # starting fresh on purpose works
+    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *small, "sasrec.hidden_size=32", "train.resume=false"),
+                       echo=lambda s: None)
+    assert res["epochs_run"] == 3 and [r["epoch"] for r in lines(tmp_path / "r")] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def other_toy_data(tmp_path_factory):
+    """Another dataset with the same numbers of users and items (same tensor shapes)."""
+    from moedist.data.dataset import PreparedDataset
+    from moedist.data.prepare import PrepareOptions, prepare_dataset
+    from tests.conftest import toy_source
+
+    out = tmp_path_factory.mktemp("toy2") / "prepared"
+    prepare_dataset(toy_source(seed=1), out, options=PrepareOptions(kcore=3))
+    return out
+
+
+def test_resume_refuses_other_settings_or_data_and_allows_safe_changes(toy_data, other_toy_data, tmp_path):
+    from moedist.data.dataset import PreparedDataset
+
+    a, b = PreparedDataset(toy_data), PreparedDataset(other_toy_data)
+    assert (a.n_items, a.n_users) == (b.n_items, b.n_users)  # nothing but the content tells them apart
+    run = [*SMALL_SEQ, "train.epochs=2"]
+    run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *run), echo=lambda s: None)
+    before = _snapshot(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"train\.valid_metric: 'ndcg@20' in the checkpoint, 'mrr@5' now"):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *run, "train.valid_metric=mrr@5"), echo=lambda s: None)
+    with pytest.raises(ConfigError, match=r"dataset: other content"):
+        run_training(cfg_for("sasrec", other_toy_data, tmp_path / "r", *run), echo=lambda s: None)
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *run, "train.seed=7"), echo=lambda s: None)
+    assert _snapshot(tmp_path / "r") == before
+    # more epochs, another evaluation batch, patience, learning rate: the same run continues
+    said = []
+    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *SMALL_SEQ, "train.epochs=3", "train.eval_batch_size=7",
+                               "train.patience=4", "train.lr=0.0005"), echo=said.append)
+    assert any("resumed from" in s for s in said)
+    assert any("changed settings" in s and "train.lr 0.001 -> 0.0005" in s for s in said)
+    assert res["epochs_run"] == 3 and [r["epoch"] for r in lines(tmp_path / "r")] == [0, 1, 2]
+
+
+def test_a_model_without_training_reuses_its_checkpoint_only_for_the_same_data(toy_data, other_toy_data, tmp_path):
+    fresh_b = run_training(cfg_for("popularity", other_toy_data, tmp_path / "b"), echo=lambda s: None)
+    first = run_training(cfg_for("popularity", toy_data, tmp_path / "p"), echo=lambda s: None)
+    assert run_training(cfg_for("popularity", toy_data, tmp_path / "p"), echo=lambda s: None)["test"] == first["test"]
+    with pytest.raises(ConfigError, match="dataset: other content"):
+        run_training(cfg_for("popularity", other_toy_data, tmp_path / "p"), echo=lambda s: None)
+    again = run_training(cfg_for("popularity", other_toy_data, tmp_path / "p", "train.resume=false"), echo=lambda s: None)
+    assert again["test"] == fresh_b["test"] and again["test"] != first["test"]
+
+
+def test_a_missing_best_checkpoint_is_an_error_not_the_last_weights(toy_data, tmp_path):
+    import shutil
+
+    from moedist.errors import CheckpointError
+
+    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=3", *SMALL_SEQ), echo=lambda s: None)
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "best")
+    results_before = (tmp_path / "r" / "results.json").read_text()
+    with pytest.raises(CheckpointError, match=rf"best is missing(.|\n)*epoch {res['best_epoch']} was the best"):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=3", *SMALL_SEQ), echo=lambda s: None)
+    assert (tmp_path / "r" / "results.json").read_text() == results_before
+
+
+def test_when_no_checkpoint_loads_the_fresh_run_is_a_new_run(toy_data, tmp_path):
+    """A 'last' whose weights are fine but whose optimizer state is incomplete, and no older one:
+    the run starts over from the seeded initial model, exactly as a new run would."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    new = run_training(cfg_for("sasrec", toy_data, tmp_path / "new", "train.epochs=2", *SMALL_SEQ), echo=lambda s: None)
+    run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=2", *SMALL_SEQ), echo=lambda s: None)
+    ckpt = tmp_path / "r" / "checkpoints"
+    f = ckpt / "last" / "optimizer.safetensors"
+    moments = load_file(str(f))
+    del moments[next(k for k in moments if k.startswith("exp_avg_sq/"))]
+    save_file(moments, str(f))
+    shutil.rmtree(ckpt / "last-previous")
+    said = []
+    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=2", *SMALL_SEQ), echo=said.append)
+    assert any("warning" in s and "optimizer.safetensors" in s for s in said) and not any("resumed from" in s for s in said)
+    assert [r["loss"] for r in lines(tmp_path / "r")] == [r["loss"] for r in lines(tmp_path / "new")]
+    assert res["test"] == new["test"]

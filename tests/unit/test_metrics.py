@@ -95,6 +95,21 @@ def test_loo_nan_scores_rank_last():
     assert full_sort_ranks(scores, torch.tensor([1])).item() == 3
 
 
+def test_real_infinities_are_not_tied_with_the_extreme_finite_scores():
+    """Only NaN becomes -inf: a real +inf target is above an item at the largest finite float
+    (rank 1, not a pessimistic tie), and a real -inf item is below a NaN-free finite score."""
+    big = torch.finfo(torch.float32).max
+    scores = torch.tensor([[0.0, float("inf"), big, 1.0]])
+    assert full_sort_ranks(scores, torch.tensor([1])).item() == 1
+    assert full_sort_ranks(scores, torch.tensor([2])).item() == 2
+    low = torch.tensor([[0.0, float("-inf"), -big, 1.0]])
+    assert full_sort_ranks(low, torch.tensor([2])).item() == 2  # only item 3 is above -max
+    assert full_sort_ranks(low, torch.tensor([1])).item() == 3
+    # cold start goes through the same counting
+    ranks = cold_start_ranks(scores, torch.tensor([[1, 0]]), candidates=torch.tensor([1, 2, 3]))
+    assert ranks.tolist() == [[1, 0]]
+
+
 def test_loo_history_mask_option():
     #                      pad  1    2    3    4
     scores = torch.tensor([[0.0, 0.9, 0.8, 0.3, 0.5]])
