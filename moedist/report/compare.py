@@ -16,14 +16,18 @@ against the first (the baseline):
   as the observed one — enumerated exactly for up to 16 users that differ, sampled otherwise
   (``(1 + hits) / (1 + resamples)``, never 0).
 
-Runs must share dataset, protocol, split users and their held-out items' count; otherwise the
-comparison is refused with the mismatch named.
+Runs must share dataset (by name, and by the content of its interactions table where both
+runs' best checkpoints record it), protocol, the settings that change ranks
+(``train.rank_ties``; ``train.mask_history`` for leave-one-out), split users and their
+held-out items' count; otherwise the comparison is refused with the mismatch named. A run
+whose ``metrics.jsonl`` goes on past the epochs its ``results.json`` records (resumed, and
+still training or interrupted) is refused too: its ranks are those of the earlier run.
 """
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,10 @@ class RunRanks:
     protocol: str
     users: np.ndarray  # [U]
     ranks: np.ndarray  # [U] or [U, P]
+    # settings of config.yaml that change the ranks (train.rank_ties, train.mask_history)
+    settings: dict = field(default_factory=dict)
+    # sha256 of the prepared dataset's interactions table, from the best checkpoint (None: not recorded)
+    data_sha: str | None = None
 
 
 @dataclass
@@ -65,9 +73,14 @@ class PairedResult:
 
 def load_run_ranks(run_dir: str | Path, split: str = "test") -> RunRanks:
     """The per-user ranks of ``split`` written at the end of ``moedist train``."""
+    from moedist.report.runs import RUN_FILES, is_run_dir, read_run
+
     d = Path(run_dir)
     if not d.is_dir():
         raise DataError("no such run directory", path=d)
+    if not is_run_dir(d):
+        raise DataError(f"not a run directory written by `moedist train` (none of {', '.join(RUN_FILES)} found)",
+                        path=d)
     res_path = d / "results.json"
     try:
         results = json.loads(res_path.read_text())
@@ -75,6 +88,12 @@ def load_run_ranks(run_dir: str | Path, split: str = "test") -> RunRanks:
         raise DataError("no results.json: the run has not finished", path=d) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"unreadable results file ({e})", path=res_path) from None
+    if not isinstance(results, dict):
+        raise DataError("unreadable results file (not a JSON object)", path=res_path)
+    info = read_run(d)
+    stale = info.stale_results()
+    if stale is not None and stale[0]:
+        raise DataError(f"{stale[1]}; compare it once `moedist train` has finished it", path=d)
     path = d / EVAL_RANKS
     if not path.is_file():
         raise DataError(
@@ -93,7 +112,28 @@ def load_run_ranks(run_dir: str | Path, split: str = "test") -> RunRanks:
     if ranks.shape[0] != users.shape[0] or ranks.ndim not in (1, 2):
         raise DataError(f"{split}_ranks has shape {ranks.shape} for {users.shape[0]} users", path=path)
     protocol = str(arrays.get("protocol", np.array(results.get("protocol", "loo"))))
-    return RunRanks(str(d), str(results.get("model", d.name)), str(results.get("dataset", "?")), protocol, users, ranks)
+    train = info.config.get("train") if isinstance(info.config.get("train"), dict) else {}
+    # defaults of TrainConfig, for config files written before these settings existed
+    settings = {"train.rank_ties": str(train.get("rank_ties", "pessimistic"))}
+    if protocol == "loo":  # the cold-start protocol ranks a fixed candidate set whatever mask_history says
+        settings["train.mask_history"] = bool(train.get("mask_history", False))
+    return RunRanks(str(d), str(results.get("model", d.name)), str(results.get("dataset", "?")), protocol, users, ranks,
+                    settings=settings, data_sha=_interactions_sha(info))
+
+
+def _interactions_sha(info) -> str | None:
+    """The sha256 of ``interactions.parquet`` (every user, held-out item and split label) of
+    the data the run was trained on, as its best checkpoint records it; None when not recorded."""
+    ckpt = info.best_checkpoint
+    if ckpt is None:
+        return None
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = (state.get("dataset") or {}).get("files") if isinstance(state, dict) else None
+    sha = files.get("interactions.parquet") if isinstance(files, dict) else None
+    return str(sha) if sha else None
 
 
 def per_user_metric(rr: RunRanks, metric: str) -> np.ndarray:
@@ -127,6 +167,13 @@ def check_comparable(base: RunRanks, other: RunRanks) -> None:
 
     if (base.dataset, base.protocol) != (other.dataset, other.protocol):
         raise refuse(f"dataset/protocol {other.dataset}/{other.protocol} vs {base.dataset}/{base.protocol}")
+    if base.data_sha and other.data_sha and base.data_sha != other.data_sha:
+        raise refuse(f"trained on different data named {base.dataset} (interactions.parquet sha256 "
+                     f"{other.data_sha[:12]}… vs {base.data_sha[:12]}…): prepared with other options or seed?")
+    changed = [f"{k}={other.settings.get(k)} vs {base.settings.get(k)}"
+               for k in sorted(set(base.settings) | set(other.settings)) if base.settings.get(k) != other.settings.get(k)]
+    if changed:
+        raise refuse(f"evaluated with other settings ({', '.join(changed)}), which change the ranks themselves")
     if base.users.shape != other.users.shape or not np.array_equal(base.users, other.users):
         raise refuse(f"the evaluated users differ ({len(other.users)} vs {len(base.users)}); different splits?")
     if not np.array_equal(_held_out_counts(base), _held_out_counts(other)):

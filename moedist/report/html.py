@@ -218,6 +218,9 @@ def _summary_section(b: _Builder, run: RunInfo) -> None:
         sec.parts.append(_table(["split"] + [html.escape(c) for c in cols], rows, "metrics"))
     else:
         sec.note("no results.json: the run has not finished (metrics below are per epoch)")
+    stale = run.stale_results()
+    if stale is not None:
+        sec.note(stale[1])
     for p in run.problems:
         if "results.json" not in p:
             sec.note(p)
@@ -235,7 +238,8 @@ def _curves_section(b: _Builder, run: RunInfo, prefix: str) -> None:
     b.figure(sec, f"{prefix}learning_curves.png",
              "Learning curves: training loss and its unweighted parts (log scale), validation metrics per K, "
              "throughput; dotted line = best validation epoch",
-             plots.learning_curves, run.records, lk, vk, run.best_epoch, title=run.name)
+             plots.learning_curves, run.records, lk, vk, None if run.stale_results() else run.best_epoch,
+             title=run.name)
     if not vk:
         sec.note("no validation metrics were logged (train.eval_every larger than the number of epochs?)")
 
@@ -354,16 +358,19 @@ def _comparison_section(b: _Builder, runs: list[RunInfo], current: Path | None) 
     if not runs:
         return
     sec = b.section("Results of the runs side by side (test split, best validation epoch)")
-    by_protocol: dict[str, list[RunInfo]] = {}
+    # one table per dataset and protocol: numbers on other data or another protocol are not comparable
+    by_protocol: dict[tuple[str, str], list[RunInfo]] = {}
     for r in runs:
-        by_protocol.setdefault(str(r.results.get("protocol", "?")), []).append(r)
+        by_protocol.setdefault((str(r.results.get("dataset", "?")), str(r.results.get("protocol", "?"))), []).append(r)
     cur = current.resolve() if current is not None else None
-    for protocol, group in by_protocol.items():
+    for (dataset, protocol), group in by_protocol.items():
         cols = sorted({c for r in group for c in r.results["test"]}, key=metric_sort_key)
         best = {c: max((r.results["test"].get(c, float("-inf")) for r in group), default=None) for c in cols}
         rows = []
         for r in group:
             name = html.escape(r.name) + (" <em>(this run)</em>" if cur is not None and r.path.resolve() == cur else "")
+            if r.stale_results() is not None:
+                name += " <em>(results of an earlier run of this directory)</em>"
             cells = []
             for c in cols:
                 v = r.results["test"].get(c)
@@ -371,7 +378,7 @@ def _comparison_section(b: _Builder, runs: list[RunInfo], current: Path | None) 
                 cells.append(f"<b>{txt}</b>" if v is not None and v == best[c] and len(group) > 1 else txt)
             rows.append([name, html.escape(str(r.model)), _fmt(r.best_epoch)] + cells)
         label = {"loo": "leave-one-out (sequential)", "cold": "cold-start items"}.get(protocol, protocol)
-        sec.text(f"Protocol: {html.escape(label)}; best value per column in bold.")
+        sec.text(f"Dataset <b>{html.escape(dataset)}</b>, protocol: {html.escape(label)}; best value per column in bold.")
         sec.parts.append(_table(["run", "model", "best epoch"] + [f"test {html.escape(c)}" for c in cols], rows, "results"))
 
 
@@ -389,7 +396,7 @@ def _collection_curves(b: _Builder, runs: list[RunInfo]) -> None:
         return
     for i, (m, curves) in enumerate(sorted(by_metric.items())):
         b.figure(sec, f"runs_{_slug(m)}.png", f"Validation curves: {m} per epoch, one line per run",
-                 plots.trial_curves, curves, m, None)
+                 plots.trial_curves, curves, m, None, label_all=True, unit="run")
 
 
 # ----------------------------------------------------------------------------- tuning

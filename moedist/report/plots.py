@@ -38,6 +38,20 @@ def _color(i: int) -> str:
     return COLORS[i % len(COLORS)]
 
 
+def _plain(s) -> str:
+    """``s`` drawn as written: run, trial, layer and category names come from the user, and
+    matplotlib would parse a pair of ``$`` as mathtext (a name like ``lr$1e-3$`` is set in
+    italics, ``a$\\frac{x$`` fails the whole figure)."""
+    return str(s).replace("$", r"\$")
+
+
+def _label(s) -> str:
+    """A legend label for a user-given name: :func:`_plain`, and a leading ``_`` (which makes
+    matplotlib leave the line out of the legend) kept by a leading space."""
+    s = _plain(s)
+    return " " + s if s.startswith("_") else s
+
+
 def _mark_best(ax, best_epoch) -> None:
     if best_epoch is not None:
         ax.axvline(best_epoch, color="0.5", ls=":", lw=1)
@@ -98,7 +112,7 @@ def learning_curves(records: list[dict], loss_keys: list[str], valid_keys: list[
         ax.set_ylim(bottom=0)
         _epoch_axis(ax)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_plain(title))
     return _save(fig, path)
 
 
@@ -121,7 +135,7 @@ def expert_load(items: list[ExpertSeries], path: Path) -> Path:
             ax.plot(s.epochs, vals[:, e], marker="o", ms=3, color=_color(e), label=f"expert {e}")
         total = float(np.nanmean(np.nansum(vals, axis=1)))
         ax.axhline(total / max(vals.shape[1], 1), color="0.4", ls="--", lw=1, label="uniform")
-        ax.set_title(f"{s.layer}: {STAT_TITLES.get(s.stat, s.stat)}", fontsize=10)
+        ax.set_title(_plain(f"{s.layer}: {STAT_TITLES.get(s.stat, s.stat)}"), fontsize=10)
         ax.set_ylim(0, max(1.0, float(np.nanmax(vals)) * 1.05) if s.stat == "load" else max(float(np.nanmax(vals)) * 1.15, 1e-3))
         _epoch_axis(ax)
     if axes:
@@ -259,7 +273,7 @@ def fusion(f, path: Path) -> Path:
             med.set_color("black")
         ax2.plot([], [], color=_color(j), lw=6, label=f"α_{m}")
     counts = {c: int(((cat_arr == c) & present).sum()) for c in cats}
-    ax2.set_yticks(np.arange(len(cats)), [f"{c} ({counts[c]})" for c in cats])
+    ax2.set_yticks(np.arange(len(cats)), [_plain(f"{c} ({counts[c]})") for c in cats])
     ax2.invert_yaxis()
     ax2.set_xlim(-0.02, 1.02)
     ax2.axvline(1.0 / M, color="0.4", ls="--", lw=1)
@@ -292,31 +306,38 @@ def tuning_scatter(x_values: list, y_values: list[float], xlabel: str, ylabel: s
         index = {lab: i for i, lab in enumerate(labels)}
         rng = np.random.default_rng(0)
         x = np.array([index[str(v)] for v in x_values], dtype=float) + rng.uniform(-0.12, 0.12, len(x_values))
-        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xticks(range(len(labels)), [_plain(lab) for lab in labels])
     ax.scatter(x, y, s=28, color=_color(0), alpha=0.8, edgecolor="white", lw=0.5)
     if best_index is not None:
         ax.scatter([x[best_index]], [y[best_index]], marker="*", s=220, color=_color(3), edgecolor="black", lw=0.6,
                    label="best trial", zorder=3)
         ax.legend(fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_xlabel(_plain(xlabel))
+    ax.set_ylabel(_plain(ylabel))
     ax.grid(alpha=0.3)
-    ax.set_title(f"{ylabel} vs {xlabel}", fontsize=10)
+    ax.set_title(_plain(f"{ylabel} vs {xlabel}"), fontsize=10)
     return _save(fig, path)
 
 
-def trial_curves(curves: list[tuple[str, list[int], list[float]]], metric: str, best: str | None, path: Path) -> Path:
-    """The validation metric per epoch of every trial (best trial thick)."""
+def trial_curves(curves: list[tuple[str, list[int], list[float]]], metric: str, best: str | None, path: Path,
+                 *, label_all: bool = False, unit: str = "trial") -> Path:
+    """The validation metric per epoch of every trial (best trial thick). Only the best line
+    is named in the legend, unless ``label_all`` (a folder of runs: every line, a colour and
+    line style each, so that the runs can be told apart)."""
     fig = Figure(figsize=(7.5, 4), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    styles = ("-", "--", "-.", ":")
     for i, (name, xs, ys) in enumerate(curves):
         is_best = name == best
-        ax.plot(xs, ys, marker="o", ms=2.5, lw=2.6 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
-                color=_color(3) if is_best else _color(i), label=f"{name} (best)" if is_best else None, zorder=3 if is_best else 2)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per epoch, one line per trial", fontsize=10)
-    if best is not None:
-        ax.legend(fontsize=8)
+        label = _label(f"{name} (best)" if is_best else name) if is_best or label_all else None
+        ax.plot(xs, ys, marker="o", ms=2.5, lw=2.6 if is_best else 1.0 if not label_all else 1.4,
+                alpha=1.0 if is_best or label_all else 0.6, color=_color(3) if is_best else _color(i),
+                ls=styles[(i // len(COLORS)) % len(styles)] if label_all else "-", label=label,
+                zorder=3 if is_best else 2)
+    ax.set_ylabel(_plain(metric))
+    ax.set_title(_plain(f"{metric} per epoch, one line per {unit}"), fontsize=10)
+    if best is not None or (label_all and curves):
+        ax.legend(fontsize=8 if len(curves) <= 12 else 6, ncol=1 if len(curves) <= 12 else 2)
     _epoch_axis(ax)
     return _save(fig, path)

@@ -96,6 +96,34 @@ class RunInfo:
 
         return latest_complete(self.path / "checkpoints" / "best")
 
+    def stale_results(self) -> tuple[bool, str] | None:
+        """Whether ``results.json`` (and ``eval_ranks.npz``, written with it) belongs to the
+        epochs in ``metrics.jsonl``: ``None`` when they agree (or cannot be checked), else
+        ``(certain, why)``.
+
+        ``results.json`` is written once, at the end of a run, and a resumed or restarted run
+        leaves the previous one in place until it finishes. Epochs logged after the
+        ``epochs_run`` it records are certain proof that the run has since trained on (it is
+        still running, or was interrupted after a resume); fewer logged epochs than it records
+        mean ``metrics.jsonl`` was started over (``train.resume=false``), almost always.
+        """
+        if not self.results or not self.records:
+            return None
+        n = self.results.get("epochs_run")
+        if not isinstance(n, int) or isinstance(n, bool):
+            return None
+        last = self.records[-1]["epoch"]
+        if last > n - 1:
+            return True, (f"results.json is from an earlier, shorter run: it records {n} epoch(s) run (best epoch "
+                          f"{self.results.get('best_epoch')}) but metrics.jsonl goes on to epoch {last}, so the run was "
+                          "resumed and is still training or was interrupted; its results, best epoch and eval ranks "
+                          "are those of the earlier run until it finishes")
+        if last < n - 1:
+            return False, (f"metrics.jsonl ends at epoch {last} but results.json records {n} epochs run: the run was "
+                           "probably started over (train.resume=false) and has not finished, so its results are those "
+                           "of the earlier run")
+        return None
+
 
 def read_run(path: str | Path) -> RunInfo:
     path = Path(path)

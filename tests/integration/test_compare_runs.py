@@ -55,3 +55,24 @@ def test_cold_start_ranks_and_missing_ranks_file(toy_data, toy_features, tmp_pat
     again = _train("content", toy_data, run, f"features={toy_features}", "train.epochs=3")
     assert again["test"] == res["test"]
     assert np.array_equal(load_run_ranks(run, "test").ranks, rr.ranks)
+
+
+def test_runs_evaluated_differently_or_still_training_are_refused(toy_data, tmp_path, capsys):
+    base = tmp_path / "sasrec"
+    _train("sasrec", toy_data, base, "train.epochs=1", *SMALL_SEQ)
+    # the same model evaluated without the history items among the candidates: every rank
+    # moves, so a "significant" difference would be the evaluation's
+    masked = tmp_path / "sasrec-masked"
+    _train("sasrec", toy_data, masked, "train.epochs=1", "train.mask_history=true", *SMALL_SEQ)
+    assert main(["compare", str(base), str(masked), "--resamples", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "train.mask_history=True vs False" in err and str(masked) in err
+    # resumed with more epochs and interrupted: results.json and the ranks are the 1-epoch run's
+    resumed = tmp_path / "sasrec-resumed"
+    _train("sasrec", toy_data, resumed, "train.epochs=1", *SMALL_SEQ)
+    old = {f: (resumed / f).read_bytes() for f in ("results.json", EVAL_RANKS)}
+    _train("sasrec", toy_data, resumed, "train.epochs=3", *SMALL_SEQ)
+    for f, b in old.items():  # what the directory holds while epochs 1 and 2 run
+        (resumed / f).write_bytes(b)
+    assert main(["compare", str(base), str(resumed), "--resamples", "200"]) == 2
+    assert "earlier, shorter run" in capsys.readouterr().err

@@ -214,3 +214,35 @@ def test_tuning_table_without_a_metric_column_is_an_error(tmp_path):
     (exp / "results.csv").write_text("hm4sr.k1,loss\n4,0.5\n8,0.3\n")
     page = write_report(exp, metric="loss").read_text()  # chosen explicitly; lower is better
     assert "lower is better" in page
+
+
+def test_runs_on_other_datasets_get_their_own_results_table(runs, tmp_path):
+    """Bold "best" values across two datasets compared nothing: one table per dataset and protocol."""
+    folder = tmp_path / "mixed"
+    for name in ("hm4sr", "popularity"):
+        shutil.copytree(runs / name, folder / name, ignore=shutil.ignore_patterns("report"))
+    shutil.copytree(runs / "popularity", folder / "popularity-other", ignore=shutil.ignore_patterns("report"))
+    res = json.loads((folder / "popularity-other" / "results.json").read_text())
+    res["dataset"] = "other-data"
+    res["test"] = {k: 0.987654 for k in res["test"]}  # better at everything, on other data
+    (folder / "popularity-other" / "results.json").write_text(json.dumps(res))
+    page = write_report(folder / "hm4sr", tmp_path / "out", probe_models=False).read_text()
+    tables = re.findall(r'<table class="results">.*?</table>', page, flags=re.DOTALL)
+    assert len(tables) == 2
+    toy = next(t for t in tables if "popularity-other" not in t)
+    assert "hm4sr" in toy and "0.9877" not in toy
+    assert "Dataset <b>other-data</b>" in page
+
+
+def test_a_resumed_run_still_training_is_not_reported_as_finished(runs, tmp_path):
+    """A finished run resumed with a higher train.epochs: until it finishes, results.json is the
+    earlier run's, while metrics.jsonl already has the new epochs."""
+    run = tmp_path / "resumed"
+    shutil.copytree(runs / "hm4sr", run, ignore=shutil.ignore_patterns("report"))
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    with open(run / "metrics.jsonl", "a") as f:
+        for e in range(last["epoch"] + 1, last["epoch"] + 4):
+            f.write(json.dumps({**last, "epoch": e}) + "\n")
+    page = write_report(run, probe_models=False).read_text()
+    assert "results.json is from an earlier, shorter run" in page
+    assert f"goes on to epoch {last['epoch'] + 3}" in page

@@ -100,3 +100,96 @@ def test_mismatched_runs_and_bad_metrics_are_refused():
         paired_compare(a, b, metric="ndcg")
     with pytest.raises(DataError, match="unknown metric"):
         paired_compare(a, b, metric="auc@10")
+
+
+def test_runs_evaluated_with_other_rank_settings_are_refused():
+    # train.mask_history removes history items from the candidates and train.rank_ties decides
+    # ties: either moves every rank, so the "difference" would be the evaluation's, not the model's
+    a, b = _runs([1, 2], [1, 2])
+    a.settings = {"train.rank_ties": "pessimistic", "train.mask_history": False}
+    b.settings = {"train.rank_ties": "pessimistic", "train.mask_history": True}
+    with pytest.raises(DataError, match=r"train.mask_history=True vs False"):
+        paired_compare(a, b)
+    b.settings = {"train.rank_ties": "optimistic", "train.mask_history": False}
+    with pytest.raises(DataError, match=r"train.rank_ties=optimistic vs pessimistic"):
+        paired_compare(a, b)
+    b.settings = dict(a.settings)
+    assert paired_compare(a, b, resamples=100).p_value == 1.0
+
+
+def test_runs_on_other_data_of_the_same_name_are_refused():
+    # the same dataset name and user ids, but another interactions table (e.g. prepared with
+    # another seed): the users are not the same people
+    a, b = _runs([1, 2], [1, 2])
+    a.data_sha, b.data_sha = "a" * 64, "b" * 64
+    with pytest.raises(DataError, match="different data"):
+        paired_compare(a, b)
+    b.data_sha = None  # not recorded (a run of an older moedist): the other checks decide
+    paired_compare(a, b, resamples=100)
+    b.data_sha = a.data_sha
+    paired_compare(a, b, resamples=100)
+
+
+# ----------------------------------------------------------------------------- load_run_ranks on disk
+
+
+def _fake_run(d, *, epochs_run=3, logged=3, train=None, users=(1, 2, 3), ranks=(1, 4, 30), data_sha=None):
+    """A run directory as ``moedist train`` leaves it, written by hand."""
+    import yaml
+
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"model": "sasrec", "train": train or {}}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1.0}) + "\n" for e in range(logged)))
+    (d / "results.json").write_text(json.dumps({"model": "sasrec", "dataset": "toy", "protocol": "loo",
+                                                "best_epoch": epochs_run - 1, "epochs_run": epochs_run}))
+    np.savez(d / "eval_ranks.npz", protocol=np.array("loo"), test_users=np.array(users), test_ranks=np.array(ranks),
+             valid_users=np.array(users), valid_ranks=np.array(ranks))
+    if data_sha is not None:
+        best = d / "checkpoints" / "best"
+        best.mkdir(parents=True)
+        for f in ("model.safetensors", "optimizer.safetensors"):
+            (best / f).write_bytes(b"")
+        (best / "state.json").write_text(json.dumps({"complete": True, "dataset": {
+            "name": "toy", "files": {"interactions.parquet": data_sha}}}))
+    return d
+
+
+def test_load_run_ranks_reads_the_settings_and_data_of_the_run(tmp_path):
+    from moedist.report.compare import compare_runs, load_run_ranks
+
+    base = load_run_ranks(_fake_run(tmp_path / "a", data_sha="1" * 64))
+    assert base.settings == {"train.rank_ties": "pessimistic", "train.mask_history": False}  # the defaults
+    assert base.data_sha == "1" * 64
+    _fake_run(tmp_path / "masked", train={"mask_history": True})
+    with pytest.raises(DataError, match="mask_history"):
+        compare_runs([tmp_path / "a", tmp_path / "masked"], resamples=100)
+    _fake_run(tmp_path / "other_data", data_sha="2" * 64)
+    with pytest.raises(DataError, match="different data"):
+        compare_runs([tmp_path / "a", tmp_path / "other_data"], resamples=100)
+    _fake_run(tmp_path / "same", data_sha="1" * 64, train={"rank_ties": "pessimistic"})
+    assert compare_runs([tmp_path / "a", tmp_path / "same"], resamples=100)[0].p_value == 1.0
+
+
+def test_a_run_that_trained_on_after_its_results_is_refused(tmp_path):
+    """A finished 3-epoch run resumed with a higher train.epochs and interrupted (or still
+    running): metrics.jsonl has epochs 0..5, results.json and eval_ranks.npz are the old run's."""
+    from moedist.report.compare import compare_runs, load_run_ranks
+
+    _fake_run(tmp_path / "a")
+    _fake_run(tmp_path / "resumed", epochs_run=3, logged=6)
+    with pytest.raises(DataError, match=r"records 3 epoch\(s\) run.*goes on to epoch 5") as e:
+        compare_runs([tmp_path / "a", tmp_path / "resumed"], resamples=100)
+    assert str(tmp_path / "resumed") in str(e.value)
+    with pytest.raises(DataError, match="earlier, shorter run"):
+        load_run_ranks(tmp_path / "resumed")
+    # a run without epochs (popularity) or with every epoch accounted for is fine
+    load_run_ranks(_fake_run(tmp_path / "pop", epochs_run=0, logged=0))
+    load_run_ranks(_fake_run(tmp_path / "done", epochs_run=6, logged=6))
+
+
+def test_a_folder_that_is_not_a_run_is_named_as_such(tmp_path):
+    from moedist.report.compare import load_run_ranks
+
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="not a run directory"):
+        load_run_ranks(tmp_path / "runs")
