@@ -666,8 +666,9 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         state.update({k: loaded[k] for k in state if k in loaded})
         echo(f"resumed from {source} (epoch {state['epoch']}, written by {loaded.get('world_size')} worker(s), ep_size {loaded.get('ep_size')})")
         logger.keep_epochs_upto(state["epoch"])
-    elif ctx.is_main and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    elif ctx.is_main:  # a fresh start: nothing of an earlier run in this folder may pass for this one's
+        for name in ("metrics.jsonl", "results.json", EVAL_RANKS):
+            (run_dir / name).unlink(missing_ok=True)
     state.update(identity)  # every checkpoint of this run records what it was trained with
 
     if trainable and not state["stopped"]:

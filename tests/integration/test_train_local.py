@@ -195,6 +195,23 @@ def test_resume_with_another_model_size_is_refused_and_the_run_is_kept(toy_data,
     assert res["epochs_run"] == 3 and [r["epoch"] for r in lines(tmp_path / "r")] == [0, 1, 2]
 
 
+def test_a_fresh_start_clears_the_earlier_runs_results_before_it_trains(toy_data, tmp_path):
+    """With ``train.resume=false`` the folder's earlier results.json and eval ranks are gone as
+    soon as the new run starts: an interrupted new run never shows the old run's metrics
+    (``moedist report`` / ``moedist compare`` would read them as this run's)."""
+    small = [*SMALL_SEQ, "train.epochs=2"]
+    run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *small), echo=lambda s: None)
+    assert (tmp_path / "r" / "results.json").is_file() and (tmp_path / "r" / "eval_ranks.npz").is_file()
+
+    def stop_at_first_epoch(line: str) -> None:
+        if line.lstrip().startswith("epoch"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *small, "train.resume=false"), echo=stop_at_first_epoch)
+    assert not (tmp_path / "r" / "results.json").exists() and not (tmp_path / "r" / "eval_ranks.npz").exists()
+
+
 @pytest.fixture(scope="module")
 def other_toy_data(tmp_path_factory):
     """Another dataset with the same numbers of users and items (same tensor shapes)."""
