@@ -9,7 +9,8 @@ best config retrained and tested::
 
 Your data (absolute ``--data`` / ``--storage`` under ``ray job submit``: ``data/`` and
 ``runs/`` are git-ignored, so not uploaded; on a multi-node cluster use shared storage, or an
-``s3://`` URI for ``--storage``)::
+``s3://`` URI for ``--storage`` with ``--local-dir`` on a folder every node shares: the
+trials' run directories and the retrained best are written there)::
 
     python jobs/tune_hm4sr.py --data data/prepared/games --samples 32 --workers 1 --space space.yaml
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \

@@ -232,7 +232,15 @@ def launch_ray(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = No
             ray.shutdown()
     import json
 
-    results = json.loads((run_dir / "results.json").read_text())
+    path = run_dir / "results.json"
+    if not path.is_file():
+        from moedist.errors import ConfigError
+
+        # rank 0 wrote it on its own node: a node-local run directory on a multi-node cluster
+        raise ConfigError(f"training finished, but its results are not at {path} on this node: the run directory "
+                          "must be on storage that every node and the driver share (docs/deploy.md); the results "
+                          "are in that folder on the node where the first worker ran")
+    results = json.loads(path.read_text())
     from moedist.train.loop import format_results
 
     echo(format_results(results, cfg.train.topk))

@@ -43,6 +43,9 @@ def add_tune_arguments(p: argparse.ArgumentParser, *, model_required: bool = Tru
                         "GPU nodes or other trials finish (default $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, else 7 days)")
     p.add_argument("--name", help="experiment name (default tune-<model>-<dataset>)")
     p.add_argument("--storage", default="runs", help="experiment storage: a shared folder or an s3:// URI (default runs/)")
+    p.add_argument("--local-dir", dest="local_dir",
+                   help="with an s3:// --storage: where the trials' run directories, tables and best/ are written "
+                        "(default runs/<name>); on a multi-node cluster a folder every node shares")
     p.add_argument("--seed", type=int, help="search seed (default train.seed)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to continue an existing experiment")
     p.add_argument("--no-retrain", dest="retrain", action="store_false", help="do not retrain the best config")
@@ -72,7 +75,7 @@ def tune_from_args(args, model: str, *, echo=print) -> dict:
     return run_tune(
         cfg, space=args.space, num_samples=args.samples or 8, max_concurrent=args.max_concurrent, metric=args.metric,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, experiment_name=args.name,
-        storage_path=args.storage, resume=args.resume, retrain_best=args.retrain, seed=args.seed, echo=echo,
+        storage_path=args.storage, local_dir=getattr(args, "local_dir", None), resume=args.resume, retrain_best=args.retrain, seed=args.seed, echo=echo,
         memory_per_worker=args.memory_per_worker, worker_start_timeout_s=args.worker_start_timeout,
     )
 
