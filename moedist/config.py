@@ -118,8 +118,12 @@ def _from_dict(cls: type[T], data: dict, *, prefix: str = "", base: T | None = N
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        import difflib
+
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown key {prefix + unknown[0]!r} (known keys in {prefix or 'the top level'}: {known})")
+        close = difflib.get_close_matches(unknown[0], sorted(fields), n=3, cutoff=0.75)
+        hint = f"did you mean {' or '.join(repr(prefix + c) for c in close)}? " if close else ""
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r} ({hint}known keys in {prefix or 'the top level'}: {known})")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import Dropout, bpr_and_reg, modality_table
+from moedist.models.common import Dropout, bpr_and_reg, check_config, modality_table
 from moedist.models.hm4sr import TransformerEncoder, causal_padding_mask, gather_last, init_bert_weights
 
 
@@ -31,6 +31,11 @@ class SASRecConfig:
     max_seq_len: int = 50
 
     def __post_init__(self) -> None:
+        check_config(
+            "sasrec", self, positive_ints=("hidden_size", "n_heads", "inner_size", "max_seq_len"),
+            nonneg_ints=("n_layers",), probs=("hidden_dropout_prob", "attn_dropout_prob"),
+            nonneg=("layer_norm_eps", "initializer_range"),
+        )
         if self.hidden_size % self.n_heads:
             raise ConfigError(f"sasrec.hidden_size={self.hidden_size} is not divisible by n_heads={self.n_heads}")
 
@@ -186,11 +191,12 @@ class ContentMappingConfig:
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
-            raise ConfigError(f"content_mapping.modalities must be non-empty and unique, got {self.modalities!r}")
+            raise ConfigError(f"content.modalities must be non-empty and unique, got {self.modalities!r}")
         for name in ("dropout", "modality_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ConfigError(f"content_mapping.{name} must be in [0, 1), got {v}")
+                raise ConfigError(f"content.{name} must be in [0, 1), got {v}")
+        check_config("content", self, positive_ints=("embed_dim", "hidden_dim"), nonneg=("reg_coeff", "user_init_std"))
 
 
 class ContentMapping(nn.Module):
@@ -209,7 +215,7 @@ class ContentMapping(nn.Module):
         self.n_items = n_items
         feats, masks = [], []
         for m in cfg.modalities:
-            table, present = modality_table(item_features, m, n_items, owner="content")
+            table, present = modality_table(item_features, m, n_items, owner="content", modalities=cfg.modalities)
             feats.append(F.normalize(table, dim=-1) * present[:, None])
             masks.append(present)
         # one frozen [N, Σ D_m] input table and its [N, M] presence bits (non-persistent:

@@ -1,6 +1,7 @@
 """Pieces every model shares."""
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -9,17 +10,51 @@ from torch import Tensor
 from moedist.errors import ConfigError
 
 
-def modality_table(item_features, modality: str, n_items: int, *, owner: str, hint: str = "") -> tuple[Tensor, Tensor]:
+def check_config(section: str, cfg, *, positive_ints=(), nonneg_ints=(), probs=(), positive=(), nonneg=()) -> None:
+    """ConfigError naming ``<section>.<field>`` for the first out-of-range value of ``cfg``:
+    ``positive_ints`` >= 1, ``nonneg_ints`` >= 0, ``probs`` (dropout rates) in [0, 1),
+    ``positive`` finite and > 0 (temperatures, scales), ``nonneg`` finite and >= 0 (loss
+    weights, standard deviations). Before any module is built: a bad value would otherwise
+    crash deep inside torch, or train silently on a NaN or an inverted objective."""
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{section}.{name}={getattr(cfg, name)!r}: must be {what}")
+
+    for name in positive_ints:
+        need(getattr(cfg, name) >= 1, name, "an integer >= 1")
+    for name in nonneg_ints:
+        need(getattr(cfg, name) >= 0, name, "an integer >= 0")
+    for name in probs:
+        need(0.0 <= getattr(cfg, name) < 1.0, name, "a probability in [0, 1)")
+    for name in positive:
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v > 0, name, "a finite number > 0")
+    for name in nonneg:
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v >= 0, name, "a finite number >= 0")
+
+
+def modality_table(
+    item_features, modality: str, n_items: int, *, owner: str, hint: str = "", modalities=None
+) -> tuple[Tensor, Tensor]:
     """The frozen ``[n_items, D]`` float32 feature table of ``modality`` and its presence mask
     ``[n_items]`` (row 0, the padding item, is never present), checked against the model.
 
     ``owner`` names the config section in errors (``"hm4sr"``), e.g. when the model is asked for
-    a modality the extracted features do not have.
+    a modality the extracted features do not have, or one that no item has (every row missing).
+    ``modalities`` (the model's whole list) lets the error suggest the list without it.
     """
+    if not hint and modalities is not None:
+        have = set(getattr(item_features, "features", None) or ())
+        keep = [k for k in modalities if k != modality and (k == "id" or k in have)]
+        hint = f" (e.g. {owner}.modalities=[{','.join(keep)}])" if keep else ""
     if item_features is None or modality not in item_features.features:
+        have = sorted(item_features.features) if item_features is not None else []
+        extract = (f", or extract {modality} features (`moedist extract`) and pass that folder as features=<dir>"
+                   if modality in ("text", "image") else "")
         raise ConfigError(
-            f"{owner}.modalities includes {modality!r} but the item features have no {modality!r} table; "
-            f"drop it from {owner}.modalities{hint}"
+            f"{owner}.modalities includes {modality!r} but the item features have no {modality!r} table "
+            f"(they have: {', '.join(have) or 'none'}); drop it from {owner}.modalities{hint}{extract}"
         )
     table = item_features.features[modality].detach().to(torch.float32)
     if table.dim() != 2 or table.shape[0] != n_items:
@@ -27,6 +62,13 @@ def modality_table(item_features, modality: str, n_items: int, *, owner: str, hi
     mask = item_features.mask.get(modality) if getattr(item_features, "mask", None) is not None else None
     present = torch.ones(n_items, dtype=torch.bool) if mask is None else mask.detach().to(torch.bool).cpu().clone()
     present[0] = False
+    if n_items > 1 and not bool(present.any()):
+        # e.g. image features extracted for a dataset without images: every row is a zero
+        # placeholder, so the modality would train on nothing
+        raise ConfigError(
+            f"{owner}.modalities includes {modality!r} but no item has {modality!r} features "
+            f"(all {n_items - 1} missing in the extracted features); drop it from {owner}.modalities{hint}"
+        )
     return table, present
 
 

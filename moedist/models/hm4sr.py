@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import Dropout, dropout, dropout_mask_source, fast_cpu_dropout, modality_table
+from moedist.models.common import (
+    Dropout,
+    check_config,
+    dropout,
+    dropout_mask_source,
+    fast_cpu_dropout,
+    modality_table,
+)
 from moedist.moe import DenseGate, LinearExperts, expert_load, routing_entropy
 
 MODALITIES = ("id", "text", "image")
@@ -114,6 +121,15 @@ class HM4SRConfig:
             raise ConfigError(f"hm4sr.modalities must be distinct names from {MODALITIES}, got {self.modalities}")
         if len(self.alpha_init) != 3:
             raise ConfigError(f"hm4sr.alpha_init needs 3 values (id, text, image), got {self.alpha_init}")
+        check_config(
+            "hm4sr", self, positive_ints=("hidden_size", "n_heads", "inner_size", "max_seq_len"),
+            nonneg_ints=("n_layers",), probs=("hidden_dropout_prob", "attn_dropout_prob"),
+            positive=("mu", "freq", "tau_idcl", "tau_pcl"),
+            nonneg=("lambda_cp", "lambda_idcl", "lambda_pcl", "layer_norm_eps", "initializer_range",
+                    "temporal_expert_init_std"),
+        )
+        if not all(math.isfinite(a) for a in self.alpha_init):
+            raise ConfigError(f"hm4sr.alpha_init must be finite numbers, got {self.alpha_init}")
         if self.hidden_size % self.n_heads:
             raise ConfigError(f"hm4sr.hidden_size={self.hidden_size} is not divisible by n_heads={self.n_heads}")
         if self.cp_indexing not in ("intended", "authors"):
@@ -624,9 +640,26 @@ class HM4SR(nn.Module):
         # and move with .to(device). Not persistent: they are data, reloaded from the shards.
         feat_dims: dict[str, int] = {}
         for m in self.content_modalities:
-            table, _ = modality_table(item_features, m, n_items, owner="hm4sr", hint=" (e.g. modalities=['id', 'text'])")
+            table, _ = modality_table(item_features, m, n_items, owner="hm4sr", modalities=self.modalities)
             feat_dims[m] = table.shape[1]
             self.register_buffer(f"feat_{m}", table.clone(), persistent=False)
+
+        # Components whose input the dataset does not have: a clear error, not a model that
+        # silently trains them on constants.
+        if cfg.use_tmoe and int(max_interval_seconds) <= 1:
+            raise ConfigError(
+                f"hm4sr.use_tmoe=true but the longest gap between consecutive interactions in this dataset is "
+                f"{int(max_interval_seconds)} s: its timestamps give the order, not the time (e.g. `--source "
+                f"atomic-seq`, whose timestamps are positions 0, 1, 2, ...), so the Temporal MoE (and PCL, which "
+                f"works on its output) would learn from nothing; set hm4sr.use_tmoe=false"
+            )
+        if cfg.use_cp and item_categories is not None and item_categories.shape[0] > 1 \
+                and not bool((item_categories[1:] != 0).any()):
+            raise ConfigError(
+                "hm4sr.use_cp=true but no item has a category (the dataset's items.parquet has empty "
+                "`categories`, e.g. `--source atomic-seq`), so the category-prediction loss would only teach "
+                "the model that nothing has a category; set hm4sr.use_cp=false"
+            )
 
         # ---- modules that the authors initialise with N(0, 0.02²) (built before L62) ----
         self.item_embedding = nn.Embedding(n_items, d, padding_idx=0)

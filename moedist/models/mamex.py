@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedist.errors import ConfigError
-from moedist.models.common import Dropout, bpr_and_reg_rows, modality_table
+from moedist.models.common import Dropout, bpr_and_reg_rows, check_config, modality_table
 from moedist.moe import LinearExperts, MoEAux, MoELayer, TopKGate
 from moedist.moe.dispatch import gather_rows, gather_rows_and_sum, shard_bounds
 from moedist.moe.gates import balance_from_sums, balance_token_sums, softmax
@@ -99,6 +99,8 @@ class MAMEXConfig:
             raise ConfigError(
                 f"mamex.adapter must be 'mamex', 'joint_router' or 'modality_router', got {self.adapter!r}"
             )
+        if self.num_experts < 1:
+            raise ConfigError(f"mamex.num_experts={self.num_experts!r}: must be an integer >= 1")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"mamex.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.embed_dim < 1:
@@ -107,6 +109,7 @@ class MAMEXConfig:
             raise ConfigError(f"mamex.fusion_dropout must be in [0, 1), got {self.fusion_dropout}")
         if self.ep_size < 1:
             raise ConfigError(f"mamex.ep_size must be >= 1, got {self.ep_size}")
+        check_config("mamex", self, nonneg=("lambda_align", "lambda_adapter", "lambda_fusion", "reg_coeff", "user_init_std"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ class MAMEX(nn.Module):
         # not copied into every checkpoint (they are data, reloaded from the shards).
         in_dims: dict[str, int] = {}
         for m in self.modalities:
-            table, present = modality_table(item_features, m, n_items, owner="mamex")
+            table, present = modality_table(item_features, m, n_items, owner="mamex", modalities=self.modalities)
             # G-MX-7: rows are L2-normalised (zero rows stay zero: F.normalize clamps the norm)
             table = F.normalize(table, dim=-1) * present[:, None]
             self.register_buffer(f"feat_{m}", table.contiguous(), persistent=False)

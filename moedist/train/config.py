@@ -109,6 +109,15 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
     need(len(topk) > 0 and all(k >= 1 for k in topk), "train.topk", topk, "a non-empty list of integers >= 1")
     need(cfg.dist.grad_accum >= 1, "dist.grad_accum", cfg.dist.grad_accum, "an integer >= 1")
     need(cfg.dist.ep_size >= 1, "dist.ep_size", cfg.dist.ep_size, "an integer >= 1")
+    section = getattr(cfg, cfg.model, None)
+    model_ep = getattr(section, "ep_size", 1)
+    if model_ep not in (1, cfg.dist.ep_size):
+        # the loop copies dist.ep_size into the model's section; a value set there alone
+        # would shard the experts behind the launcher's checks (or crash without workers)
+        raise ConfigError(
+            f"{cfg.model}.ep_size={model_ep} differs from dist.ep_size={cfg.dist.ep_size}: set the "
+            f"expert-parallel size with --ep-size (dist.ep_size), not {cfg.model}.ep_size"
+        )
     if cfg.model != "popularity":  # nothing is selected for a model without training
         from moedist.train.evaluate import metric_names
 

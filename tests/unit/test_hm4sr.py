@@ -118,7 +118,7 @@ def test_parameter_count_matches_spec_formula():
     feats = SimpleNamespace(features={m: torch.zeros(n_items, 768) for m in ("text", "image")}, mask={})
     cfg = HM4SRConfig(temporal_experts_trainable=False)
     model = HM4SR(cfg, n_items=n_items, n_users=3, item_features=feats,
-                  item_categories=torch.zeros(n_items, n_cat), max_interval_seconds=DAY)
+                  item_categories=make_categories(n_items, n_cat), max_interval_seconds=DAY)
     rows = interval_table_size(DAY, 100.0)
     expected = 64 * n_items + 64 * rows + 193 * n_cat + 572_243 - 4_160
     assert sum(p.numel() for p in model.parameters()) == expected
