@@ -11,9 +11,11 @@ Reasons (a small fixed vocabulary, so they can be counted):
 ``no_image``              the item has no image (null or empty source)
 ``file_not_found``        a local path that does not exist (or is not a file)
 ``http_404``              the server said 404 / 410
-``http_error``            any other non-200 status (after retries for 5xx / 429)
+``http_unavailable``      5xx or 429: the server could not answer now (after retries)
+``http_error``            any other non-200 status (403, 401, 400, ...: the server refuses)
 ``timeout``               no response / no data within ``timeout`` seconds (after retries)
-``connection_error``      refused, reset, DNS failure, ... (after retries)
+``host_not_found``        the host name does not resolve (DNS)
+``connection_error``      refused, reset, ... (after retries)
 ``truncated``             fewer bytes than announced, or an image file cut short
 ``not_an_image``          the bytes are not an image PIL recognises
 ``too_large``             more than ``max_bytes`` bytes, or more pixels than PIL's
@@ -60,8 +62,10 @@ REASONS = (
     "no_image",
     "file_not_found",
     "http_404",
+    "http_unavailable",
     "http_error",
     "timeout",
+    "host_not_found",
     "connection_error",
     "truncated",
     "not_an_image",
@@ -72,8 +76,10 @@ REASONS = (
 )
 
 # failures that say nothing about the image itself (the network, a server, a mount):
-# a re-run of the extraction rebuilds the shards that have any (see pipeline.plan_extraction)
-TEMPORARY_REASONS = ("timeout", "connection_error", "http_error")
+# a re-run of the extraction rebuilds the shards that have any (see pipeline.plan_extraction).
+# A refusal (403, 401, 400, ...) or a host that does not resolve is an answer about the URL,
+# the same on every run: retrying those would re-encode their shards on every re-run.
+TEMPORARY_REASONS = ("timeout", "connection_error", "http_unavailable")
 
 USER_AGENT = "moedist-feature-extractor/0.1"
 # Longest / shortest side above which an image is refused (``extreme_aspect``). Real product
@@ -99,6 +105,17 @@ class _Permanent(Exception):
 
 def is_url(src: str) -> bool:
     return src.startswith(("http://", "https://"))
+
+
+def portable_image_ref(src: str) -> str:
+    """An item's image source as it identifies the image, not the machine: a URL as it is, a
+    local path by its last two parts (``<item_id>/<file>`` under an image folder, or
+    ``<folder>/<file>``). Prepared tables store local paths absolute, so the same raw data
+    prepared in another folder (a copy on a cluster volume) names the same images."""
+    if "://" in src and not src.startswith("file://"):
+        return src
+    parts = Path(src.removeprefix("file://")).parts
+    return "/".join(parts[-2:])
 
 
 def url_cache_path(cache_dir: str | Path, url: str) -> Path:
@@ -316,7 +333,7 @@ class ImageFetcher:
             if e.code in (404, 410):
                 raise _Permanent("http_404") from None
             if e.code == 429 or e.code >= 500:
-                raise _Transient("http_error") from None
+                raise _Transient("http_unavailable") from None
             raise _Permanent("http_error") from None
         except http.client.IncompleteRead:
             raise _Transient("truncated") from None
@@ -325,6 +342,8 @@ class ImageFetcher:
         except urllib.error.URLError as e:
             if isinstance(e.reason, (socket.timeout, TimeoutError)):
                 raise _Transient("timeout") from None
+            if isinstance(e.reason, socket.gaierror) and e.reason.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+                raise _Permanent("host_not_found") from None
             raise _Transient("connection_error") from None
         except (ConnectionError, http.client.HTTPException, OSError):
             raise _Transient("connection_error") from None

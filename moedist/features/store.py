@@ -269,7 +269,10 @@ def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
     if text is not None:
         out["text"] = h(text, None)
     if image is not None:
-        out["image"] = h(image, None)
+        from moedist.features.images import portable_image_ref
+
+        # where the raw images lie on this machine is not part of what was encoded
+        out["image"] = h([None if _field(v) is None else portable_image_ref(_field(v)) for v in image], None)
     return out
 
 

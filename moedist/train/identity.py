@@ -15,7 +15,9 @@ model, its objective, the data and the choice of the best epoch as they were:
 * ``train.epochs`` (the epoch limit; raise it to continue a finished run), ``train.patience``
   (early stopping that has already stopped a run stays final), ``train.progress``,
   ``train.eval_batch_size`` (exact ranks whatever the batch), ``train.device``,
-  ``train.resume``;
+  ``train.resume``, ``train.topk`` (which cut-offs are reported; ``train.valid_metric``, which
+  selects, must be among them and may not change), so a finished run can be re-evaluated at
+  other cut-offs;
 * the step size: ``train.lr``, ``train.router_lr_scale``, ``train.grad_clip`` and
   ``train.fused_adam`` (e.g. continue a diverged run from its last good checkpoint with a
   lower learning rate); the resumed run then no longer equals the uninterrupted one, and the
@@ -30,7 +32,7 @@ model, its objective, the data and the choice of the best epoch as they were:
 Everything else in ``model``, ``train`` and the model's own section (``sasrec.*`` for
 ``--model sasrec``; other models' sections are ignored) must be equal, e.g.
 ``train.seed``, ``train.batch_size``, ``train.weight_decay`` (a term of the objective),
-``train.valid_metric``, ``train.ties_improve``, ``train.topk``, ``train.rank_ties``,
+``train.valid_metric``, ``train.ties_improve``, ``train.rank_ties``,
 ``train.mask_history``, ``train.max_steps_per_epoch``, ``train.eval_every``,
 ``sasrec.hidden_size``. To start over instead, pass ``train.resume=false`` (the run
 directory is overwritten) or another ``--run-dir``.
@@ -47,6 +49,7 @@ from moedist.errors import ConfigError
 RESUME_SAFE_KEYS = frozenset({
     "data", "features", "run_dir",
     "train.epochs", "train.patience", "train.progress", "train.eval_batch_size", "train.device", "train.resume",
+    "train.topk",
     "train.lr", "train.router_lr_scale", "train.grad_clip", "train.fused_adam",
 })
 # safe changes the loop reports when it resumes (they change the training from here on)
@@ -56,13 +59,45 @@ RESUME_UNSAFE_KEYS = frozenset({"dist.deepspeed_config"})  # may override the op
 _MODEL_PLACEMENT = ("ep_size",)  # set from dist.ep_size by the loop
 
 
-def dataset_identity(manifest: dict) -> dict:
-    """The parts of a prepared dataset's ``dataset.json`` that identify its content."""
-    return {
+ITEMS_TABLE = "items.parquet"
+
+
+def items_content_digest(items) -> str:
+    """sha256 of what the models read from the items table, in ``item_idx`` order: ids, text,
+    categories, and each image source by :func:`~moedist.features.images.portable_image_ref`
+    (the table stores local image paths absolute, so its file hash changes when the same raw
+    data is prepared in another folder, e.g. a copy on a cluster volume)."""
+    import pandas as pd
+
+    from moedist.features.images import portable_image_ref
+
+    df = items.sort_values("item_idx", kind="stable") if "item_idx" in items else items
+
+    def text(v) -> str | None:
+        return None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else str(v)
+
+    cols = {
+        "item_id": [str(v) for v in df["item_id"]],
+        "text": [text(v) for v in df["text"]] if "text" in df else None,
+        "categories": [[] if c is None or isinstance(c, float) else [str(x) for x in c] for c in df["categories"]]
+        if "categories" in df else None,
+        "image": [None if text(v) is None else portable_image_ref(text(v)) for v in df["image"]] if "image" in df else None,
+    }
+    return hashlib.sha256(json.dumps(cols).encode()).hexdigest()
+
+
+def dataset_identity(manifest: dict, items=None) -> dict:
+    """The parts of a prepared dataset that identify its content: ``dataset.json``'s name,
+    fingerprint and table hashes, with the items table also by :func:`items_content_digest`
+    when ``items`` (its DataFrame) is given (that digest then decides for the items table)."""
+    out = {
         "name": manifest.get("name"),
         "fingerprint": manifest.get("fingerprint"),
         "files": dict(manifest.get("files") or {}),
     }
+    if items is not None:
+        out["items"] = items_content_digest(items)
+    return out
 
 
 def features_identity(features_dir: str | Path | None) -> str | None:
@@ -79,9 +114,9 @@ def features_identity(features_dir: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
-def run_identity(cfg, manifest: dict, features_dir: str | Path | None = None) -> dict:
+def run_identity(cfg, manifest: dict, features_dir: str | Path | None = None, items=None) -> dict:
     """``{"config", "dataset", "features"}`` to store in every checkpoint of this run."""
-    return {"config": to_dict(cfg), "dataset": dataset_identity(manifest), "features": features_identity(features_dir)}
+    return {"config": to_dict(cfg), "dataset": dataset_identity(manifest, items), "features": features_identity(features_dir)}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -140,7 +175,13 @@ def dataset_differences(stored: dict | None, current: dict) -> list[str]:
     """Why two :func:`dataset_identity` values name different data (empty: the same)."""
     if not stored:
         return []
-    sf, cf = stored.get("files") or {}, current.get("files") or {}
+    sf, cf = dict(stored.get("files") or {}), dict(current.get("files") or {})
+    if stored.get("items") and current.get("items"):  # the items by content, not by file hash
+        sf.pop(ITEMS_TABLE, None)
+        cf.pop(ITEMS_TABLE, None)
+        if stored["items"] != current["items"]:
+            sf[ITEMS_TABLE + " (ids, text, categories or images)"] = stored["items"]
+            cf[ITEMS_TABLE + " (ids, text, categories or images)"] = current["items"]
     if sf and cf:
         if sf == cf:
             return []

@@ -649,7 +649,8 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
          f"{f'; item catalogue in {catalogue_shards} shards' if catalogue_shards > 1 else ''}; run dir {run_dir}")
 
     ckpt = run_dir / "checkpoints"
-    identity = run_identity(as_given, data.manifest, find_features(cfg) if model_needs_features(cfg) else None)
+    identity = run_identity(as_given, data.manifest, find_features(cfg) if model_needs_features(cfg) else None,
+                            items=data.items)
     state = {"epoch": -1, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "stopped": False}
     if trainable:
         candidates = [ctx.resume_from, ckpt / "last", previous_of(ckpt / "last")] if tc.resume else []
@@ -670,6 +671,8 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
         for name in ("metrics.jsonl", "results.json", EVAL_RANKS):
             (run_dir / name).unlink(missing_ok=True)
     state.update(identity)  # every checkpoint of this run records what it was trained with
+    if trainable and source is not None:
+        _reconcile_best(ckpt, model, state, model_ep_size(cfg), echo)
 
     if trainable and not state["stopped"]:
         _fit(stepper, task, cfg, ctx, state, ckpt, logger, echo)
@@ -715,9 +718,11 @@ def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
     check again, and also that the tensors fit the model)."""
     if not cfg.train.resume:
         return
-    from moedist.data.prepare import load_manifest
+    from moedist.data.dataset import PreparedDataset
 
-    identity = run_identity(cfg, load_manifest(cfg.data), find_features(cfg) if model_needs_features(cfg) else None)
+    data = PreparedDataset(cfg.data)
+    identity = run_identity(cfg, data.manifest, find_features(cfg) if model_needs_features(cfg) else None,
+                            items=data.items)
     ckpt = Path(run_dir) / "checkpoints"
     for c in (ckpt / "last", previous_of(ckpt / "last")):
         source = latest_complete(c)
@@ -755,7 +760,8 @@ def _resume(candidates, model, stepper, warn, identity: dict, *, trust_unverifie
     (:func:`moedist.train.identity.check_resume`), or whose tensors do not fit the model, is
     a ConfigError naming the differences, raised before anything is loaded or written.
     A checkpoint of an older moedist records no identity; it is resumed with a warning when
-    ``trust_unverified``, else ignored (a model without training is simply rebuilt).
+    ``trust_unverified``, else ignored. Without ``trust_unverified`` (a model without
+    training, simply rebuilt) a checkpoint that does not match is ignored too, not refused.
     If no candidate loads, the model and optimizer are untouched (the seeded initial model).
     """
     for c in candidates:
@@ -768,9 +774,15 @@ def _resume(candidates, model, stepper, warn, identity: dict, *, trust_unverifie
             if warn:
                 warn(f"warning: cannot resume from it: {e}; trying an older checkpoint")
             continue
-        if not check_resume(stored, identity, source):
-            if not trust_unverified:
+        if not trust_unverified:
+            # a model without training costs nothing to rebuild: reuse its checkpoint only when
+            # it provably matches this run (same data and settings), else build it afresh
+            try:
+                if not check_resume(stored, identity, source):
+                    continue
+            except ConfigError:
                 continue
+        elif not check_resume(stored, identity, source):
             if warn:
                 warn(f"warning: {source} predates the checks of configuration and dataset on resume; "
                      "resuming from it unchecked")
@@ -791,6 +803,34 @@ def _resume(candidates, model, stepper, warn, identity: dict, *, trust_unverifie
             warn(f"note: resuming with changed settings: {', '.join(changed)}")
         return source, loaded
     return None, {}
+
+
+def _reconcile_best(ckpt: Path, model, state: dict, ep_size: int, echo) -> None:
+    """Make ``checkpoints/best`` agree with the resumed state after a crash between an
+    epoch's two saves, or a resume from an older 'last' than the newest:
+
+    * the resumed epoch is the best one but 'best' holds an earlier epoch ('last' was saved,
+      'best' not): the resumed weights are that epoch's, so 'best' is written from them;
+    * 'best' holds an epoch after the resumed one (a fallback to an older 'last'): that epoch
+      was evaluated and was the best when it ran, so the run continues with it as its best
+      instead of pointing at weights that no longer exist.
+    """
+    want = state.get("best_epoch")
+    best = latest_complete(ckpt / "best")
+    try:
+        found = read_state(best) if best is not None else {}
+    except CheckpointError:
+        found = {}
+    have = found.get("best_epoch")
+    if want is None or have == want:
+        return
+    if want == state["epoch"]:
+        save_checkpoint(ckpt / "best", model, None, state, ep_size=ep_size)
+        echo(f"note: {ckpt / 'best'} held epoch {have}, not the best epoch {want}; restored it from the resumed weights")
+    elif isinstance(have, int) and have > state["epoch"] and found.get("best") is not None:
+        state.update(best=found["best"], best_epoch=have, bad_evals=0)
+        echo(f"note: {ckpt / 'best'} holds epoch {have}, after the resumed epoch {state['epoch']}; "
+             "it stays the best so far")
 
 
 def _best_checkpoint(ckpt: Path, state: dict, trainable: bool) -> Path | None:
@@ -847,9 +887,11 @@ def _fit(stepper, task, cfg: ExperimentConfig, ctx: DistContext, state: dict, ck
         state["epoch"] = epoch
         stop = state["bad_evals"] > tc.patience
         state["stopped"] = stop  # early stopping is final; the epoch limit can be raised on resume
+        # 'last' first: a crash between the two saves leaves a 'last' whose weights are the
+        # best epoch's, from which a resume restores 'best' (_reconcile_best)
+        save_checkpoint(ckpt / "last", model, stepper.optimizer, state, ep_size=ep_size, keep_previous=True)
         if improved:
             save_checkpoint(ckpt / "best", model, None, state, ep_size=ep_size)
-        save_checkpoint(ckpt / "last", model, stepper.optimizer, state, ep_size=ep_size, keep_previous=True)
         logger.log(record)
         if ctx.report is not None:
             ctx.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, ckpt / "last")

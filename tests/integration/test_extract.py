@@ -454,6 +454,39 @@ def test_images_that_timed_out_or_were_refused_are_retried_on_a_rerun(encoders, 
     assert m["run"]["shards_built"] == 0
 
 
+def test_images_a_server_refuses_are_not_fetched_again_by_every_rerun(encoders, tmp_path):
+    """A 403 (or 401, 400, ...) is the server's answer about that URL, the same on every run:
+    unlike a 5xx, it does not make each re-run rebuild the shard (dead Amazon image URLs answer
+    403, and nearly every shard of a large catalogue has one)."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(403)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        _, image = encoders
+        local = tmp_path / "ok.jpg"
+        local.write_bytes(_jpeg_bytes(0))
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/x.jpg"
+        data = _image_dataset(tmp_path / "data", [str(local)] * 3 + [url] + [str(local)] * 2)
+        out = tmp_path / "feat"
+        m = _images_only(data, out, image, image_cache_dir=tmp_path / "cache")
+        assert m["missing"]["image"]["reasons"] == {"http_error": 1}
+        m = _images_only(data, out, image, image_cache_dir=tmp_path / "cache")
+        assert m["run"]["shards_built"] == 0 and m["run"]["shards_skipped"] == 2
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 # ----------------------------------------------------------------------------- bad settings, unusable manifests
 
 

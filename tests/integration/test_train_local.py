@@ -252,10 +252,13 @@ def test_a_model_without_training_reuses_its_checkpoint_only_for_the_same_data(t
     fresh_b = run_training(cfg_for("popularity", other_toy_data, tmp_path / "b"), echo=lambda s: None)
     first = run_training(cfg_for("popularity", toy_data, tmp_path / "p"), echo=lambda s: None)
     assert run_training(cfg_for("popularity", toy_data, tmp_path / "p"), echo=lambda s: None)["test"] == first["test"]
-    with pytest.raises(ConfigError, match="dataset: other content"):
-        run_training(cfg_for("popularity", other_toy_data, tmp_path / "p"), echo=lambda s: None)
-    again = run_training(cfg_for("popularity", other_toy_data, tmp_path / "p", "train.resume=false"), echo=lambda s: None)
+    # other data, or other evaluation settings: nothing to resume, the counts are rebuilt
+    again = run_training(cfg_for("popularity", other_toy_data, tmp_path / "p"), echo=lambda s: None)
     assert again["test"] == fresh_b["test"] and again["test"] != first["test"]
+    back = run_training(cfg_for("popularity", toy_data, tmp_path / "p", "train.topk=[5,10]"), echo=lambda s: None)
+    assert back["test"]["ndcg@10"] == first["test"]["ndcg@10"] and "ndcg@20" not in back["test"]
+    assert run_training(cfg_for("popularity", toy_data, tmp_path / "p", "train.resume=false"),
+                        echo=lambda s: None)["test"] == first["test"]
 
 
 def test_a_missing_best_checkpoint_is_an_error_not_the_last_weights(toy_data, tmp_path):
@@ -263,12 +266,29 @@ def test_a_missing_best_checkpoint_is_an_error_not_the_last_weights(toy_data, tm
 
     from moedist.errors import CheckpointError
 
-    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=3", *SMALL_SEQ), echo=lambda s: None)
+    # validated at epoch 0 only: the best epoch (0) is not the last one (1)
+    args = ("train.epochs=2", "train.eval_every=2", *SMALL_SEQ)
+    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=lambda s: None)
+    assert res["best_epoch"] == 0
     shutil.rmtree(tmp_path / "r" / "checkpoints" / "best")
     results_before = (tmp_path / "r" / "results.json").read_text()
-    with pytest.raises(CheckpointError, match=rf"best is missing(.|\n)*epoch {res['best_epoch']} was the best"):
-        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=3", *SMALL_SEQ), echo=lambda s: None)
+    with pytest.raises(CheckpointError, match=r"best is missing(.|\n)*epoch 0 was the best"):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=lambda s: None)
     assert (tmp_path / "r" / "results.json").read_text() == results_before
+
+
+def test_a_best_checkpoint_lost_after_its_epochs_last_was_saved_is_restored(toy_data, tmp_path):
+    """An epoch saves 'last' and then, if it improved, 'best': after a crash between the two
+    the resumed weights are the best epoch's, and the resume writes 'best' from them."""
+    args = ("train.epochs=1", *SMALL_SEQ)  # one evaluation: epoch 0 is the best and the last
+    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=lambda s: None)
+    import shutil
+
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "best")
+    said: list[str] = []
+    again = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=said.append)
+    assert any("restored it from the resumed weights" in line for line in said), said
+    assert again["best_epoch"] == res["best_epoch"] == 0 and again["test"] == res["test"] and again["valid"] == res["valid"]
 
 
 def test_when_no_checkpoint_loads_the_fresh_run_is_a_new_run(toy_data, tmp_path):

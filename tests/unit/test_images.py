@@ -148,7 +148,7 @@ def test_good_url_then_cache_hit(server, tmp_path):
     [
         ("/missing.jpg", "http_404"),
         ("/forbidden.jpg", "http_error"),
-        ("/broken.jpg", "http_error"),
+        ("/broken.jpg", "http_unavailable"),
         ("/slow.jpg", "timeout"),
         ("/short-body.jpg", "truncated"),
         ("/cut.jpg", "truncated"),
@@ -176,6 +176,22 @@ def test_retries_transient_but_not_permanent_failures(server, tmp_path):
     before = server.hits.get("/broken.jpg", 0)
     f.load(server.url("/broken.jpg"))
     assert server.hits["/broken.jpg"] == before + 3  # a 500 is: 1 + 2 retries
+
+
+def test_a_host_that_does_not_resolve_is_not_a_temporary_failure(tmp_path, monkeypatch):
+    import socket
+
+    from moedist.features.images import TEMPORARY_REASONS
+
+    def no_such_host(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    img, reason = _fetcher(tmp_path, retries=0).load("http://images.example.invalid/x.jpg")
+    assert img is None and reason == "host_not_found" and reason in REASONS
+    # refusals and dead hosts answer the same on every run; only these are retried by a re-run
+    assert "host_not_found" not in TEMPORARY_REASONS and "http_error" not in TEMPORARY_REASONS
+    assert {"timeout", "connection_error", "http_unavailable"} == set(TEMPORARY_REASONS)
 
 
 def test_connection_refused(tmp_path):

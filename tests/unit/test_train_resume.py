@@ -308,3 +308,31 @@ def test_mask_history_removes_the_whole_history_not_just_the_last_max_seq_len(to
         # each worker ranks its own share of the users (distributed evaluation): the same ranks
         halves = np.array_split(idx, 3)
         assert torch.equal(torch.cat([task.eval_ranks(model, split, h, "cpu") for h in halves]), want)
+
+
+def test_the_same_raw_data_prepared_in_another_folder_is_the_same_dataset(tmp_path):
+    """Prepared tables store local image paths absolute: preparing a copy of the raw folder
+    elsewhere (e.g. on a cluster volume) changes items.parquet's file hash but not what the
+    models read, so a resume and the features' item check accept it; other text does not."""
+    import shutil
+
+    from moedist.data.api import DataConfig, prepare
+    from moedist.data.dataset import PreparedDataset
+    from moedist.features.store import items_digest
+    from moedist.train.identity import dataset_differences, dataset_identity
+
+    a = prepare(DataConfig(source="synthetic", size="tiny", out=str(tmp_path / "a")))
+    raw_b = tmp_path / "elsewhere" / "raw"
+    shutil.copytree(tmp_path / "a-raw", raw_b)
+    b = prepare(DataConfig(source="amazon2018", input=str(raw_b), name=a["name"], out=str(tmp_path / "b")))
+    da, db = PreparedDataset(tmp_path / "a"), PreparedDataset(tmp_path / "b")
+    assert a["files"]["items.parquet"] != b["files"]["items.parquet"]  # absolute image paths differ
+    assert a["files"]["interactions.parquet"] == b["files"]["interactions.parquet"]
+    assert dataset_differences(dataset_identity(da.manifest, da.items), dataset_identity(db.manifest, db.items)) == []
+    assert dataset_differences(dataset_identity(da.manifest), dataset_identity(db.manifest))  # by file hash alone: differ
+    ia, ib = (items_digest(d.items["item_id"], d.items["text"], d.items["image"]) for d in (da, db))
+    assert ia == ib
+    changed = db.items.copy()
+    changed.loc[0, "text"] = "another title"
+    diff = dataset_differences(dataset_identity(da.manifest, da.items), dataset_identity(db.manifest, changed))
+    assert diff and "items.parquet (ids, text, categories or images)" in diff[0]
