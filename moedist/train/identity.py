@@ -213,7 +213,7 @@ def check_resume(stored_state: dict, identity: dict, source: Path | str) -> bool
             f"cannot resume from {source}: it was written by a different run:\n  " + "\n  ".join(diffs)
             + "\nResume with the original settings, or start fresh with train.resume=false "
             "(overwrites this run directory) or another --run-dir. Settings that may change on resume: "
-            "train.epochs, train.patience, train.progress, train.eval_batch_size, train.device, train.lr, "
+            "train.epochs, train.patience, train.progress, train.eval_batch_size, train.device, train.topk, train.lr, "
             "train.router_lr_scale, train.grad_clip, train.fused_adam, dist.* (but dist.deepspeed_config)."
         )
     return True
