@@ -112,6 +112,8 @@ def _comparable(d: Any) -> Any:
         for k, v in d.items():
             if k in DEVICE_LIKE:
                 continue
+            if k == "path" and d.get("sha256"):
+                continue  # weights known by their sha256: where they lie (a cache, a mount) does not count
             if k == "torch" and isinstance(v, str):
                 v = v.split("+")[0]  # 2.5.1+cu121 vs 2.5.1+cpu: the device again
             out[k] = _comparable(v)

@@ -379,3 +379,19 @@ def test_weights_identity_and_version_are_part_of_the_encoder_identity(tmp_path,
     assert after["weights"]["sha256"] != before["weights"]["sha256"] and after["weights"]["bytes"] == before["weights"]["bytes"]
     eff = encoder_identity("efficientnet_lite0")
     assert eff["weights"]["sha256"] == build_encoder("efficientnet_lite0").describe()["weights_sha256"]
+
+
+def test_the_same_weights_in_another_place_are_the_same_encoder():
+    """A checkpoint known by its sha256 is the same encoder wherever it lies (another user's
+    cache, a volume mounted elsewhere); another sha256 is another encoder."""
+    from moedist.features.pipeline import description_changes
+
+    a = {"backend": "open_clip", "model": "ViT-B-32", "device": "cpu",
+         "weights": {"source": "pretrained tag", "tag": "openai", "path": "/home/a/.cache/clip.pt", "sha256": "ab" * 32}}
+    b = {**a, "device": "cuda:0", "weights": {**a["weights"], "path": "/mnt/cache/clip.pt"}}
+    assert description_changes(a, b) == []
+    c = {**b, "weights": {**b["weights"], "sha256": "cd" * 32}}
+    assert description_changes(a, c) and description_changes(a, c)[0].startswith("weights:")
+    unknown = {**a, "weights": {"source": "from_pretrained", "path": "bert-base-uncased", "sha256": None}}
+    moved = {**unknown, "weights": {**unknown["weights"], "path": "/models/bert"}}
+    assert description_changes(unknown, moved)  # without a sha256 the path is all there is
