@@ -20,6 +20,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_strings(values, *, chunk: int = 65536) -> str:
+    """sha256 of a sequence of strings (None allowed), fed in chunks: each value as its length
+    and text, so no separator inside a value can make two sequences hash alike, and no single
+    string of the whole column is ever built (a million item texts stay a few MB at a time)."""
+    h = hashlib.sha256()
+    values = list(values)
+    for i in range(0, len(values), chunk):
+        part = ["-1:" if v is None else f"{len(v)}:{v}" for v in values[i : i + chunk]]
+        h.update("".join(part).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
 def current_umask() -> int:
     """This process's umask, read without changing it where Linux shows it in /proc (setting
     and restoring it would briefly change it for every thread)."""

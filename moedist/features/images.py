@@ -14,8 +14,8 @@ Reasons (a small fixed vocabulary, so they can be counted):
 ``http_unavailable``      5xx or 429: the server could not answer now (after retries)
 ``http_error``            any other non-200 status (403, 401, 400, ...: the server refuses)
 ``timeout``               no response / no data within ``timeout`` seconds (after retries)
-``host_not_found``        the host name does not resolve (DNS)
-``connection_error``      refused, reset, ... (after retries)
+``connection_error``      refused, reset, DNS failure, ... (after retries; a name that does
+                          not resolve is also what a node without internet access sees)
 ``truncated``             fewer bytes than announced, or an image file cut short
 ``not_an_image``          the bytes are not an image PIL recognises
 ``too_large``             more than ``max_bytes`` bytes, or more pixels than PIL's
@@ -65,7 +65,6 @@ REASONS = (
     "http_unavailable",
     "http_error",
     "timeout",
-    "host_not_found",
     "connection_error",
     "truncated",
     "not_an_image",
@@ -77,8 +76,8 @@ REASONS = (
 
 # failures that say nothing about the image itself (the network, a server, a mount):
 # a re-run of the extraction rebuilds the shards that have any (see pipeline.plan_extraction).
-# A refusal (403, 401, 400, ...) or a host that does not resolve is an answer about the URL,
-# the same on every run: retrying those would re-encode their shards on every re-run.
+# A refusal (403, 401, 400, ...) is the server's answer about the URL, the same on every run:
+# retrying it would re-encode its shard on every re-run.
 TEMPORARY_REASONS = ("timeout", "connection_error", "http_unavailable")
 
 USER_AGENT = "moedist-feature-extractor/0.1"
@@ -114,8 +113,7 @@ def portable_image_ref(src: str) -> str:
     prepared in another folder (a copy on a cluster volume) names the same images."""
     if "://" in src and not src.startswith("file://"):
         return src
-    parts = Path(src.removeprefix("file://")).parts
-    return "/".join(parts[-2:])
+    return "/".join(src.removeprefix("file://").rstrip("/").rsplit("/", 2)[-2:])
 
 
 def url_cache_path(cache_dir: str | Path, url: str) -> Path:
@@ -342,8 +340,6 @@ class ImageFetcher:
         except urllib.error.URLError as e:
             if isinstance(e.reason, (socket.timeout, TimeoutError)):
                 raise _Transient("timeout") from None
-            if isinstance(e.reason, socket.gaierror) and e.reason.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
-                raise _Permanent("host_not_found") from None
             raise _Transient("connection_error") from None
         except (ConnectionError, http.client.HTTPException, OSError):
             raise _Transient("connection_error") from None

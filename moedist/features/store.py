@@ -260,10 +260,11 @@ def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
     """sha256 of the items' ``item_id`` order (and of their ``text`` / ``image`` fields when
     given), each a sequence ordered by ``item_idx``. Missing values (None / NaN) hash alike."""
 
+    from moedist.io import sha256_strings
+
     def h(values, missing_as: str | None) -> str:
-        vals = [_field(v) for v in values]
-        vals = [missing_as if v is None else v for v in vals] if missing_as is not None else vals
-        return hashlib.sha256(json.dumps(vals).encode()).hexdigest()
+        vals = (_field(v) for v in values)
+        return sha256_strings(vals if missing_as is None else (missing_as if v is None else v for v in vals))
 
     out = {"item_id": h(item_ids, "")}  # the pipeline stores a missing id as ""
     if text is not None:

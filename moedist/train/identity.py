@@ -76,14 +76,17 @@ def items_content_digest(items) -> str:
     def text(v) -> str | None:
         return None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else str(v)
 
+    from moedist.io import sha256_strings
+
     cols = {
-        "item_id": [str(v) for v in df["item_id"]],
-        "text": [text(v) for v in df["text"]] if "text" in df else None,
-        "categories": [[] if c is None or isinstance(c, float) else [str(x) for x in c] for c in df["categories"]]
+        "item_id": (str(v) for v in df["item_id"]),
+        "text": (text(v) for v in df["text"]) if "text" in df else None,
+        "categories": ("\x1f".join(map(str, c)) if c is not None and not isinstance(c, float) else "" for c in df["categories"])
         if "categories" in df else None,
-        "image": [None if text(v) is None else portable_image_ref(text(v)) for v in df["image"]] if "image" in df else None,
+        "image": (None if text(v) is None else portable_image_ref(text(v)) for v in df["image"]) if "image" in df else None,
     }
-    return hashlib.sha256(json.dumps(cols).encode()).hexdigest()
+    parts = {k: None if v is None else sha256_strings(v) for k, v in cols.items()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def dataset_identity(manifest: dict, items=None) -> dict:

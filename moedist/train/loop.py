@@ -718,11 +718,6 @@ def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
     check again, and also that the tensors fit the model)."""
     if not cfg.train.resume:
         return
-    from moedist.data.dataset import PreparedDataset
-
-    data = PreparedDataset(cfg.data)
-    identity = run_identity(cfg, data.manifest, find_features(cfg) if model_needs_features(cfg) else None,
-                            items=data.items)
     ckpt = Path(run_dir) / "checkpoints"
     for c in (ckpt / "last", previous_of(ckpt / "last")):
         source = latest_complete(c)
@@ -732,6 +727,16 @@ def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> None:
             stored = read_state(source)
         except CheckpointError:
             continue
+        import pandas as pd
+
+        from moedist.data.prepare import load_manifest
+
+        try:
+            items = pd.read_parquet(Path(cfg.data) / "items.parquet")
+        except Exception:  # the workers' PreparedDataset names the problem
+            return
+        identity = run_identity(cfg, load_manifest(cfg.data), find_features(cfg) if model_needs_features(cfg) else None,
+                                items=items)
         check_resume(stored, identity, source)
         return
 
@@ -809,11 +814,13 @@ def _reconcile_best(ckpt: Path, model, state: dict, ep_size: int, echo) -> None:
     """Make ``checkpoints/best`` agree with the resumed state after a crash between an
     epoch's two saves, or a resume from an older 'last' than the newest:
 
-    * the resumed epoch is the best one but 'best' holds an earlier epoch ('last' was saved,
-      'best' not): the resumed weights are that epoch's, so 'best' is written from them;
-    * 'best' holds an epoch after the resumed one (a fallback to an older 'last'): that epoch
-      was evaluated and was the best when it ran, so the run continues with it as its best
-      instead of pointing at weights that no longer exist.
+    * the resumed epoch is the best one but 'best' holds an earlier epoch or none ('last' was
+      saved, 'best' not): the resumed weights are that epoch's, so 'best' is written from them;
+    * 'best' holds an epoch after the resumed one (a fallback to an older 'last'): the weights
+      of the resumed state's best epoch are gone, and that later epoch is trained again, so
+      the best is chosen afresh among the epochs trained from here (with a warning).
+
+    Every rank decides from the same files (the run directory is shared, as it must be).
     """
     want = state.get("best_epoch")
     best = latest_complete(ckpt / "best")
@@ -824,13 +831,16 @@ def _reconcile_best(ckpt: Path, model, state: dict, ep_size: int, echo) -> None:
     have = found.get("best_epoch")
     if want is None or have == want:
         return
-    if want == state["epoch"]:
+    if isinstance(have, int) and have > state["epoch"]:
+        # its weights are of an epoch to be trained again, and the resumed state's best
+        # weights were overwritten by them: selection starts again from the epochs to come
+        state.update(best=None, best_epoch=None, bad_evals=0)
+        echo(f"warning: {ckpt / 'best'} holds epoch {have}, after the resumed epoch {state['epoch']} (an older "
+             "checkpoint was resumed); the best epoch is chosen again among the epochs trained from here")
+    elif want == state["epoch"] and (have is None or have < want):
         save_checkpoint(ckpt / "best", model, None, state, ep_size=ep_size)
-        echo(f"note: {ckpt / 'best'} held epoch {have}, not the best epoch {want}; restored it from the resumed weights")
-    elif isinstance(have, int) and have > state["epoch"] and found.get("best") is not None:
-        state.update(best=found["best"], best_epoch=have, bad_evals=0)
-        echo(f"note: {ckpt / 'best'} holds epoch {have}, after the resumed epoch {state['epoch']}; "
-             "it stays the best so far")
+        echo(f"note: {ckpt / 'best'} held {'no epoch' if have is None else f'epoch {have}'}, not the best epoch "
+             f"{want}; restored it from the resumed weights")
 
 
 def _best_checkpoint(ckpt: Path, state: dict, trainable: bool) -> Path | None:

@@ -277,6 +277,21 @@ def test_a_missing_best_checkpoint_is_an_error_not_the_last_weights(toy_data, tm
     assert (tmp_path / "r" / "results.json").read_text() == results_before
 
 
+def test_a_fallback_to_an_older_last_retrains_to_the_uninterrupted_result(toy_data, tmp_path):
+    """'last' damaged: the run resumes from 'last-previous' while 'best' may hold the later
+    epoch; the epoch is trained again and the run ends with the uninterrupted run's result."""
+    args = ("train.epochs=3", *SMALL_SEQ)
+    res = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=lambda s: None)
+    weights = tmp_path / "r" / "checkpoints" / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    said: list[str] = []
+    again = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=said.append)
+    assert any("resumed from" in line and "epoch 1" in line for line in said), said
+    assert again["best_epoch"] == res["best_epoch"] and again["test"] == res["test"] and again["valid"] == res["valid"]
+    if res["best_epoch"] == 2:  # 'best' held the epoch trained again
+        assert any("chosen again among the epochs trained from here" in line for line in said), said
+
+
 def test_a_best_checkpoint_lost_after_its_epochs_last_was_saved_is_restored(toy_data, tmp_path):
     """An epoch saves 'last' and then, if it improved, 'best': after a crash between the two
     the resumed weights are the best epoch's, and the resume writes 'best' from them."""

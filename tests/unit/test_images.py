@@ -178,7 +178,9 @@ def test_retries_transient_but_not_permanent_failures(server, tmp_path):
     assert server.hits["/broken.jpg"] == before + 3  # a 500 is: 1 + 2 retries
 
 
-def test_a_host_that_does_not_resolve_is_not_a_temporary_failure(tmp_path, monkeypatch):
+def test_only_failures_that_say_nothing_about_the_url_are_retried_by_a_rerun(tmp_path, monkeypatch):
+    """A refusal (403, ...) is permanent; a name that does not resolve is not: a node without
+    internet access gets the same answer for every real host."""
     import socket
 
     from moedist.features.images import TEMPORARY_REASONS
@@ -187,11 +189,10 @@ def test_a_host_that_does_not_resolve_is_not_a_temporary_failure(tmp_path, monke
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
-    img, reason = _fetcher(tmp_path, retries=0).load("http://images.example.invalid/x.jpg")
-    assert img is None and reason == "host_not_found" and reason in REASONS
-    # refusals and dead hosts answer the same on every run; only these are retried by a re-run
-    assert "host_not_found" not in TEMPORARY_REASONS and "http_error" not in TEMPORARY_REASONS
-    assert {"timeout", "connection_error", "http_unavailable"} == set(TEMPORARY_REASONS)
+    img, reason = _fetcher(tmp_path, retries=0).load("http://images.example.com/x.jpg")
+    assert img is None and reason == "connection_error" and reason in TEMPORARY_REASONS
+    assert set(TEMPORARY_REASONS) == {"timeout", "connection_error", "http_unavailable"}
+    assert "http_error" not in TEMPORARY_REASONS and "http_404" not in TEMPORARY_REASONS
 
 
 def test_connection_refused(tmp_path):
