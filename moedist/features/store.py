@@ -256,6 +256,9 @@ def _field(v) -> str | None:
     return str(v)
 
 
+ITEMS_DIGEST_VERSION = 1  # how items_digest hashes; a manifest's digest of another version is not compared
+
+
 def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
     """sha256 of the items' ``item_id`` order (and of their ``text`` / ``image`` fields when
     given), each a sequence ordered by ``item_idx``. Missing values (None / NaN) hash alike."""
@@ -266,7 +269,7 @@ def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
         vals = (_field(v) for v in values)
         return sha256_strings(vals if missing_as is None else (missing_as if v is None else v for v in vals))
 
-    out = {"item_id": h(item_ids, "")}  # the pipeline stores a missing id as ""
+    out = {"version": ITEMS_DIGEST_VERSION, "item_id": h(item_ids, "")}  # the pipeline stores a missing id as ""
     if text is not None:
         out["text"] = h(text, None)
     if image is not None:
@@ -391,9 +394,9 @@ def _check_items(manifest: dict, items, modalities: list[str], features_dir: Pat
             path=mpath,
         )
     digest = manifest.get("items_digest")
-    if isinstance(digest, dict) and fields:
+    if isinstance(digest, dict) and digest.get("version") == ITEMS_DIGEST_VERSION and fields:
         now = items_digest(ids, **{m: v for m, v in fields.items() if m in ("text", "image")})
-        changed = [m for m in fields if m in digest and m in now and digest[m] != now[m]]
+        changed = [m for m in fields if m in digest and m in now and m != "version" and digest[m] != now[m]]
         if changed:
             raise DataError(
                 f"features in {features_dir} {made_from}: the same item ids, but the items' {' and '.join(changed)} "

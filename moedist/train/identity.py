@@ -60,6 +60,7 @@ _MODEL_PLACEMENT = ("ep_size",)  # set from dist.ep_size by the loop
 
 
 ITEMS_TABLE = "items.parquet"
+ITEMS_DIGEST_VERSION = "items-v1"  # how items_content_digest hashes; digests of another version are not compared
 
 
 def items_content_digest(items) -> str:
@@ -99,7 +100,7 @@ def dataset_identity(manifest: dict, items=None) -> dict:
         "files": dict(manifest.get("files") or {}),
     }
     if items is not None:
-        out["items"] = items_content_digest(items)
+        out["items"] = f"{ITEMS_DIGEST_VERSION}:{items_content_digest(items)}"
     return out
 
 
@@ -179,10 +180,12 @@ def dataset_differences(stored: dict | None, current: dict) -> list[str]:
     if not stored:
         return []
     sf, cf = dict(stored.get("files") or {}), dict(current.get("files") or {})
-    if stored.get("items") and current.get("items"):  # the items by content, not by file hash
+    si, ci = str(stored.get("items") or ""), str(current.get("items") or "")
+    if si and ci:  # the items by content, not by file hash
         sf.pop(ITEMS_TABLE, None)
         cf.pop(ITEMS_TABLE, None)
-        if stored["items"] != current["items"]:
+        same_version = si.split(":", 1)[0] == ci.split(":", 1)[0]
+        if same_version and si != ci:
             sf[ITEMS_TABLE + " (ids, text, categories or images)"] = stored["items"]
             cf[ITEMS_TABLE + " (ids, text, categories or images)"] = current["items"]
     if sf and cf:
