@@ -1,6 +1,6 @@
 """Extract frozen item features (text + image) for a prepared dataset with Ray Data.
 
-Locally (starts a private Ray instance, 4 logical CPUs, no dashboard)::
+Locally (starts a private Ray instance, at least 4 logical CPUs, no dashboard)::
 
     python jobs/extract_features.py --data data/prepared/synthetic-small-2025
 

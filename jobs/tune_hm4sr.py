@@ -20,7 +20,7 @@ trials' run directories and the retrained best are written there)::
 Outputs in ``<storage>/<name>`` (default ``runs/tune-hm4sr-<dataset>``): ``results.csv`` /
 ``results.parquet`` (one row per trial), ``best.yaml`` (``python jobs/train_hm4sr.py --config
 best.yaml`` or ``moedist train --config best.yaml``) and ``best/results.json`` (test metrics).
-Rerunning the same command resumes the search. Without ``--data`` a missing feature set is
+Rerunning the same command resumes the search. With ``--data`` a missing feature set is
 extracted first; ``hm4sr.modalities=[id]`` needs none.
 """
 from __future__ import annotations
