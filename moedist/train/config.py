@@ -109,6 +109,26 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
     need(len(topk) > 0 and all(k >= 1 for k in topk), "train.topk", topk, "a non-empty list of integers >= 1")
     need(cfg.dist.grad_accum >= 1, "dist.grad_accum", cfg.dist.grad_accum, "an integer >= 1")
     need(cfg.dist.ep_size >= 1, "dist.ep_size", cfg.dist.ep_size, "an integer >= 1")
+    workers = cfg.dist.workers
+    if workers > 1 and tc.batch_size < workers and cfg.model != "popularity":
+        # each worker trains on its slice of every global batch: with fewer samples than
+        # workers the last ones never get a sample, and the epoch's loss reduction fails
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} is smaller than dist.workers={workers}: every worker needs at "
+            f"least one sample of each global batch; use train.batch_size >= {workers} or fewer workers"
+        )
+    if workers <= 0 and not cfg.dist.deepspeed:
+        # local mode trains with a plain torch optimizer: these settings would be ignored
+        if cfg.dist.precision == "bf16":
+            raise ConfigError(
+                "dist.precision='bf16' needs a DeepSpeed engine, which local mode (no dist.workers) does not use: "
+                "add dist.deepspeed=true, or train with --workers N"
+            )
+        if cfg.dist.deepspeed_config:
+            raise ConfigError(
+                f"dist.deepspeed_config={cfg.dist.deepspeed_config!r} needs a DeepSpeed engine, which local mode "
+                "(no dist.workers) does not use: add dist.deepspeed=true, or train with --workers N"
+            )
     section = getattr(cfg, cfg.model, None)
     model_ep = getattr(section, "ep_size", 1)
     if model_ep not in (1, cfg.dist.ep_size):

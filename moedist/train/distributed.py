@@ -21,6 +21,14 @@ def use_bf16(cfg: ExperimentConfig, device: torch.device) -> bool:
     return device.type == "cuda"  # auto: bf16 on GPUs, fp32 on CPU
 
 
+def needs_deepspeed_engine(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """Whether ``cfg`` asks for something only a DeepSpeed engine does: bf16 training
+    (``dist.precision``, ``auto`` on a GPU) or a ``dist.deepspeed_config``. A single Ray Train
+    worker (``--workers 1``) has no other rank to reduce with and otherwise trains with the
+    plain torch optimizer, which would ignore them (ZeRO with one rank partitions nothing)."""
+    return use_bf16(cfg, device) or bool(cfg.dist.deepspeed_config)
+
+
 def deepspeed_config(cfg: ExperimentConfig, world: int, device: torch.device) -> dict:
     """The DeepSpeed config for ``cfg``; ``dist.deepspeed_config`` (JSON) overrides any key.
 

@@ -54,6 +54,12 @@ def _worker_loop(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    if world == 1 and not cfg.dist.deepspeed:
+        from moedist.train.distributed import needs_deepspeed_engine
+
+        # one worker would otherwise train with the plain torch optimizer, ignoring
+        # dist.precision (bf16, or auto on a GPU) and dist.deepspeed_config, unlike N workers
+        cfg.dist.deepspeed = needs_deepspeed_engine(cfg, device)
 
     resume = None
     ckpt = ray.train.get_checkpoint()

@@ -199,6 +199,11 @@ def check_expert_parallel(cfg: ExperimentConfig, world: int) -> None:
         return
     if cfg.model not in ("hm4sr", "mamex"):
         raise ConfigError(f"dist.ep_size={ep}: model {cfg.model} has no MoE layers to shard")
+    ablated = {"hm4sr": ("use_imoe", "its Interactive MoE"), "mamex": ("use_moe", "its adapter MoE")}[cfg.model]
+    if not getattr(getattr(cfg, cfg.model), ablated[0]):
+        # the Temporal MoE and the plain adapters are never sharded: nothing would be
+        raise ConfigError(f"dist.ep_size={ep}: {cfg.model}.{ablated[0]}=false leaves {ablated[1]} out, "
+                          "so there are no experts to shard; use dist.ep_size=1")
     if ep < 1 or world % ep:
         raise ConfigError(f"dist.ep_size={ep} must divide the number of workers ({world})")
     if cfg.dist.zero_stage > 0:
@@ -580,12 +585,13 @@ def train_one_epoch(stepper, task, cfg: ExperimentConfig, ctx: DistContext, epoc
                 )
             stepper.backward(loss * weight)
             stepper.step()
-            if weight > 0:
-                w = len(sub)
-                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * w
-                for k, v in parts.items():
-                    totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + float(v) * w
-                seen += w
+            # every rank keeps the same keys, also one that only ran dummy batches, so the
+            # epoch's all-reduce of the totals below sends the same numbers from every rank
+            w = len(sub) if weight > 0 else 0
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * w
+            for k, v in parts.items():
+                totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + float(v) * w
+            seen += w
         steps += 1
         state["global_step"] += 1
         if progress is not None and ctx.is_main:
