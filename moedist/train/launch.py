@@ -136,11 +136,15 @@ def init_ray(cfg: ExperimentConfig, *, num_cpus: int | None = None, log_to_drive
 
 
 def resolve_use_gpu(cfg: ExperimentConfig) -> bool:
-    """``dist.use_gpu``, or whether the connected cluster has GPUs."""
+    """``dist.use_gpu``; else False for ``train.device=cpu`` (no GPU is reserved, and the
+    workers talk over gloo, not NCCL, with the model on the CPU); else whether the connected
+    cluster has GPUs."""
     import ray
 
     if cfg.dist.use_gpu is not None:
         return bool(cfg.dist.use_gpu)
+    if str(cfg.train.device).split(":")[0] == "cpu":
+        return False
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 

@@ -53,3 +53,12 @@ def test_one_worker_needs_an_engine_only_for_what_the_torch_optimizer_cannot_do(
     assert not needs_deepspeed_engine(cfg("sasrec", "dist.workers=1", "dist.precision=fp32"), gpu)
     assert needs_deepspeed_engine(cfg("sasrec", "dist.workers=1", "dist.precision=bf16"), cpu)
     assert needs_deepspeed_engine(cfg("sasrec", "dist.workers=1", "dist.deepspeed_config=ds.json"), cpu)
+
+
+def test_a_cpu_run_on_a_cluster_with_gpus_reserves_none():
+    """train.device=cpu: the workers take no GPU and use gloo (before, a cluster with GPUs made
+    them reserve one each and pick NCCL while the model stayed on the CPU)."""
+    from moedist.train.launch import resolve_use_gpu
+
+    assert resolve_use_gpu(cfg("sasrec", "train.device=cpu")) is False  # decided without asking Ray
+    assert resolve_use_gpu(cfg("sasrec", "train.device=cpu", "dist.use_gpu=true")) is True  # an explicit choice wins
