@@ -4,7 +4,7 @@ Locally (starts a private Ray instance, at least 4 logical CPUs, no dashboard)::
 
     python jobs/extract_features.py --data data/prepared/synthetic-small-2025
 
-On a running cluster (``ray start --head ...``; with RAY_AUTH_MODE=disabled on a loopback test cluster)::
+On a running cluster (``ray start --head ...``)::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/extract_features.py --data $PWD/data/prepared/synthetic-small-2025 --actors 2

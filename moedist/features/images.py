@@ -25,7 +25,8 @@ Reasons (a small fixed vocabulary, so they can be counted):
                           1-pixel-high strip is tiny on disk, but resizing its short side
                           to the model input (Resize(256)) would allocate gigabytes
 ``decode_error``          PIL recognised the format but could not decode it
-``bad_source``            an unsupported URL scheme or unreadable local file
+``bad_source``            an unsupported URL scheme (also as a redirect's target) or
+                          unreadable local file
 ========================  ==========================================================
 
 Which reasons a re-run retries is decided by the pipeline (:data:`TEMPORARY_REASONS`,
@@ -49,6 +50,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,6 +106,20 @@ class _Permanent(Exception):
 
 def is_url(src: str) -> bool:
     return src.startswith(("http://", "https://"))
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) URLs only. urllib's own handler also follows ``ftp://``, so
+    a server named in the metadata could make the fetcher connect to any host and port."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            fp.close()
+            raise _Permanent("bad_source")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 def portable_image_ref(src: str) -> str:
@@ -310,7 +326,7 @@ class ImageFetcher:
     def _download(self, url: str) -> bytes:
         req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http(s) only, checked above
+            with _OPENER.open(req, timeout=self.timeout) as resp:  # http(s) only: checked above, and on redirects
                 length = resp.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) > self.max_bytes:
                     raise _Permanent("too_large")

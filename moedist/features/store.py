@@ -52,6 +52,10 @@ FORMAT_VERSION = 1
 KEY_DIGITS = 9
 MANIFEST = "manifest.json"
 MODALITIES = ("text", "image")
+# Largest .meta.json entry read from a shard (an item id and a few reasons: well under 1 KB).
+MAX_META_BYTES = 1024 * 1024
+# Room for a .npy header (numpy writes 128 bytes; it reads up to 10,000) besides the data.
+NPY_HEADER_ROOM = 16 * 1024
 
 
 def shard_name(index: int) -> str:
@@ -225,6 +229,15 @@ def read_manifest(features_dir: str | Path) -> dict:
     return manifest
 
 
+def _check_member_size(member: tarfile.TarInfo, limit: int, path: Path) -> None:
+    """DataError unless ``member`` is a plain (not sparse) entry of at most ``limit`` bytes: a GNU
+    sparse entry of a few bytes on disk can claim gigabytes, which ``read()`` would allocate."""
+    if member.sparse is not None or member.size > limit:
+        kind = "sparse entry" if member.sparse is not None else "entry"
+        raise DataError(f"{kind} {member.name!r} claims {member.size:,} bytes (at most {limit:,} expected); "
+                        "not a shard written by moedist", path=path)
+
+
 def read_shard_missing(path: str | Path) -> dict[int, dict[str, str]]:
     """``{item_idx: {modality: reason}}`` for the items of a shard with a missing modality
     (from its ``.meta.json`` entries only). Raises :class:`DataError` for an unreadable shard."""
@@ -234,6 +247,7 @@ def read_shard_missing(path: str | Path) -> dict[int, dict[str, str]]:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".meta.json"):
+                    _check_member_size(member, MAX_META_BYTES, path)
                     meta = json.loads(tar.extractfile(member).read())
                     if meta.get("missing"):
                         out[int(meta["item_idx"])] = dict(meta["missing"])
@@ -305,6 +319,10 @@ def read_shard(path: str | Path, *, first_item: int, last_item: int, dims: dict[
                 if not first_item <= idx <= last_item:
                     raise DataError(f"item {idx} does not belong in this shard (items {first_item}..{last_item})", path=path)
                 row = idx - first_item
+                m = ext[: -len(".npy")] if ext.endswith(".npy") else None
+                if ext != "meta.json" and m not in dims:
+                    continue  # a modality not asked for: not read at all
+                _check_member_size(member, MAX_META_BYTES if ext == "meta.json" else 4 * dims[m] + NPY_HEADER_ROOM, path)
                 data = tar.extractfile(member).read()
                 if ext == "meta.json":
                     meta = json.loads(data)
@@ -313,9 +331,6 @@ def read_shard(path: str | Path, *, first_item: int, last_item: int, dims: dict[
                         mask[m][row] = bool(meta.get("mask", {}).get(m, False))
                     seen["meta"][row] = True
                     continue
-                m = ext[: -len(".npy")] if ext.endswith(".npy") else None
-                if m not in dims:
-                    continue  # a modality not asked for
                 x = np.load(io.BytesIO(data), allow_pickle=False)
                 if x.dtype != np.float32 or x.shape != (dims[m],):
                     raise DataError(f"item {idx}: {m} feature has shape {x.shape} {x.dtype}, manifest says [{dims[m]}] float32", path=path)

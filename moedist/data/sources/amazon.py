@@ -43,6 +43,9 @@ from moedist.errors import ConfigError, DataError
 
 PROGRESS_EVERY = 100_000
 GZIP_MAGIC = b"\x1f\x8b"
+# Longest line (newline included) read into memory: real records are at most a few MB, while a
+# gzip file of 1 MB can hold a 1 GB line (a decompression bomb) that would otherwise be buffered whole.
+MAX_LINE_BYTES = 64 * 1024 * 1024
 VERSIONS = ("2014", "2018", "2023")
 MAX_TIMESTAMP = 2**63 - 1
 _DATA_FILE_RE = re.compile(r"\.(json|jsonl)(\.gz)?$", re.IGNORECASE)
@@ -98,7 +101,8 @@ def iter_lines(path: str | Path, progress: Progress | None = None) -> Iterator[t
     """Yield ``(line_number, raw_bytes)`` (1-based) from a plain or gzip-compressed file.
 
     Compression is detected from the magic bytes, not the extension. Unreadable, corrupt or
-    truncated files raise a DataError naming the file (and the line where reading failed).
+    truncated files, and a line longer than :data:`MAX_LINE_BYTES`, raise a DataError naming
+    the file (and the line where reading failed).
     """
     path = Path(path)
     if path.is_dir():
@@ -116,7 +120,12 @@ def iter_lines(path: str | Path, progress: Progress | None = None) -> Iterator[t
             compressed = fh.read(2) == GZIP_MAGIC
             fh.seek(0)
             stream = gzip.GzipFile(fileobj=fh, mode="rb") if compressed else fh
-            for lineno, raw in enumerate(stream, 1):
+            limit = MAX_LINE_BYTES
+            while raw := stream.readline(limit + 1):
+                lineno += 1
+                if len(raw) > limit:
+                    raise DataError(f"line longer than {limit:,} bytes: not a JSON-lines / atomic data file, "
+                                    "or a decompression bomb", path=path, line=lineno)
                 yield lineno, raw
                 if progress is not None and lineno % PROGRESS_EVERY == 0:
                     progress.advance(PROGRESS_EVERY)
