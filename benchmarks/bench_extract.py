@@ -220,10 +220,11 @@ def main(argv=None) -> int:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from moedist.io import atomic_write_json
+
+        atomic_write_json(args.out, result, indent=1)  # its folder made if missing (bench_results/ is not in git)
     return 0
 
 

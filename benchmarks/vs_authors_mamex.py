@@ -451,6 +451,9 @@ def main() -> None:
     if changed and result.get("splits"):
         raise SystemExit(f"{out} holds splits run with other settings ({', '.join(changed)}): "
                          "give another --out, or remove the file to start over")
+    if changed:  # no split yet, but the equivalence and speed checks there ran under the old settings: redo them
+        result.pop("equivalence", None)
+        result.pop("speed", None)
     result.update({
         "authors_code": {"repo": "github.com/Rec4Fun/MAMEX", "checked_at": AUTHORS_COMMIT, "files_sha256": file_digests(repo)},
         "features": str(args.features),

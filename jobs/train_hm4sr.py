@@ -28,7 +28,7 @@ MODEL = "hm4sr"
 
 def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __doc__) -> int:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="prepared dataset folder (default: the embedded synthetic dataset)")
+    p.add_argument("--data", help="prepared dataset folder (default: --config's, else the embedded synthetic dataset)")
     p.add_argument("--features", help="feature shards folder (default: the one under <data>/features)")
     p.add_argument("--config", help="YAML with ExperimentConfig keys, e.g. a tuned best.yaml")
     p.add_argument("--run-dir", dest="run_dir", help="output folder (default runs/<model>-<dataset>)")
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __
     if args.workers > 0:
         connect_ray()
     data, features = (args.data, args.features)
-    if data is None:
-        data, features = prepare_default(args.size)
-    overrides = [f"data={data}", "train.progress=false", f"dist.workers={args.workers}", *args.overrides]
+    if data is None and not load_experiment_config(model, args.config, list(args.overrides)).data:
+        data, features = prepare_default(args.size)  # no dataset named (--data, --config, data=): the embedded one
+    overrides = [*([f"data={data}"] if data is not None else []), "train.progress=false", f"dist.workers={args.workers}",
+                 *args.overrides]
     for key, value in (("features", features), ("run_dir", args.run_dir), ("train.epochs", args.epochs),
                        ("dist.ep_size", args.ep_size), ("dist.zero_stage", args.zero_stage)):
         if value is not None:

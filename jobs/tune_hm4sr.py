@@ -33,7 +33,7 @@ MODEL = "hm4sr"
 
 
 def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __doc__) -> int:
-    from moedist.tune.cli import add_tune_arguments, tune_from_args
+    from moedist.tune.cli import add_tune_arguments, config_from_args, tune_from_args
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tune_arguments(p, model_required=False)
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __
     from prepare_data import connect_ray, prepare_default
 
     connect_ray()
-    if args.data is None:  # the embedded default, with a budget that fits a laptop
+    # no dataset named (by --data, --config or data=): the embedded default, with a budget that fits a laptop
+    if args.data is None and not config_from_args(args, model).data:
         args.data, args.features = map(str, prepare_default(args.size))
         args.samples = args.samples or 4
         if model == "mamex":  # validates every eval_every epochs: 40 epochs, 8 evaluations
@@ -54,7 +55,6 @@ def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __
             args.epochs = args.epochs or 8
     else:
         from moedist.train.loop import find_features, model_needs_features
-        from moedist.tune.cli import config_from_args
 
         cfg = config_from_args(args, model)
         if model_needs_features(cfg) and find_features(cfg) is None:

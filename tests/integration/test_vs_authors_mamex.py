@@ -83,3 +83,13 @@ def test_training_keeps_each_codes_best_epoch_and_skips_a_finished_split(toy_dat
            "--check-batch-size", "64", "--batch-size", "64", "--max-epochs", "4", "--patience", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "other settings (experts)" in proc.stderr
+
+
+def test_checks_of_other_settings_are_redone_not_kept(toy_data, toy_features, tmp_path):
+    out = tmp_path / "eq.json"
+    _run(toy_data, toy_features, out, "--max-epochs", "0", "--check-batches", "1", "--speed-steps", "2")
+    result = _run(toy_data, toy_features, out, "--max-epochs", "0", "--check-batches", "1", "--speed-steps", "2",
+                  "--experts", "8", "--threads", "2")
+    assert result["settings"]["experts"] == 8
+    assert result["equivalence"]["tensors_compared"] == 1 + 2 * (2 + 2 * 8) + 4  # the 8-expert layers, not the 4
+    assert result["speed"]["threads"] == 2
