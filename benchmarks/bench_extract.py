@@ -133,7 +133,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-local-1-thread", dest="local_1_thread", action="store_false", help="skip the extra local run with torch.set_num_threads(1)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from moedist.features.pipeline import extract_features, extract_features_local, read_items
 
