@@ -259,7 +259,8 @@ def read_shard_missing(path: str | Path) -> dict[int, dict[str, str]]:
 # ----------------------------------------------------------------------------- items identity
 
 
-def _field(v) -> str | None:
+def text_or_none(v) -> str | None:
+    """``v`` as a string, or None for a missing value (None, NaN, ``pd.NA``)."""
     if v is None:
         return None
     try:
@@ -280,7 +281,7 @@ def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
     from moedist.io import sha256_strings
 
     def h(values, missing_as: str | None) -> str:
-        vals = (_field(v) for v in values)
+        vals = (text_or_none(v) for v in values)
         return sha256_strings(vals if missing_as is None else (missing_as if v is None else v for v in vals))
 
     out = {"version": ITEMS_DIGEST_VERSION, "item_id": h(item_ids, "")}  # the pipeline stores a missing id as ""
@@ -290,7 +291,7 @@ def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
         from moedist.features.images import portable_image_ref
 
         # where the raw images lie on this machine is not part of what was encoded
-        out["image"] = h([None if _field(v) is None else portable_image_ref(_field(v)) for v in image], None)
+        out["image"] = h([None if text_or_none(v) is None else portable_image_ref(text_or_none(v)) for v in image], None)
     return out
 
 
@@ -400,7 +401,7 @@ def _check_items(manifest: dict, items, modalities: list[str], features_dir: Pat
         raise DataError(f"the manifest has no item_ids, so features in {features_dir} cannot be matched with {here}; {redo}", path=mpath)
     if len(ids) != len(stored):
         raise DataError(f"features in {features_dir} are for {len(stored)} items but {here} has {len(ids)}: they {made_from}; {redo}", path=mpath)
-    mine = [("" if _field(x) is None else _field(x)) for x in ids]
+    mine = [("" if text_or_none(x) is None else text_or_none(x)) for x in ids]
     if mine != [str(x) for x in stored]:
         i = next(k for k, (a, b) in enumerate(zip(mine, stored)) if a != str(b))
         raise DataError(

@@ -68,14 +68,10 @@ def items_content_digest(items) -> str:
     categories, and each image source by :func:`~moedist.features.images.portable_image_ref`
     (the table stores local image paths absolute, so its file hash changes when the same raw
     data is prepared in another folder, e.g. a copy on a cluster volume)."""
-    import pandas as pd
-
     from moedist.features.images import portable_image_ref
+    from moedist.features.store import text_or_none as text
 
     df = items.sort_values("item_idx", kind="stable") if "item_idx" in items else items
-
-    def text(v) -> str | None:
-        return None if v is None or v is pd.NA or (isinstance(v, float) and v != v) else str(v)
 
     from moedist.io import sha256_strings
 
@@ -219,7 +215,7 @@ def check_resume(stored_state: dict, identity: dict, source: Path | str) -> bool
             f"cannot resume from {source}: it was written by a different run:\n  " + "\n  ".join(diffs)
             + "\nResume with the original settings, or start fresh with train.resume=false "
             "(overwrites this run directory) or another --run-dir. Settings that may change on resume: "
-            "train.epochs, train.patience, train.progress, train.eval_batch_size, train.device, train.topk, train.lr, "
-            "train.router_lr_scale, train.grad_clip, train.fused_adam, dist.* (but dist.deepspeed_config)."
+            + ", ".join(sorted(k for k in RESUME_SAFE_KEYS if k.startswith("train.")))
+            + ", " + ", ".join(f"{p}* (but {', '.join(sorted(RESUME_UNSAFE_KEYS))})" for p in RESUME_SAFE_PREFIXES) + "."
         )
     return True
