@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -480,17 +481,28 @@ class DeepSpeedStepper:
 
 
 class RunLogger:
-    """metrics.jsonl + TensorBoard (rank 0 only)."""
+    """metrics.jsonl + TensorBoard (rank 0 only).
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    ``resumed_epoch`` is the last epoch the resumed checkpoint includes (None for a fresh
+    start). A resumed run keeps both logs up to that epoch: the JSONL is cut back
+    (:meth:`keep_epochs_upto`), and TensorBoard is told to hide the earlier events of later
+    epochs (``purge_step``), so the re-trained epochs show once, with their new values. A
+    fresh start removes an earlier run's events from ``tb/``.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, resumed_epoch: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
         if enabled:
+            tb_dir = run_dir / "tb"
+            if resumed_epoch is None and tb_dir.is_dir():
+                shutil.rmtree(tb_dir)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                purge = None if resumed_epoch is None else int(resumed_epoch) + 1
+                self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
             except Exception:  # tensorboard missing or broken: the JSONL has everything
                 self.tb = None
 
@@ -668,14 +680,15 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(as_given, run_dir / "config.yaml")
-    logger = RunLogger(run_dir, enabled=ctx.is_main)
     if source is not None:
         state.update({k: loaded[k] for k in state if k in loaded})
         echo(f"resumed from {source} (epoch {state['epoch']}, written by {loaded.get('world_size')} worker(s), ep_size {loaded.get('ep_size')})")
-        logger.keep_epochs_upto(state["epoch"])
     elif ctx.is_main:  # a fresh start: nothing of an earlier run in this folder may pass for this one's
         for name in ("metrics.jsonl", "results.json", EVAL_RANKS):
             (run_dir / name).unlink(missing_ok=True)
+    logger = RunLogger(run_dir, enabled=ctx.is_main, resumed_epoch=state["epoch"] if source is not None else None)
+    if source is not None:
+        logger.keep_epochs_upto(state["epoch"])
     state.update(identity)  # every checkpoint of this run records what it was trained with
     if trainable and source is not None:
         _reconcile_best(ckpt, model, state, model_ep_size(cfg), echo)
