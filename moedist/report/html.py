@@ -36,6 +36,7 @@ from moedist.io import temp_dir
 from moedist.report import plots
 from moedist.report.runs import (
     ExpertSeries,
+    ReportError,
     RunInfo,
     child_runs,
     classify,
@@ -125,6 +126,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, embe
     run_dir = Path(run_dir)
     kind = classify(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    if out_dir is None and out.is_symlink():
+        # run folders are often shared: a link planted there must not send this user's report,
+        # and its removal of stale PNGs, into a folder the link chooses
+        raise ReportError(f"{out} is a symbolic link (to {os.readlink(out)}); the report is not written through it. "
+                          "Remove the link, or give the output folder with --out")
     tuning = read_tuning_table(run_dir, metric, mode) if kind == "tuning" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, prefix=f".{out.name}.")

@@ -57,6 +57,34 @@ def _resolve(raw: str | None, run_dir: Path) -> Path | None:
     return None
 
 
+def _check_trained_on(ckpt: Path, cfg, data) -> None:
+    """ProbeSkipped when the data or features at the config's paths now are not those the
+    checkpoint was trained on (its ``state.json`` identity; older checkpoints record none): a
+    dataset re-prepared in place, or features re-extracted with other weights, would otherwise
+    be read through the trained weights as if they were the training data."""
+    from moedist.train.checkpoint import read_state
+    from moedist.train.identity import dataset_differences, dataset_identity, features_identity
+    from moedist.train.loop import find_features, model_needs_features
+
+    try:
+        stored = read_state(ckpt)
+    except MoedistError as e:
+        raise ProbeSkipped(f"cannot read {ckpt}/state.json: {e}") from None
+    diffs = []
+    stored_data = stored.get("dataset")
+    if isinstance(stored_data, dict):
+        current = dataset_identity(data.manifest, data.items if stored_data.get("items") else None)
+        diffs += dataset_differences(stored_data, current)
+    if stored.get("features") and model_needs_features(cfg):
+        fdir = find_features(cfg)
+        now = features_identity(fdir)
+        if now and now != stored["features"]:
+            diffs.append(f"features: {fdir} holds other item features than the run was trained on "
+                         "(shard sha256 in its manifest.json differ)")
+    if diffs:
+        raise ProbeSkipped(f"the data at the run's paths has changed since {ckpt} was trained: " + "; ".join(diffs))
+
+
 def load_trained_model(run_dir: Path) -> TrainedModel:
     """Rebuild the run's model and load its best checkpoint (CPU, eval mode)."""
     import torch
@@ -91,6 +119,7 @@ def load_trained_model(run_dir: Path) -> TrainedModel:
         sub.ep_size = 1  # one process here; checkpoints store experts by global index
     data = PreparedDataset(cfg.data)
     features = load_features_for(cfg, data)
+    _check_trained_on(ckpt, cfg, data)
     torch.manual_seed(0)
     model = build_model(cfg, data, features)
     load_checkpoint(ckpt, model, None)

@@ -246,3 +246,47 @@ def test_a_resumed_run_still_training_is_not_reported_as_finished(runs, tmp_path
     page = write_report(run, probe_models=False).read_text()
     assert "results.json is from an earlier, shorter run" in page
     assert f"goes on to epoch {last['epoch'] + 3}" in page
+
+
+def test_a_report_link_planted_in_the_run_folder_is_not_followed(runs, tmp_path):
+    """The default output, RUN_DIR/report, may be a link someone else put into a shared run
+    folder: the report is refused there (naming the link), the link's target is untouched, and
+    --out still writes where it is told."""
+    run = tmp_path / "hm4sr"
+    shutil.copytree(runs / "hm4sr", run)
+    shutil.rmtree(run / "report", ignore_errors=True)
+    target = tmp_path / "someone-elses"
+    target.mkdir()
+    (target / "keep.png").write_bytes(b"not a report figure")
+    (run / "report").symlink_to(target)
+    with pytest.raises(ReportError, match="symbolic link"):
+        write_report(run, probe_models=False)
+    assert [p.name for p in target.iterdir()] == ["keep.png"]
+    index = write_report(run, tmp_path / "out", probe_models=False)
+    assert index.is_file() and (run / "report").is_symlink()
+
+
+def test_model_probe_refuses_features_other_than_the_trained_ones(runs, toy_data, toy_features, tmp_path):
+    """The fusion-weight analysis rebuilds the model from config.yaml's paths. Features
+    re-extracted there with other weights (same items, same widths) are not what the checkpoint
+    was trained on: the section is skipped, naming the reason, instead of analysing them."""
+    import numpy as np
+
+    from moedist.data.dataset import PreparedDataset
+    from moedist.features.store import load_item_features, write_feature_arrays
+
+    ids = PreparedDataset(toy_data).items["item_id"].tolist()
+    feats = load_item_features(toy_features)
+    other = tmp_path / "features-again"
+    write_feature_arrays(other, item_ids=ids,
+                         arrays={m: np.ascontiguousarray(t[1:].numpy()[::-1]) for m, t in feats.features.items()})
+    run = tmp_path / "mamex"
+    shutil.copytree(runs / "mamex", run, ignore=shutil.ignore_patterns("report"))
+    page = write_report(run).read_text()
+    assert "fusion_weights.png" in pngs(run / "report")  # the same features: analysed
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["features"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    page = write_report(run).read_text()
+    assert "fusion weights: skipped" in page and "other item features" in page
+    assert "fusion_weights.png" not in pngs(run / "report")
