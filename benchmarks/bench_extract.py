@@ -179,6 +179,9 @@ def main(argv=None) -> int:
 
         import ray
 
+        from moedist.ray_auth import private_auth_token
+
+        private_auth_token()
         t0 = time.perf_counter()
         ray.init(num_cpus=4, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t0

@@ -43,6 +43,9 @@ def connect_ray(num_cpus: int | None = None) -> None:
         return
     # auth stays as the caller set it (Ray's default for a new local cluster: a token): its
     # GCS and raylets listen on every interface, not only on loopback
+    from moedist.ray_auth import private_auth_token
+
+    private_auth_token()
     root = str(Path(__file__).resolve().parents[1])
     ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}})

@@ -41,6 +41,9 @@ def run_demo(*, size: str = "small", seed: int = 2025, workers: int = 1, epochs:
 
     started = not ray.is_initialized()
     if started:
+        from moedist.ray_auth import private_auth_token
+
+        private_auth_token()
         ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     try:
         fman = extract_features(data, num_actors=1, batch_size=32, progress=False, log=echo)

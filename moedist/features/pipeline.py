@@ -664,6 +664,9 @@ def _ensure_ray(ray_address: str | None) -> bool:
     # RAY_AUTH_MODE is left as the caller set it: a local Ray's GCS and raylets listen on every
     # interface (not loopback), and Ray only authenticates callers (its default for a new local
     # cluster: a token in ~/.ray/auth_token) when auth is not disabled
+    from moedist.ray_auth import private_auth_token
+
+    private_auth_token()
     project_root = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
     # 4+ logical CPUs and fractional actor CPUs: actor pools deadlock on 2 CPUs (STACK_NOTES 6)

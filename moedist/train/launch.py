@@ -126,6 +126,9 @@ def init_ray(cfg: ExperimentConfig, *, num_cpus: int | None = None, log_to_drive
         # a local cluster: logical CPUs oversubscribe small machines so the train
         # controller and the workers never wait on each other; the dashboard stays on
         # (loopback): Train V2 releases a stopped run's placement group through it
+        from moedist.ray_auth import private_auth_token
+
+        private_auth_token()
         ray.init(
             num_cpus=num_cpus or max(4, int(cfg.dist.workers * cfg.dist.cpus_per_worker) + 2),
             include_dashboard=True, dashboard_host="127.0.0.1",

@@ -9,9 +9,11 @@ import io
 import json
 import os
 import socket
+import stat
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +207,81 @@ def test_extraction_never_turns_ray_auth_off_for_the_cluster_it_starts(monkeypat
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     pipeline._ensure_ray(None)
     assert seen["auth"] == "token"
+
+
+@pytest.fixture
+def ray_home(tmp_path, monkeypatch):
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_a_missing_ray_token_is_created_private(ray_home):
+    from moedist.ray_auth import private_auth_token
+
+    path = private_auth_token()
+    assert path == ray_home / ".ray" / "auth_token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    token = path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0  # Ray's format: 256 random bits as hex
+    assert private_auth_token() == path and path.read_text() == token  # an existing token is kept
+
+
+def test_a_ray_token_readable_by_others_is_made_private(ray_home, monkeypatch):
+    from moedist.ray_auth import private_auth_token
+
+    (ray_home / ".ray").mkdir()
+    path = ray_home / ".ray" / "auth_token"
+    path.write_text("a" * 64)
+    path.chmod(0o644)  # as Ray writes it under the usual umask
+    said = []
+    assert private_auth_token(said.append) == path
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "a" * 64
+    assert said and "0600" in said[0]
+    other = ray_home / "elsewhere" / "token"  # RAY_AUTH_TOKEN_PATH is where Ray reads it from then
+    other.parent.mkdir()
+    other.write_text("b" * 64)
+    other.chmod(0o640)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+    assert private_auth_token() == other and stat.S_IMODE(other.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("env", [{"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "c" * 64}])
+def test_no_token_file_when_auth_is_off_or_the_token_is_given(ray_home, monkeypatch, env):
+    from moedist.ray_auth import private_auth_token
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert private_auth_token() is None
+    assert not (ray_home / ".ray").exists()
+
+
+@pytest.mark.integration
+def test_the_local_ray_moedist_starts_uses_a_private_token(tmp_path):
+    """A real local Ray started by the trainer's launcher, with a fresh HOME: the token file it
+    authenticates with is mode 0600 (Ray alone would write it 0644 under umask 022), and a task
+    runs, so Ray accepted the token written for it."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(HOME=str(tmp_path))
+    code = (
+        "import os, ray\n"
+        "os.umask(0o022)\n"
+        "from moedist.train.config import ExperimentConfig\n"
+        "from moedist.train.launch import init_ray\n"
+        "assert init_ray(ExperimentConfig(), num_cpus=2, log_to_driver=False)\n"
+        "try:\n"
+        "    print('auth', os.environ.get('RAY_AUTH_MODE'), ray.get(ray.remote(lambda: 41 + 1).remote()))\n"
+        "finally:\n"
+        "    ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "auth token 42" in out.stdout, out.stdout
+    path = tmp_path / ".ray" / "auth_token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_text().strip()) == 64
