@@ -652,6 +652,7 @@ def main() -> None:
     from moedist.features.store import ItemFeatures, load_item_features
     from moedist.models.hm4sr import HM4SR
     from moedist.train.cli import load_experiment_config
+    from moedist.train.identity import dataset_differences, dataset_identity, features_identity
     from moedist.train.loop import build_task
 
     cfg = load_experiment_config("hm4sr", None, [f"data={args.data}", f"features={args.features}",
@@ -687,29 +688,47 @@ def main() -> None:
 
     out = args.out
     result = json.loads(out.read_text()) if out.is_file() else {}
+    # what the dataset and the features are, by content (the same files under another path are the same)
+    inputs = {"dataset": dataset_identity(data.manifest, data.items), "features": features_identity(args.features)}
+    # the equivalence check holds for these; a result made with others has its check redone
+    checked_with = {"seed": args.seed, "overrides": args.override, "check_batches": args.check_batches,
+                    "check_batch_size": args.check_batch_size, "inputs": inputs}
     if result.get("epochs"):  # resuming: the epochs to come must continue the same experiment
         was = result.get("settings", {})
         now = {"moedist_only": args.moedist_only, "authors_only": args.authors_only, "draw_seed": args.draw_seed,
-               "overrides": args.override, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr}
-        defaults = {"moedist_only": False, "authors_only": False, "draw_seed": 0}
+               "overrides": args.override, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
+               "max_steps": args.max_steps}
+        defaults = {"moedist_only": False, "authors_only": False, "draw_seed": 0, "max_steps": 0}
         changed = [k for k, v in now.items() if was.get(k, defaults.get(k)) != v]
+        stored = result.get("inputs")  # results before this record held none
+        if isinstance(stored, dict):
+            if dataset_differences(stored.get("dataset"), inputs["dataset"]):
+                changed.append("--data")
+            if stored.get("features") != inputs["features"]:
+                changed.append("--features")
         if changed:
-            raise SystemExit(f"{out} holds epochs run with other settings ({', '.join(f'{k}: {was.get(k)!r} -> {now[k]!r}' for k in changed)}); "
+            def said(k):
+                return f"{k}: {was.get(k, defaults.get(k))!r} -> {now[k]!r}" if k in now else f"{k}: other content"
+            raise SystemExit(f"{out} holds epochs run with other settings ({', '.join(map(said, changed))}); "
                              "use another --out, or delete it and its .state.pt to restart")
+    elif result.get("equivalence", {}).get("checked_with") != checked_with:
+        result.pop("equivalence", None)  # no epoch yet: a check made with other settings or data is redone
     result.update({
         "authors_code": {"repo": "github.com/SStarCCat/HM4SR", "checked_at": AUTHORS_COMMIT, "path": str(args.authors)},
         "data": str(args.data), "features": str(args.features), "image_features": "text (none extracted)" if image_is_text else "image",
         "n_items": data.n_items, "n_users": data.n_users, "train_samples": task.n_train(),
         "settings": {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-                     "dropout": cfg.hm4sr.hidden_dropout_prob, "overrides": args.override,
+                     "dropout": cfg.hm4sr.hidden_dropout_prob, "overrides": args.override, "max_steps": args.max_steps,
                      "moedist_only": args.moedist_only, "authors_only": args.authors_only, "draw_seed": args.draw_seed},
+        "inputs": inputs,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
     })
     if "equivalence" not in result:
         rng = np.random.default_rng(args.seed)
         perm = rng.permutation(task.n_train())
         batches = [perm[i * args.check_batch_size : (i + 1) * args.check_batch_size] for i in range(args.check_batches)]
-        result["equivalence"] = check_equivalence(ours, theirs, module, task, batches, args.seed)
+        result["equivalence"] = {**check_equivalence(ours, theirs, module, task, batches, args.seed),
+                                 "checked_with": checked_with}
         copy_weights(parameter_map(ours, theirs))  # unchanged, but make the starting point explicit
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, result, indent=2)

@@ -157,3 +157,43 @@ def test_single_code_runs_refuse_checks_that_need_both_models_and_a_reference_of
     proc = subprocess.run(base + ["--reference", str(ref)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a finished side-by-side result" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_resume_refuses_other_steps_data_or_features_and_the_check_follows_its_settings(
+        toy_data, toy_features, tmp_path):
+    """A finished epoch is not continued with another --max-steps or with other dataset or
+    feature content (the same content under another path is fine); before the first epoch, an
+    equivalence check made with another seed or other overrides is redone, not kept."""
+    import shutil
+
+    import numpy as np
+
+    from moedist.features.store import load_item_features, write_feature_arrays
+
+    out = tmp_path / "r.json"
+    first = _run(toy_data, toy_features, out, "--epochs", "1", "--max-steps", "2", "--check-batches", "1")
+    moved = tmp_path / "features-copy"
+    shutil.copytree(toy_features, moved)
+    feats = load_item_features(toy_features)
+    other = tmp_path / "features-other"
+    write_feature_arrays(other, item_ids=feats.item_ids[1:],
+                         arrays={m: np.ascontiguousarray(t[1:].numpy()[::-1]) for m, t in feats.features.items()})
+    for steps, features, message in (("3", toy_features, "max_steps: 2 -> 3"), ("2", other, "--features: other content")):
+        cmd = _cmd(toy_data, toy_features, out, "--epochs", "2", "--check-batches", "1", "--max-steps", steps)
+        cmd[cmd.index("--features") + 1] = str(features)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+        assert json.loads(out.read_text()) == first
+    cmd = _cmd(toy_data, toy_features, out, "--epochs", "2", "--max-steps", "2", "--check-batches", "1")
+    cmd[cmd.index("--features") + 1] = str(moved)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [e["epoch"] for e in json.loads(out.read_text())["epochs"]] == [0, 1]
+
+    eq = tmp_path / "eq.json"
+    a = _run(toy_data, toy_features, eq, "--epochs", "0", "--check-batches", "1")["equivalence"]
+    assert a["checked_with"]["seed"] == 2025
+    b = _run(toy_data, toy_features, eq, "--epochs", "0", "--check-batches", "1", "--seed", "7")["equivalence"]
+    assert b["checked_with"]["seed"] == 7 and b != a
+    c = _run(toy_data, toy_features, eq, "--epochs", "0", "--check-batches", "1", "--seed", "7")["equivalence"]
+    assert c == b  # the same settings: the check is kept
