@@ -100,6 +100,10 @@ def prepare(cfg: DataConfig, *, log: Callable[[str], None] | None = None, progre
         "on_bad_line": cfg.on_bad_line,
         "image_root": image_root_identity(cfg.image_root),
     }
+    if kind == "atomic-seq":
+        from moedist.data.sources.atomic_seq import READER_VERSION
+
+        identity["reader_version"] = READER_VERSION
 
     def load():
         log(f"reading {kind} source {input_path}")

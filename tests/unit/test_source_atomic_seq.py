@@ -172,3 +172,49 @@ def test_a_truncated_row_that_does_not_fit_is_named(tmp_path):
     (d / "Toy.test.inter").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"Toy\.test\.inter:2: user 0's history .* rebuilt from the rows up to Toy\.valid\.inter:2"):
         load_source("atomic-seq", d)
+
+
+def test_the_text_file_is_the_item_text_as_written(tmp_path):
+    # the .text lines are already UniSRec's joined, cleaned "Title. Cats. Brand. " text:
+    # cleaning it again appended ". " (every item's text ended in "Acme. . ")
+    src = load_source("atomic-seq", write_set(tmp_path / "txt"))
+    row = src.items.set_index("item_id").loc["ASIN3"]
+    assert row["text"] == "Product 3. Tools Drills. Acme. "
+    assert row["title"] == "Product 3. Tools Drills. Acme. "
+
+
+def test_prepared_text_matches_the_text_file_and_older_outputs_are_prepared_again(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from moedist.data.api import DataConfig, prepare
+    from moedist.data.prepare import PrepareOptions, _fingerprint
+
+    d = write_set(tmp_path / "prep")
+    out = tmp_path / "out"
+    cfg = DataConfig(source="atomic-seq", input=str(d), out=str(out), kcore=1)
+    meta = prepare(cfg)
+    assert meta["identity"]["reader_version"] >= 2
+    items = pd.read_parquet(out / "items.parquet").set_index("item_id")
+    assert items.loc["ASIN1", "text"] == "Product 1. Tools Drills. Acme. "
+    # an output of the older reader (no reader_version in its identity) is not reused
+    man = json.loads((out / "dataset.json").read_text())
+    assert prepare(cfg)["reused"] is True
+    old_identity = {k: v for k, v in man["identity"].items() if k != "reader_version"}
+    man["fingerprint"] = _fingerprint(list(man["inputs"]), PrepareOptions(**man["options"]), old_identity)
+    (out / "dataset.json").write_text(json.dumps(man))
+    assert prepare(cfg)["reused"] is False
+
+
+@pytest.mark.parametrize("index_file", ["user2index", "item2index"])
+def test_an_original_id_given_two_indices_is_named(tmp_path, index_file):
+    # two indices of one original id would merge two users' (or items') sequences silently
+    d = write_set(tmp_path / index_file)
+    if index_file == "user2index":
+        (d / "Toy.user2index").write_text("U_a\t0\nU_a\t1\n")
+    else:
+        (d / "Toy.item2index").write_text("ASIN0\t0\nASIN1\t1\nASIN2\t2\nASIN3\t3\nASIN0\t4\n")
+    line, orig = (2, "U_a") if index_file == "user2index" else (5, "ASIN0")
+    with pytest.raises(DataError, match=rf"Toy\.{index_file}:{line}.*'{orig}' is given two indices"):
+        load_source("atomic-seq", d)

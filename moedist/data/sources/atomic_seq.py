@@ -19,8 +19,9 @@ the longest history in the files).
 The files carry **order only, no time**: an interaction's timestamp is its position in the
 user's sequence (0, 1, 2, ... seconds), so every interval is one second. Models that use
 absolute time or intervals (HM4SR's Temporal MoE) learn nothing from it; turn them off
-(``hm4sr.use_tmoe=false``). The text becomes the item title; there are no categories, brands
-or images.
+(``hm4sr.use_tmoe=false``). The text (already title, category path and brand, joined and
+cleaned) becomes the item title and, as written, the item text; there are no categories,
+brands or images.
 """
 from __future__ import annotations
 
@@ -40,10 +41,12 @@ from moedist.data.sources.amazon import (
     new_item_columns,
 )
 from moedist.data.sources.atomic import _rows
-from moedist.data.text import item_text
 from moedist.errors import DataError
 
 SPLITS = ("train", "valid", "test")
+# Changes when the same files give other tables (part of a preparation's identity, so that
+# outputs of an older reader are prepared again): 2, the .text is the item text as written.
+READER_VERSION = 2
 
 
 def find_seq_files(directory: str | Path) -> dict[str, Path]:
@@ -78,6 +81,7 @@ def is_seq_dir(directory: str | Path) -> bool:
 def _read_index(path: Path, policy: LinePolicy, progress: Progress, prefix: str) -> dict[str, str]:
     """``index -> original id`` from an ``original<TAB>index`` file."""
     out: dict[str, str] = {}
+    index_of: dict[str, str] = {}  # original id -> its index: one each, or two users / items merge
     for lineno, raw in iter_lines(path, progress):
         try:
             text = raw.decode("utf-8").rstrip("\r\n")
@@ -93,6 +97,8 @@ def _read_index(path: Path, policy: LinePolicy, progress: Progress, prefix: str)
         orig, idx = parts[0].strip(), parts[1].strip()
         if idx in out and out[idx] != orig:
             raise DataError(f"index {idx} is given to both {out[idx]!r} and {orig!r}", path=path, line=lineno)
+        if index_of.setdefault(orig, idx) != idx:
+            raise DataError(f"{orig!r} is given two indices, {index_of[orig]} and {idx}", path=path, line=lineno)
         out[idx] = orig
     if not out:
         raise DataError("empty index file", path=path)
@@ -279,6 +285,6 @@ def load_atomic_seq(path: str | Path, *, on_bad_line: str = "error", progress: P
             cols["brand"].append(None)
             cols["categories"].append([])
             cols["image"].append(None)
-            cols["text"].append(item_text(texts[item], [], None))
+            cols["text"].append(texts[item])  # already the joined, cleaned text: cleaning again appends ". "
     name = files["train"].name[: -len(".train.inter")]
     return RawSource(name=name, interactions=inter, items=items_frame(cols), files=read, skipped=dict(policy.skipped))
