@@ -487,9 +487,17 @@ def build_tables(raw: RawSource, options: PrepareOptions, *, log=lambda m: None)
     return tables, stats
 
 
+CARRIED_OVER = "features"  # kept when a dataset folder is prepared again
+
+
 def _publish(tables: dict[str, pd.DataFrame], manifest: dict, out_dir: Path) -> None:
     """Write all tables + manifest to a temp dir beside ``out_dir`` (each file and the folder
-    fsynced), then swap it in. ``out_dir`` is checked again just before it is replaced."""
+    fsynced), then swap it in. ``out_dir`` is checked again just before it is replaced.
+
+    An earlier dataset's ``features/`` folder moves into the new one: its shards and image
+    download cache may have taken hours, and they stay safe to keep (extraction compares its
+    fingerprint, which holds the items' content, and rebuilds what changed; training refuses
+    features made for other items)."""
     out_dir = Path(_abs(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
@@ -514,6 +522,10 @@ def _publish(tables: dict[str, pd.DataFrame], manifest: dict, out_dir: Path) -> 
                 shutil.rmtree(holder, ignore_errors=True)
                 raise
             _fsync(out_dir.parent)
+            kept = old / CARRIED_OVER
+            if kept.is_dir() and not kept.is_symlink():
+                os.replace(kept, out_dir / CARRIED_OVER)
+                _fsync(out_dir)
             shutil.rmtree(holder, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)

@@ -501,3 +501,35 @@ def test_cli_flags_are_taken_verbatim(tmp_path, monkeypatch):
     atomic_input(tmp_path / "null" / "null.inter")
     assert main(["data", "prepare", "--source", "atomic", "--input", "null", "--out", "n", "--kcore", "1"]) == 0
     assert json.loads((tmp_path / "n" / "dataset.json").read_text())["name"] == "null"
+
+
+def test_preparing_again_keeps_the_extracted_features_and_training_still_checks_them(tmp_path):
+    """Re-preparing a dataset folder keeps its features/ (shards and the image download cache
+    may have taken hours); features made for other items are then refused when loaded, while
+    features of unchanged items load as before."""
+    from moedist.features.store import load_item_features, write_feature_arrays
+
+    out = tmp_path / "p"
+    prepare_dataset(lambda: dense_source(), out, options=PrepareOptions(kcore=1))
+    data = PreparedDataset(out)
+    ids = data.items["item_id"].tolist()
+    write_feature_arrays(out / "features" / "t", item_ids=ids,
+                         arrays={"text": np.arange(len(ids) * 4, dtype=np.float32).reshape(len(ids), 4) + 1})
+    cache = out / "features" / ".image-cache" / "ab" / "img.jpg"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"downloaded")
+
+    import dataclasses
+
+    renamed = dataclasses.replace(dense_source(), name="renamed")  # the same items under another name
+    prepare_dataset(lambda: renamed, out, options=PrepareOptions(kcore=1), identity={"name": "renamed"})
+    assert json.loads((out / "dataset.json").read_text())["name"] == "renamed"
+    assert cache.read_bytes() == b"downloaded"
+    feats = load_item_features(out / "features" / "t", items=PreparedDataset(out).items, data_dir=out)
+    assert feats.features["text"].shape == (len(ids) + 1, 4)
+
+    prepare_dataset(lambda: dense_source(seed=5, n_items=12), out, options=PrepareOptions(kcore=1))  # other items
+    assert cache.read_bytes() == b"downloaded"
+    with pytest.raises(DataError, match="features"):
+        load_item_features(out / "features" / "t", items=PreparedDataset(out).items, data_dir=out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old folders left
