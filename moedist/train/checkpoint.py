@@ -336,10 +336,7 @@ def read_checkpoint(directory: str | Path) -> tuple[dict, dict, dict, dict]:
             out.append(load_file(str(directory / f)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{directory / f}: unreadable or truncated ({e})") from None
-    try:
-        state = json.loads((directory / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory / 'state.json'}: unreadable ({e})") from None
+    state = read_state(directory)
     rng = {}
     if (directory / "rng.safetensors").is_file():
         try:
@@ -355,7 +352,7 @@ def read_state(directory: str | Path) -> dict:
     path = Path(directory) / "state.json"
     try:
         state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 (a damaged file)
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a JSON object")
@@ -454,8 +451,8 @@ def latest_complete(*candidates: str | Path | None) -> Path | None:
             continue
         c = Path(c)
         try:
-            if all((c / f).is_file() for f in FILES) and json.loads((c / "state.json").read_text()).get("complete"):
+            if all((c / f).is_file() for f in FILES) and read_state(c).get("complete"):
                 return c
-        except (OSError, json.JSONDecodeError):
+        except (OSError, CheckpointError):  # a damaged state.json: not a complete checkpoint
             continue
     return None

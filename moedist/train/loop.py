@@ -344,6 +344,28 @@ class ColdStartTask:
         return cold_start_metric_sums(ranks, ks=self.cfg.train.topk)
 
 
+def check_task_splits(task, data: PreparedDataset, trainable: bool) -> None:
+    """A DataError naming the dataset and split when there is nothing to train on (a model
+    with parameters) or nothing to validate or test on, before any epoch runs or anything in
+    the run directory changes (else: a KeyError after the first epoch, an IndexError deep in
+    the metrics, or metrics of 0 averaged over no user)."""
+    if task.protocol == "loo":
+        why = {"train": "users with >= 4 interactions", "valid": "users with >= 3 interactions",
+               "test": "users with >= 2 interactions"}
+        fix = "each user's last interaction is the test target, the one before the validation target"
+    else:
+        why = {"train": "interactions with warm (training) items", "valid": "interactions with validation cold items",
+               "test": "interactions with test cold items"}
+        fix = "prepare it again with larger cold_valid_frac / cold_test_frac"
+    counts = {"valid": task.eval_units("valid"), "test": task.eval_units("test")}
+    if trainable:
+        counts = {"train": task.n_train(), **counts}
+    for split, n in counts.items():
+        if n == 0:
+            protocol = "leave-one-out" if task.protocol == "loo" else "cold-start"
+            raise DataError(f"the {protocol} {split} split is empty: it needs {why[split]} ({fix})", path=data.path)
+
+
 def build_task(cfg: ExperimentConfig, data: PreparedDataset):
     if protocol_of(cfg.model) == "loo":
         max_len = cfg.sasrec.max_seq_len if cfg.model == "sasrec" else cfg.hm4sr.max_seq_len
@@ -656,6 +678,7 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     seed_everything(tc.seed + 1000003 * ctx.rank)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = n_params > 0
+    check_task_splits(task, data, trainable)
     stepper = None
     if trainable:
         use_ds = ctx.distributed or cfg.dist.deepspeed
@@ -686,6 +709,10 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     elif ctx.is_main:  # a fresh start: nothing of an earlier run in this folder may pass for this one's
         for name in ("metrics.jsonl", "results.json", EVAL_RANKS):
             (run_dir / name).unlink(missing_ok=True)
+        if trainable:
+            # nor its best weights: until this run's first evaluation saves 'best', a crash and
+            # a resume would take the earlier run's 'best' of the same epoch number for this one's
+            shutil.rmtree(ckpt / "best", ignore_errors=True)
     logger = RunLogger(run_dir, enabled=ctx.is_main, resumed_epoch=state["epoch"] if source is not None else None)
     if source is not None:
         logger.keep_epochs_upto(state["epoch"])
@@ -695,6 +722,10 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
 
     if trainable and not state["stopped"]:
         _fit(stepper, task, cfg, ctx, state, ckpt, logger, echo)
+    elif trainable and state["epoch"] + 1 < tc.epochs:
+        echo(f"note: this run stopped early at epoch {state['epoch']} ({state['bad_evals']} evaluations without "
+             f"improvement), which is final: train.epochs={tc.epochs} trains nothing more. To train again, start "
+             "fresh with train.resume=false (overwrites this run directory) or another --run-dir")
     elif not trainable and source is None:
         save_checkpoint(ckpt / "best", model, None, state)
     logger.close()

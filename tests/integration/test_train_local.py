@@ -326,3 +326,90 @@ def test_when_no_checkpoint_loads_the_fresh_run_is_a_new_run(toy_data, tmp_path)
     assert any("warning" in s and "optimizer.safetensors" in s for s in said) and not any("resumed from" in s for s in said)
     assert [r["loss"] for r in lines(tmp_path / "r")] == [r["loss"] for r in lines(tmp_path / "new")]
     assert res["test"] == new["test"]
+
+
+def test_a_fresh_start_never_tests_the_earlier_runs_best_weights(toy_data, tmp_path, monkeypatch):
+    """``train.resume=false`` in a folder whose earlier run's best epoch was 0: a crash of the
+    new run between its epoch 0's 'last' and 'best' saves, then a resume, must test the new
+    run's epoch 0, not the earlier run's 'best' that has the same epoch number."""
+    import moedist.train.loop as loop
+
+    args = ("train.epochs=1", *SMALL_SEQ)
+    ref = run_training(cfg_for("sasrec", toy_data, tmp_path / "ref", *args, "train.seed=2"), echo=lambda s: None)
+    old = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args, "train.seed=1"), echo=lambda s: None)
+    assert old["best_epoch"] == ref["best_epoch"] == 0 and old["test"] != ref["test"]
+    save = loop.save_checkpoint
+
+    def crash_before_best(directory, *a, **k):
+        if Path(directory).name == "best":
+            raise KeyboardInterrupt("crash between the two saves")
+        return save(directory, *a, **k)
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_before_best)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args, "train.seed=2", "train.resume=false"),
+                     echo=lambda s: None)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    again = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args, "train.seed=2"), echo=lambda s: None)
+    assert again["best_epoch"] == 0 and again["test"] == ref["test"] and again["valid"] == ref["valid"]
+
+
+def _prepared_with_users_of(n_per_user: int, out: Path) -> Path:
+    """Every user has exactly ``n_per_user`` interactions (a leave-one-out split without
+    training samples for 3, and without validation users for 2)."""
+    import numpy as np
+    import pandas as pd
+
+    from moedist.data.prepare import PrepareOptions, prepare_dataset
+    from moedist.data.schema import RawSource
+
+    rows = [(f"u{u:03d}", f"i{(u + j) % 10:03d}", 1_300_000_000 + 86400 * j) for u in range(30) for j in range(n_per_user)]
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).astype({"user_id": "string", "item_id": "string"})
+    inter["rating"] = np.nan
+    ids = sorted(inter["item_id"].unique())
+    items = pd.DataFrame({"item_id": ids, "title": ids, "brand": pd.NA, "categories": [["Root", "a"]] * len(ids),
+                          "image": pd.NA, "text": ids})
+    prepare_dataset(RawSource("few", inter, items), out, options=PrepareOptions(kcore=1))
+    return out
+
+
+@pytest.mark.parametrize("model, per_user, split", [("sasrec", 3, "train"), ("popularity", 2, "valid")])
+def test_an_empty_leave_one_out_split_is_a_data_error_before_the_run_starts(model, per_user, split, tmp_path):
+    from moedist.errors import DataError
+
+    data = _prepared_with_users_of(per_user, tmp_path / "data")
+    with pytest.raises(DataError, match=rf"{data}: the leave-one-out {split} split is empty"):
+        run_training(cfg_for(model, data, tmp_path / "r", "train.epochs=2", *SMALL_SEQ), echo=lambda s: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_empty_cold_start_validation_split_is_a_data_error(tmp_path):
+    import numpy as np
+
+    from moedist.data.dataset import PreparedDataset
+    from moedist.data.prepare import PrepareOptions, prepare_dataset
+    from moedist.errors import DataError
+    from moedist.features.store import write_feature_arrays
+    from tests.conftest import toy_source
+
+    data = tmp_path / "data"
+    prepare_dataset(toy_source(), data, options=PrepareOptions(kcore=3, cold_valid_frac=0.0))
+    items = PreparedDataset(data).items["item_id"].tolist()
+    rng = np.random.default_rng(0)
+    write_feature_arrays(data / "features" / "toy", item_ids=items,
+                         arrays={m: rng.normal(size=(len(items), 8)).astype(np.float32) for m in ("text", "image")})
+    with pytest.raises(DataError, match=r"the cold-start valid split is empty(.|\n)*cold_valid_frac"):
+        run_training(cfg_for("content", data, tmp_path / "r", "train.epochs=2"), echo=lambda s: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_more_epochs_for_an_early_stopped_run_say_that_nothing_is_trained(toy_data, tmp_path):
+    """Early stopping is final on resume: a higher train.epochs trains nothing, and says so
+    instead of silently reporting the old results as if the epochs had run."""
+    args = (*SMALL_SEQ, "train.lr=0", "train.patience=0", "train.ties_improve=false")  # nothing changes: epoch 1 stops
+    first = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=4", *args), echo=lambda s: None)
+    assert first["epochs_run"] == 2
+    said: list[str] = []
+    again = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=6", *args), echo=said.append)
+    assert again["epochs_run"] == 2 and again["test"] == first["test"]
+    assert any("stopped early at epoch 1" in s and "train.epochs=6 trains nothing more" in s for s in said), said

@@ -157,6 +157,25 @@ def test_when_every_checkpoint_is_damaged_the_model_stays_as_initialised(tmp_pat
     assert not fresh_opt.state
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe{", b"[1]", b"null"], ids=["not-utf8", "json-list", "json-null"])
+def test_a_damaged_state_json_falls_back_to_the_previous_checkpoint(tmp_path, damage):
+    """A state.json that is not UTF-8 or not a JSON object (a damaged file) is an incomplete
+    checkpoint, like a truncated one: the resume takes 'last-previous', not a traceback."""
+    from moedist.train.checkpoint import latest_complete, read_checkpoint, read_state
+
+    m, opt = _trained()
+    save_checkpoint(tmp_path / "last", m, opt, {"epoch": 2}, keep_previous=True)
+    save_checkpoint(tmp_path / "last", m, opt, {"epoch": 3}, keep_previous=True)
+    (tmp_path / "last" / "state.json").write_bytes(damage)
+    assert latest_complete(tmp_path / "last", tmp_path / "last-previous") == tmp_path / "last-previous"
+    for read in (read_state, read_checkpoint):
+        with pytest.raises(CheckpointError, match=r"last/state\.json: (unreadable|not a JSON object)"):
+            read(tmp_path / "last")
+    src, state, _ = _resume_candidates(tmp_path, [tmp_path / "last", tmp_path / "last-previous"], *_trained(),
+                                       _identity(tmp_path))
+    assert src == tmp_path / "last-previous" and state["epoch"] == 2
+
+
 def test_an_optimizer_moment_of_another_shape_is_a_mismatch(tmp_path):
     from safetensors.torch import load_file, save_file
 
