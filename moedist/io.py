@@ -68,6 +68,17 @@ def temp_dir(folder: str | Path, *, prefix: str = "") -> Path:
     return tmp
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a written file, or a folder's entries, to disk: before the rename that publishes
+    a file or folder, so that a crash after it cannot leave a complete-looking name over empty
+    or partial contents; on the parent after the rename, so that the rename itself lasts."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename (permissions as ``open()``
     would give a new file)."""

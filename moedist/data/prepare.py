@@ -31,7 +31,7 @@ import pandas as pd
 from moedist import __version__
 from moedist.data.schema import RawSource
 from moedist.errors import DataError
-from moedist.io import sha256_file, temp_dir
+from moedist.io import fsync_path, sha256_file, temp_dir
 
 # 2: the fingerprint covers the source kind, name, input location, image folder and bad-line
 #    policy; "inputs" lists the files actually read; sub-second times order interactions.
@@ -169,13 +169,9 @@ def _sha(path: str, hashes: dict[str, str]) -> str:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a written file or directory to disk (so a crash after the rename that publishes
-    it cannot leave a complete-looking manifest over empty or partial tables)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Flush a written table or the output folder to disk before the rename that publishes it
+    (a crash after it cannot leave a complete-looking manifest over empty or partial tables)."""
+    fsync_path(path)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from moedist.errors import CheckpointError
+from moedist.io import fsync_path
 
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -299,24 +300,37 @@ def save_checkpoint(directory: str | Path, model, optimizer, loop_state: dict, *
                 moments[f"{key}/{name}"] = _gather_full(p, t.detach()).float().cpu().contiguous()
     rngs = _gather_rng_states(rng_states(model_device(model)))
     if _rank() == 0:
-        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        parent = directory.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        # what a save killed half-way left behind (each is a whole checkpoint's size)
+        for stale in [*parent.glob(f".{directory.name}.tmp-*"), *parent.glob(f".{directory.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = parent / f".{directory.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
         save_file({_rng_key(i, k): t for i, r in enumerate(rngs) for k, t in r.items()}, str(tmp / "rng.safetensors"))
         state = dict(loop_state, optimizer_step=_optimizer_step(optimizer) if optimizer is not None else 0,
                      world_size=_world(), ep_size=ep_size, complete=True)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if keep_previous and old.exists():
+        for f in tmp.iterdir():  # on disk before the name says "complete"
+            fsync_path(f)
+        fsync_path(tmp)
+        if keep_previous:
+            # the replaced checkpoint becomes <directory>-previous first: at every moment either
+            # <directory> or <directory>-previous holds the newest complete checkpoint
             prev = previous_of(directory)
-            shutil.rmtree(prev, ignore_errors=True)
-            os.replace(old, prev)
-        shutil.rmtree(old, ignore_errors=True)
+            if directory.exists():
+                shutil.rmtree(prev, ignore_errors=True)
+                os.replace(directory, prev)
+            os.replace(tmp, directory)
+        else:
+            old = parent / f".{directory.name}.old-{os.getpid()}"
+            if directory.exists():
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(parent)
     if dist.is_initialized():
         dist.barrier()
 

@@ -355,3 +355,40 @@ def test_the_same_raw_data_prepared_in_another_folder_is_the_same_dataset(tmp_pa
     changed.loc[0, "text"] = "another title"
     diff = dataset_differences(dataset_identity(da.manifest, da.items), dataset_identity(db.manifest, changed))
     assert diff and "items.parquet (ids, text, categories or images)" in diff[0]
+
+
+def test_a_save_killed_between_its_renames_keeps_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    """Replacing 'last' takes two renames; killed between them, the checkpoint it replaced must
+    be the one the resume finds (as 'last-previous'), not the one before it. The files are on
+    disk before the renames, and what a killed save left behind is removed by the next one."""
+    import os
+
+    import moedist.train.checkpoint as ck
+    from moedist.train.checkpoint import latest_complete, read_state
+
+    m, opt = _trained()
+    last = tmp_path / "last"
+    for epoch in (2, 3):
+        save_checkpoint(last, m, opt, {"epoch": epoch}, keep_previous=True)
+    synced: list[str] = []
+    real_fsync, real_replace = getattr(ck, "fsync_path", None), os.replace
+    monkeypatch.setattr(ck, "fsync_path", lambda p: (synced.append(os.path.basename(p)), real_fsync(p)), raising=False)
+    calls = []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(last, m, opt, {"epoch": 4}, keep_previous=True)
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    found = latest_complete(last, tmp_path / "last-previous")
+    assert found is not None and read_state(found)["epoch"] == 3
+    assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"} <= set(synced)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the killed save's leftovers
+    save_checkpoint(last, m, opt, {"epoch": 4}, keep_previous=True)
+    assert read_state(last)["epoch"] == 4 and read_state(tmp_path / "last-previous")["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "last-previous"]
