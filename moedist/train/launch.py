@@ -54,12 +54,15 @@ def _worker_loop(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    engine = False
     if world == 1 and not cfg.dist.deepspeed:
         from moedist.train.distributed import needs_deepspeed_engine
 
         # one worker would otherwise train with the plain torch optimizer, ignoring
-        # dist.precision (bf16, or auto on a GPU) and dist.deepspeed_config, unlike N workers
-        cfg.dist.deepspeed = needs_deepspeed_engine(cfg, device)
+        # dist.precision (bf16, or auto on a GPU) and dist.deepspeed_config, unlike N workers;
+        # the config is left as given (config.yaml records what was asked, and a tuning
+        # search compares it with best.yaml)
+        engine = needs_deepspeed_engine(cfg, device)
 
     resume = None
     ckpt = ray.train.get_checkpoint()
@@ -74,7 +77,8 @@ def _worker_loop(config: dict) -> None:
         else:
             ray.train.report(metrics)
 
-    ctx = DistContext(rank=rank, world=world, local_rank=local_rank, device=device, report=report, resume_from=resume)
+    ctx = DistContext(rank=rank, world=world, local_rank=local_rank, device=device, report=report, resume_from=resume,
+                      engine=engine)
     run_training(cfg, ctx=ctx)
 
 

@@ -88,6 +88,9 @@ class DistContext:
     report: Callable[[dict, Path | None], None] | None = None
     # directory of a checkpoint to resume from that the launcher found (Ray's latest)
     resume_from: Path | None = None
+    # train with a DeepSpeed engine even as the only process (a single Ray Train worker whose
+    # config asks for bf16 or a dist.deepspeed_config); the recorded config stays as given
+    engine: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -681,7 +684,7 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     check_task_splits(task, data, trainable)
     stepper = None
     if trainable:
-        use_ds = ctx.distributed or cfg.dist.deepspeed
+        use_ds = ctx.distributed or ctx.engine or cfg.dist.deepspeed
         stepper = DeepSpeedStepper(model, cfg, ctx) if use_ds else TorchStepper(model, cfg)
         model = stepper.model
     dtype = str(next(model.parameters()).dtype).replace("torch.", "") if trainable else None

@@ -55,14 +55,16 @@ def add_tune_arguments(p: argparse.ArgumentParser, *, model_required: bool = Tru
 def config_from_args(args, model: str):
     """The base ExperimentConfig of every trial from parsed ``tune`` arguments."""
     from moedist.train.cli import load_experiment_config
+    from moedist.tune.spaces import apply_overrides
 
-    overrides = list(args.overrides)
-    for key, value in (("data", args.data), ("features", args.features), ("train.epochs", args.epochs),
-                       ("dist.workers", args.workers), ("dist.cpus_per_worker", args.cpus_per_worker),
-                       ("dist.memory_per_worker", args.memory_per_worker)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = load_experiment_config(model, args.config, overrides + [f"model={model}"])
+    cfg = load_experiment_config(model, args.config, list(args.overrides) + [f"model={model}"])
+    # flags are taken as given (argparse types the numeric ones), never parsed as YAML:
+    # --data "exp #2" stays "exp #2", --data 0123 stays "0123"; they win over key=value
+    flags = {key: value for key, value in (
+        ("data", args.data), ("features", args.features), ("train.epochs", args.epochs),
+        ("dist.workers", args.workers), ("dist.cpus_per_worker", args.cpus_per_worker),
+        ("dist.memory_per_worker", args.memory_per_worker)) if value is not None}
+    cfg = apply_overrides(cfg, flags)
     if args.workers is None and cfg.dist.workers < 1:
         cfg.dist.workers = 1
     return cfg
@@ -73,7 +75,7 @@ def tune_from_args(args, model: str, *, echo=print) -> dict:
 
     cfg = config_from_args(args, model)
     return run_tune(
-        cfg, space=args.space, num_samples=args.samples or 8, max_concurrent=args.max_concurrent, metric=args.metric,
+        cfg, space=args.space, num_samples=8 if args.samples is None else args.samples, max_concurrent=args.max_concurrent, metric=args.metric,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor, experiment_name=args.name,
         storage_path=args.storage, local_dir=getattr(args, "local_dir", None), resume=args.resume, retrain_best=args.retrain, seed=args.seed, echo=echo,
         memory_per_worker=args.memory_per_worker, worker_start_timeout_s=args.worker_start_timeout,

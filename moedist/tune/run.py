@@ -42,16 +42,16 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from moedist.config import _from_dict, atomic_write_text, load_config, read_yaml, save_config, to_dict
 from moedist.errors import ConfigError, MoedistError
-from moedist.train.config import ExperimentConfig
+from moedist.train.config import LOO_MODELS, ExperimentConfig, validate_experiment
 from moedist.tune.spaces import apply_overrides, describe, resolve_space, searched_keys, to_tune
 
 TRIAL_DRIVER_CPU = 0.01  # Ray refuses a 0-CPU trial; the trial's workers hold the real resources
 # How long a trial waits for its training workers to be placed. Ray Train's own default (60 s)
 # fails a trial that waits for an autoscaler to add GPU nodes (minutes: a node, then the
 # image), or for a running trial to finish (a restored search starts its errored and
-# interrupted trials together). A request no node could ever hold is refused at once anyway
-# (Ray Train checks it against the cluster's maximum size), so the wait is only for capacity
-# that will come.
+# interrupted trials together). On a local cluster that run_tune starts itself, a trial no
+# node can hold is refused before the search starts (max_concurrent_trials); a remote cluster
+# may autoscale, so there the wait is for capacity that is expected to come.
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_WORKER_START_TIMEOUT_S = 7 * 24 * 3600.0
 
@@ -155,6 +155,17 @@ def max_concurrent_trials(need: Mapping[str, float], available: Mapping[str, flo
                           f"+ its driver) but the Ray cluster has {have}; lower dist.workers / dist.cpus_per_worker / "
                           "dist.memory_per_worker, or pass max_concurrent on an autoscaling cluster")
     return fits
+
+
+def check_metric(metric: str, cfg: ExperimentConfig) -> None:
+    """A ConfigError unless the trials report ``metric`` (``valid_<name>@<k>``, k in
+    ``train.topk``): Tune would otherwise fail the search after the first trial's training."""
+    from moedist.train.evaluate import metric_names
+
+    reported = [f"valid_{m}" for m in metric_names(cfg.train.topk, protocol="loo" if cfg.model in LOO_MODELS else "cold")]
+    if metric not in reported:
+        raise ConfigError(f"metric {metric!r} is not reported by the {cfg.model} trials (choose one of: "
+                          f"{', '.join(reported)})")
 
 
 # ----------------------------------------------------------------------------- results
@@ -423,14 +434,20 @@ def run_tune(
             raise ConfigError(f"{WORKER_START_TIMEOUT_ENV}={env!r} is not a number of seconds") from None
     if not (math.isfinite(worker_start_timeout_s) and worker_start_timeout_s > 0):
         raise ConfigError(f"the worker start timeout must be a positive number of seconds, got {worker_start_timeout_s!r}")
+    if max_concurrent is not None and max_concurrent < 1:  # Tune reads 0 as "no limit"
+        raise ConfigError(f"max_concurrent must be >= 1 (trials at once), got {max_concurrent}")
     if cfg.dist.workers < 1:
         cfg.dist.workers = 1  # a trial is a TorchTrainer run: at least one Ray Train worker
     cfg.train.progress = False
     if memory_per_worker is not None:
         cfg.dist.memory_per_worker = memory_per_worker
+    # before anything is written: every trial would fail on a bad base config, and a resumed
+    # search keeps the base config and metric it started with
+    validate_experiment(cfg)
     resolved = resolve_space(space, cfg)
     keys = searched_keys(resolved)
     metric = metric or f"valid_{cfg.train.valid_metric}"
+    check_metric(metric, cfg)
     seed = cfg.train.seed if seed is None else seed
 
     from moedist.data.dataset import PreparedDataset
@@ -460,6 +477,8 @@ def run_tune(
         need = trial_resources(cfg, use_gpu)
         if max_concurrent is None:
             max_concurrent = max_concurrent_trials(need, ray.cluster_resources())
+        elif started:  # a trial that no node of the local cluster this call started holds would wait forever
+            max_concurrent_trials(need, ray.cluster_resources())
         plan_path, base_path = local_exp / "tune_plan.json", local_exp / "base_config.yaml"
         restored = bool(resume) and tune.Tuner.can_restore(exp_path)
         plan = json.loads(plan_path.read_text()) if restored and plan_path.is_file() else {}

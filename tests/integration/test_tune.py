@@ -418,6 +418,44 @@ def test_a_bad_worker_start_timeout_is_refused_before_anything_runs(monkeypatch,
         run_tune(small_cfg("/nowhere"), num_samples=1, storage_path=tmp_path, worker_start_timeout_s=0)
 
 
+def test_a_metric_the_trials_do_not_report_or_a_bad_base_config_is_refused_before_anything_runs(tmp_path):
+    """Refused up front, before the data is read or Ray starts: else the first trial trained to
+    its end before Tune failed the search, and a rerun restored the wrong metric (or the bad
+    base config) from the experiment it had already written."""
+    from moedist.tune.run import run_tune
+
+    with pytest.raises(ConfigError, match=r"metric 'ndcg@20' is not reported.*valid_ndcg@20"):
+        run_tune(small_cfg("/nowhere"), num_samples=1, storage_path=tmp_path, metric="ndcg@20")
+    with pytest.raises(ConfigError, match=r"metric 'valid_ndcg@100' is not reported"):
+        run_tune(small_cfg("/nowhere"), num_samples=1, storage_path=tmp_path, metric="valid_ndcg@100")
+    with pytest.raises(ConfigError, match=r"train.valid_metric='ndcg@100'"):
+        run_tune(small_cfg("/nowhere", "train.valid_metric=ndcg@100"), num_samples=1, storage_path=tmp_path)
+    with pytest.raises(ConfigError, match=r"max_concurrent must be >= 1"):  # Tune would read 0 as no limit
+        run_tune(small_cfg("/nowhere"), num_samples=1, storage_path=tmp_path, max_concurrent=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tune_samples_flag_is_taken_as_given(capsys):
+    from moedist.cli import main
+
+    assert main(["tune", "--model", "hm4sr", "--data", "/nowhere", "--samples", "0"]) == 2
+    assert "num_samples and grace_period must be >= 1 (got 0, 1)" in capsys.readouterr().err
+
+
+def test_tune_path_flags_are_taken_as_given_not_parsed_as_yaml():
+    import argparse
+
+    from moedist.tune.cli import add_tune_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_tune_arguments(p)
+    args = p.parse_args(["--model", "hm4sr", "--data", "/shared/exp #2/prepared", "--features", "0123",
+                         "--workers", "2", "--epochs", "3", "dist.workers=5", "train.lr=0.01"])
+    cfg = config_from_args(args, args.model)
+    assert cfg.data == "/shared/exp #2/prepared" and cfg.features == "0123"  # were "/shared/exp" and "83"
+    assert cfg.dist.workers == 2 and cfg.train.epochs == 3 and cfg.train.lr == 0.01 and cfg.model == "hm4sr"
+
+
 def test_exit_codes_tell_a_failed_trial_from_an_interrupted_search():
     from moedist.tune.cli import exit_code
 
