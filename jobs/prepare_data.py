@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from moedist.data.api import DataConfig
 
     overrides = [f"source={args.source}", f"size={args.size}", f"seed={args.seed}", *args.overrides]
-    overrides += [f"{k}={v}" for k, v in (("input", args.input), ("out", args.out)) if v is not None]
-    data, features = prepare(load_config(DataConfig, None, overrides), extract=args.extract, actors=args.actors)
+    paths = {k: v for k, v in (("input", args.input), ("out", args.out)) if v is not None}  # as given, not YAML
+    data, features = prepare(load_config(DataConfig, None, overrides, values=paths), extract=args.extract,
+                             actors=args.actors)
     print(json.dumps({"data": str(data), "features": str(features) if features else None}))
     return 0
 

@@ -49,14 +49,17 @@ def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __
         connect_ray()
     data, features = (args.data, args.features)
     if data is None and not load_experiment_config(model, args.config, list(args.overrides)).data:
-        data, features = prepare_default(args.size)  # no dataset named (--data, --config, data=): the embedded one
-    overrides = [*([f"data={data}"] if data is not None else []), "train.progress=false", f"dist.workers={args.workers}",
-                 *args.overrides]
-    for key, value in (("features", features), ("run_dir", args.run_dir), ("train.epochs", args.epochs),
-                       ("dist.ep_size", args.ep_size), ("dist.zero_stage", args.zero_stage)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = load_experiment_config(model, args.config, overrides + [f"model={model}"])
+        # no dataset named (--data, --config, data=): the embedded one
+        data, features = (str(p) if p is not None else None for p in prepare_default(args.size))
+    # options are taken as given, never parsed as YAML (--data "exp #2" stays that path); a
+    # data= or dist.workers= override wins over --data / --workers (whose default is 2), the
+    # other options win over overrides
+    given = {o.split("=", 1)[0].strip() for o in args.overrides if "=" in o}
+    flags = {key: value for key, value in (
+        ("data", None if "data" in given else data), ("dist.workers", None if "dist.workers" in given else args.workers),
+        ("features", features), ("run_dir", args.run_dir), ("train.epochs", args.epochs),
+        ("dist.ep_size", args.ep_size), ("dist.zero_stage", args.zero_stage)) if value is not None}
+    cfg = load_experiment_config(model, args.config, ["train.progress=false", *args.overrides, f"model={model}"], flags)
     launch(cfg)
     return 0
 

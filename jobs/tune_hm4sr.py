@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None, model: str = MODEL, doc: str | None = __
     # no dataset named (by --data, --config or data=): the embedded default, with a budget that fits a laptop
     if args.data is None and not config_from_args(args, model).data:
         args.data, args.features = map(str, prepare_default(args.size))
-        args.samples = args.samples or 4
+        args.samples = 4 if args.samples is None else args.samples
         if model == "mamex":  # validates every eval_every epochs: 40 epochs, 8 evaluations
-            args.epochs = args.epochs or 40
+            args.epochs = 40 if args.epochs is None else args.epochs
             if not any(o.startswith("train.eval_every=") for o in args.overrides):
                 args.overrides.append("train.eval_every=5")
         else:
-            args.epochs = args.epochs or 8
+            args.epochs = 8 if args.epochs is None else args.epochs
     else:
         from moedist.train.loop import find_features, model_needs_features
 

@@ -7,40 +7,49 @@ import argparse
 MODELS = ("hm4sr", "mamex", "sasrec", "popularity", "content")
 
 
-def load_experiment_config(model: str, config: str | None, overrides: list[str]):
-    """Packaged ``configs/<model>.yaml`` <- user YAML <- ``key=value`` overrides."""
+def load_experiment_config(model: str, config: str | None, overrides: list[str], flags: dict | None = None):
+    """Packaged ``configs/<model>.yaml`` <- user YAML <- ``key=value`` overrides <- ``flags``:
+    dotted keys with values already typed (command-line options), never parsed as YAML, so
+    ``--data "exp #2"`` or ``--run-dir 0123`` stay those strings."""
     from moedist.config import load_config, packaged_config
     from moedist.train.config import ExperimentConfig
 
     cfg = load_config(ExperimentConfig, packaged_config(model))
     if config:
         cfg = load_config(ExperimentConfig, config, base=cfg)
-    return load_config(ExperimentConfig, None, overrides, base=cfg)
+    tree: dict = {}
+    for key, value in (flags or {}).items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return load_config(ExperimentConfig, None, overrides, base=cfg, values=tree)
+
+
+def config_from_train_args(args):
+    """The ExperimentConfig of parsed ``moedist train`` arguments."""
+    # options are taken as given (argparse types the numbers) and win over key=value overrides
+    flags = {key: value for key, value in (
+        ("data", args.data), ("features", args.features), ("run_dir", args.run_dir),
+        ("train.device", args.device or None), ("train.epochs", args.epochs), ("dist.workers", args.workers),
+        ("dist.ep_size", args.ep_size), ("dist.zero_stage", args.zero_stage)) if value is not None}
+    if args.local:
+        flags["dist.workers"] = 0
+    model = args.model
+    if args.config and model is None:
+        from moedist.config import read_yaml
+
+        model = read_yaml(args.config).get("model")
+    return load_experiment_config(model or "hm4sr", args.config, list(args.overrides) + [f"model={model or 'hm4sr'}"],
+                                  flags)
 
 
 def cmd_train(args) -> int:
     from moedist.cli import console
     from moedist.train.launch import launch
 
-    overrides = list(args.overrides)
-    for key, value in (("data", args.data), ("features", args.features), ("run_dir", args.run_dir)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if args.device:
-        overrides.append(f"train.device={args.device}")
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    for key, value in (("dist.workers", args.workers), ("dist.ep_size", args.ep_size), ("dist.zero_stage", args.zero_stage)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if args.local:
-        overrides.append("dist.workers=0")
-    model = args.model
-    if args.config and model is None:
-        from moedist.config import read_yaml
-
-        model = read_yaml(args.config).get("model")
-    cfg = load_experiment_config(model or "hm4sr", args.config, overrides + [f"model={model or 'hm4sr'}"])
+    cfg = config_from_train_args(args)
     launch(cfg, echo=lambda s: console.print(s, highlight=False, soft_wrap=True, markup=False))
     return 0
 

@@ -88,3 +88,33 @@ def test_tune_job_without_a_dataset_runs_the_embedded_default(jobs, toy_data):
     assert calls["prepare_default"] == ["tiny"]
     ((args, cfg),) = calls["tune"]
     assert Path(cfg.data) == toy_data and args.samples == 4 and args.epochs == 8
+
+
+def test_train_job_options_are_taken_as_given(jobs, tmp_path, toy_data):
+    """--data / --run-dir are paths, not YAML (``exp #2`` used to become ``exp``); a data= or
+    dist.workers= override wins over --data and the --workers default, other options win."""
+    mods, calls = jobs
+    odd = tmp_path / "exp #2"
+    odd.symlink_to(toy_data)
+    mods["train_hm4sr"].main(["--workers", "0", "--data", str(odd), "--run-dir", "0123", "--epochs", "3",
+                              "train.epochs=9", "hm4sr.modalities=[id]"])
+    cfg = calls["launch"][-1]
+    assert cfg.data == str(odd) and cfg.run_dir == "0123" and cfg.train.epochs == 3 and cfg.dist.workers == 0
+    mods["train_hm4sr"].main(["--data", "/elsewhere", f"data={toy_data}", "dist.workers=0", "hm4sr.modalities=[id]"])
+    cfg = calls["launch"][-1]
+    assert Path(cfg.data) == toy_data and cfg.dist.workers == 0 and not cfg.train.progress
+
+
+def test_tune_job_takes_zero_samples_as_given(jobs, toy_data, capsys):
+    mods, calls = jobs
+    mods["tune_hm4sr"].main(["--size", "tiny", "--samples", "0", "--epochs", "0"])
+    ((args, cfg),) = calls["tune"]
+    assert args.samples == 0 and args.epochs == 0  # were replaced by the embedded default's 4 and 8
+
+
+def test_prepare_job_paths_are_taken_as_given(jobs, monkeypatch, capsys):
+    mods, calls = jobs
+    seen = []
+    monkeypatch.setattr(mods["prepare_data"], "prepare", lambda cfg, **kw: (seen.append(cfg), ("d", None))[1])
+    assert mods["prepare_data"].main(["--source", "amazon", "--input", "/raw/exp #2/r.json.gz", "--out", "0123"]) == 0
+    assert seen[0].input == "/raw/exp #2/r.json.gz" and seen[0].out == "0123"  # were "/raw/exp" and 83

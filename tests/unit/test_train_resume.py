@@ -392,3 +392,20 @@ def test_a_save_killed_between_its_renames_keeps_the_newest_complete_checkpoint(
     save_checkpoint(last, m, opt, {"epoch": 4}, keep_previous=True)
     assert read_state(last)["epoch"] == 4 and read_state(tmp_path / "last-previous")["epoch"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "last-previous"]
+
+
+def test_train_options_are_taken_as_given_and_win_over_overrides():
+    """``--data "exp #2"`` used to become ``exp`` (a YAML comment) and ``--run-dir 0123`` the
+    number 83 (YAML octal); options are typed by argparse, never parsed as YAML."""
+    from moedist.cli import build_parser
+    from moedist.train.cli import config_from_train_args
+
+    args = build_parser().parse_args(["train", "--model", "sasrec", "--data", "/shared/exp #2/prepared",
+                                      "--run-dir", "0123", "--features", "yes", "--epochs", "3", "--workers", "2",
+                                      "dist.workers=5", "train.epochs=9", "train.lr=0.01", "--device", "cpu"])
+    cfg = config_from_train_args(args)
+    assert cfg.data == "/shared/exp #2/prepared" and cfg.run_dir == "0123" and cfg.features == "yes"
+    assert cfg.train.epochs == 3 and cfg.dist.workers == 2 and cfg.train.lr == 0.01 and cfg.train.device == "cpu"
+    assert cfg.model == "sasrec"
+    local = config_from_train_args(build_parser().parse_args(["train", "--model", "sasrec", "--local", "dist.workers=3"]))
+    assert local.dist.workers == 0
