@@ -30,6 +30,7 @@ re-run when everything finished.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -584,7 +585,10 @@ def run_tune(
         if remote or local_dir:  # else launch's default, <experiment>/ray, is train_storage already
             best_cfg.dist.storage_path = train_storage
         best_yaml = local_exp / "best.yaml"
-        save_config(best_cfg, best_yaml)
+        # without run_dir: training from best.yaml is a run of its own (runs/<model>-<data> or
+        # --run-dir), never a resume inside this search's best/, which a rerun of the search
+        # would then find changed and train again
+        save_config(dataclasses.replace(best_cfg, run_dir=None), best_yaml)
         summary["best"] = {"trial_id": best_row["trial_id"], "config": {k: best_row[k] for k in keys},
                            metric: best_row[f"best_{metric}"], "epochs_run": best_row["epochs_run"]}
         summary["best_config"] = str(best_yaml)

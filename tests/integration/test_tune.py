@@ -361,6 +361,7 @@ def test_small_search_writes_table_best_config_and_retrained_best(tuned):
         for k in keys:
             assert get_key(best, k) == pytest.approx(best_row[k]), k
         assert best.hm4sr.hidden_size == 16 and best.hm4sr.modalities == ("id",) and best.train.epochs == 2
+        assert best.run_dir is None  # training from best.yaml never writes into the search's best/
     best_dir = Path(res["experiment_dir"]) / "best"
     results = json.loads((best_dir / "results.json").read_text())
     assert results == res["best_results"]
