@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -191,6 +192,38 @@ def check_cluster_fits(need: dict[str, float], workers: int) -> None:
                           "dist.workers, dist.cpus_per_worker or dist.memory_per_worker")
 
 
+def ray_storage_of(cfg: ExperimentConfig) -> tuple[str, str]:
+    """(storage path, run name) of Ray's snapshot of ``moedist train --workers N`` runs:
+    ``dist.storage_path`` or ``<run_dir>/../ray``, and the run directory's name."""
+    run_dir = Path(cfg.run_dir)
+    return cfg.dist.storage_path or str(run_dir.parent / "ray"), run_dir.name
+
+
+def _forget_earlier_run(cfg: ExperimentConfig, echo) -> None:
+    """``train.resume=false``: before the workers start, remove the earlier run's checkpoints
+    from the run directory and Ray's snapshot of it, so that every checkpoint the workers find
+    is this run's own: a retry after a worker failure then resumes this run instead of
+    training it again from the start."""
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    if ckpts.is_dir():
+        shutil.rmtree(ckpts)
+        echo(f"train.resume=false: removed the earlier run's checkpoints in {ckpts}")
+    storage, name = ray_storage_of(cfg)
+    if "://" in storage:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(storage)
+        path = f"{root.rstrip('/')}/{name}"
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+            echo(f"train.resume=false: removed Ray's snapshot of the earlier run at {storage}/{name}")
+        return
+    path = Path(storage) / name
+    if path.is_dir():
+        shutil.rmtree(path)
+        echo(f"train.resume=false: removed Ray's snapshot of the earlier run at {path}")
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     *,
@@ -211,6 +244,7 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = Path(cfg.run_dir)
+    default_storage, default_name = ray_storage_of(cfg)
     return TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": to_dict(cfg), "threads": max(1, int(cfg.dist.cpus_per_worker))},
@@ -219,8 +253,8 @@ def build_trainer(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=name or run_dir.name,
-            storage_path=storage_path or cfg.dist.storage_path or str(run_dir.parent / "ray"),
+            name=name or default_name,
+            storage_path=storage_path or default_storage,
             failure_config=failure_config or FailureConfig(max_failures=cfg.dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks or []),
@@ -237,6 +271,8 @@ def launch_ray(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = No
         use_gpu = resolve_use_gpu(cfg)
         if started:
             check_cluster_fits(worker_resources(cfg, use_gpu), cfg.dist.workers)
+        if not cfg.train.resume:
+            _forget_earlier_run(cfg, echo)
         trainer = build_trainer(cfg, use_gpu=use_gpu)
         echo(f"Ray Train: {cfg.dist.workers} worker(s), ep_size {cfg.dist.ep_size}, ZeRO {cfg.dist.zero_stage}, {'GPU' if use_gpu else 'CPU'}")
         result = trainer.fit()

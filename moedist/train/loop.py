@@ -697,7 +697,11 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
                             items=data.items)
     state = {"epoch": -1, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None, "bad_evals": 0, "stopped": False}
     if trainable:
-        candidates = [ctx.resume_from, ckpt / "last", previous_of(ckpt / "last")] if tc.resume else []
+        # train.resume=false under the Ray launcher, which removed the earlier run's checkpoints
+        # before the workers started: what is there now is this run's own (a retry after a
+        # worker failure resumes it); run here directly, nothing is resumed
+        launched = ctx.report is not None
+        candidates = [ctx.resume_from, ckpt / "last", previous_of(ckpt / "last")] if tc.resume or launched else []
     else:  # nothing to train: the best checkpoint is the whole run, reused only for the same data and settings
         candidates = [ckpt / "best"] if tc.resume else []
     # before anything in the run directory changes: a checkpoint of another configuration or

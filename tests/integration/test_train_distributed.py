@@ -355,3 +355,41 @@ def test_mamex_two_workers_with_a_sharded_catalogue_equal_one_process(toy_data, 
         moe_keys = [k for k in want if k.startswith("moe/")]
         assert moe_keys and all(got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6) for k in moe_keys), got["epoch"]
     assert r2["workers"] == 2 and r2["test"] == pytest.approx(r1["test"], abs=1e-6)
+
+
+def test_a_killed_worker_of_a_fresh_start_resumes_it_instead_of_starting_over(toy_data, tmp_path, two_workers,
+                                                                                ray_local):
+    """train.resume=false in a folder that an earlier run (another seed) used: Ray's snapshot of
+    that run is removed, so the checkpoint Ray hands the workers after a killed worker is this
+    run's own, and the retry continues it (epoch 0's log line, with its timings, stays as it
+    was written) instead of training from scratch again, to the uninterrupted run's result."""
+    d = tmp_path / "fresh"
+    launch(cfg(toy_data, d, "train.epochs=2", "dist.workers=2", "train.seed=7"), echo=lambda s: None)
+    assert (tmp_path / "ray" / "fresh").is_dir()
+    # the killer below watches metrics.jsonl for this run's first epoch: not the earlier run's
+    (d / "metrics.jsonl").unlink()
+    done, killed = threading.Event(), []
+    first_line = []
+
+    def kill_and_remember():
+        _kill_a_worker_after_first_epoch(d, done, killed)
+        if killed and not isinstance(killed[0], Exception):
+            first_line.append((d / "metrics.jsonl").read_text().splitlines()[0])
+
+    t = threading.Thread(target=kill_and_remember, daemon=True)
+    t.start()
+    said: list[str] = []
+    try:
+        res = launch(cfg(toy_data, d, "train.epochs=3", "dist.workers=2", "dist.max_failures=2", "train.resume=false"),
+                     echo=said.append)
+    finally:
+        done.set()
+        t.join(5)
+    assert killed and not isinstance(killed[0], Exception), killed
+    assert any("removed Ray's snapshot of the earlier run" in s for s in said), said
+    assert any("removed the earlier run's checkpoints" in s for s in said), said
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+    assert first_line and lines[0] == first_line[0]  # resumed, not retrained from epoch 0
+    assert losses(d) == pytest.approx(losses(two_workers[0]), rel=1e-5)
+    assert res["test"] == pytest.approx(two_workers[1]["test"], abs=1e-9)
