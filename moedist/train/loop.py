@@ -898,6 +898,10 @@ def _reconcile_best(ckpt: Path, model, state: dict, ep_size: int, echo) -> None:
         save_checkpoint(ckpt / "best", model, None, state, ep_size=ep_size)
         echo(f"note: {ckpt / 'best'} held {'no epoch' if have is None else f'epoch {have}'}, not the best epoch "
              f"{want}; restored it from the resumed weights")
+    else:  # the best epoch's weights are gone: said now, not only after the remaining epochs
+        echo(f"warning: {ckpt / 'best'} holds {'no complete checkpoint' if have is None else f'epoch {have}'}, but "
+             f"epoch {want} was the best: unless a later epoch does better, the best model cannot be tested at the "
+             "end. Put the directory back, or start again with train.resume=false (or another --run-dir)")
 
 
 def _best_checkpoint(ckpt: Path, state: dict, trainable: bool) -> Path | None:

@@ -272,9 +272,12 @@ def test_a_missing_best_checkpoint_is_an_error_not_the_last_weights(toy_data, tm
     assert res["best_epoch"] == 0
     shutil.rmtree(tmp_path / "r" / "checkpoints" / "best")
     results_before = (tmp_path / "r" / "results.json").read_text()
+    said: list[str] = []
     with pytest.raises(CheckpointError, match=r"best is missing(.|\n)*epoch 0 was the best"):
-        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=lambda s: None)
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", *args), echo=said.append)
     assert (tmp_path / "r" / "results.json").read_text() == results_before
+    # said when the run resumes, before any remaining epoch would train
+    assert any("warning" in s and "epoch 0 was the best" in s for s in said), said
 
 
 def test_a_fallback_to_an_older_last_retrains_to_the_uninterrupted_result(toy_data, tmp_path):
