@@ -425,3 +425,24 @@ def test_five_core_removes_exactly_the_planted_rare_ones(data):
     truth = data["truth"]
     assert users == {u for u, info in truth["users"].items() if not info["rare"]}
     assert items == {i for i, info in truth["items"].items() if not info["rare"]}
+
+
+def test_an_edited_or_damaged_file_is_generated_again(tmp_path):
+    """Reuse checks every file against the sha256 the manifest recorded: an edited review
+    file or a damaged image would otherwise be prepared as if it were the spec's dataset."""
+    import gzip
+    import hashlib
+
+    out = tmp_path / "syn"
+    first = generate_synthetic(out, size="tiny", seed=7)
+    reviews = out / first["reviews"]
+    original = hashlib.sha256(reviews.read_bytes()).hexdigest()
+    lines = gzip.decompress(reviews.read_bytes()).decode().splitlines()
+    reviews.write_bytes(gzip.compress(("\n".join(lines[1:]) + "\n").encode()))  # one review dropped
+    again = generate_synthetic(out, size="tiny", seed=7)
+    assert again["generated"] and hashlib.sha256(reviews.read_bytes()).hexdigest() == original
+    image = next(p for p in sorted((out / "images").iterdir()) if p.stat().st_size > 100)
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 2])
+    assert generate_synthetic(out, size="tiny", seed=7)["generated"] and image.read_bytes() == good
+    assert not generate_synthetic(out, size="tiny", seed=7)["generated"]  # intact: reused

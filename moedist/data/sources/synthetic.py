@@ -359,8 +359,15 @@ def _existing_summary(out: Path, spec: SyntheticSpec) -> dict | None:
         return None
     if manifest.get("version") != GENERATOR_VERSION or manifest.get("spec") != _spec_dict(spec):
         return None
-    if not all((out / rel).is_file() for rel in manifest.get("files", {})):
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
         return None
+    # every file as generated (an edited or damaged file would silently give another dataset):
+    # a few MB for the preset sizes, so hashing them on each reuse is cheap
+    for rel, digest in files.items():
+        path = out / rel
+        if not path.is_file() or _sha256(path) != digest:
+            return None
     return manifest
 
 
