@@ -144,17 +144,19 @@ def trial_resources(cfg: ExperimentConfig, use_gpu: bool) -> dict[str, float]:
     return need
 
 
-def max_concurrent_trials(need: Mapping[str, float], available: Mapping[str, float]) -> int:
-    """How many trials fit the cluster at once, each with all its workers (>= 1 or an error)."""
+def max_concurrent_trials(need: Mapping[str, float], available: Mapping[str, float], *, local: bool = False) -> int:
+    """How many trials fit the cluster at once, each with all its workers (>= 1 or an error).
+    ``local``: the cluster is the one this process started (it will not grow)."""
     fits = min(math.floor(available.get(r, 0.0) / n + 1e-9) for r, n in need.items() if n > 0)
     if fits < 1:
         from moedist.train.launch import format_resources
 
         have = format_resources({r: available.get(r, 0.0) for r in need})
         want = format_resources(dict(need))
+        hint = "" if local else ", or pass max_concurrent on an autoscaling cluster (trials then wait for nodes)"
         raise ConfigError(f"one trial needs {want} (dist.workers x dist.cpus_per_worker / dist.memory_per_worker, "
                           f"+ its driver) but the Ray cluster has {have}; lower dist.workers / dist.cpus_per_worker / "
-                          "dist.memory_per_worker, or pass max_concurrent on an autoscaling cluster")
+                          f"dist.memory_per_worker{hint}")
     return fits
 
 
@@ -477,9 +479,9 @@ def run_tune(
         cfg.dist.use_gpu = use_gpu  # every trial and the retrain alike
         need = trial_resources(cfg, use_gpu)
         if max_concurrent is None:
-            max_concurrent = max_concurrent_trials(need, ray.cluster_resources())
+            max_concurrent = max_concurrent_trials(need, ray.cluster_resources(), local=started)
         elif started:  # a trial that no node of the local cluster this call started holds would wait forever
-            max_concurrent_trials(need, ray.cluster_resources())
+            max_concurrent_trials(need, ray.cluster_resources(), local=True)
         plan_path, base_path = local_exp / "tune_plan.json", local_exp / "base_config.yaml"
         restored = bool(resume) and tune.Tuner.can_restore(exp_path)
         plan = json.loads(plan_path.read_text()) if restored and plan_path.is_file() else {}

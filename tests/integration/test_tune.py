@@ -128,8 +128,12 @@ def test_concurrency_is_capped_by_what_a_trial_holds():
     assert max_concurrent_trials(need, {"CPU": 4.0}) == 1  # two would wait on each other's workers
     assert max_concurrent_trials(need, {"CPU": 16.0}) == 7
     assert max_concurrent_trials(trial_resources(cfg, use_gpu=True), {"CPU": 16.0, "GPU": 4.0}) == 2
-    with pytest.raises(ConfigError, match="needs"):
+    with pytest.raises(ConfigError, match="needs") as remote:
         max_concurrent_trials(need, {"CPU": 2.0})
+    assert "autoscaling" in str(remote.value)  # a remote cluster may grow: max_concurrent lets trials wait
+    with pytest.raises(ConfigError, match="needs") as local:
+        max_concurrent_trials(need, {"CPU": 2.0}, local=True)
+    assert "autoscaling" not in str(local.value)  # the local cluster this process started will not
 
 
 def test_a_trial_killed_for_memory_is_named_with_the_remedy():
