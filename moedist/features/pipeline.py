@@ -82,7 +82,10 @@ def read_items(data_dir: str | Path) -> pd.DataFrame:
         if c not in df:
             df[c] = None
     df = df[list(ITEM_COLUMNS)].copy()
-    df["item_idx"] = df["item_idx"].astype(np.int64)
+    try:
+        df["item_idx"] = df["item_idx"].astype(np.int64)
+    except (TypeError, ValueError) as e:  # NaN, text, ...: pandas' own message names neither file nor column
+        raise DataError(f"column item_idx must hold integers 1..{len(df)} ({type(e).__name__}: {e})", path=path) from None
     df = df.sort_values("item_idx", kind="stable").reset_index(drop=True)
     n = len(df)
     if n == 0:
@@ -306,12 +309,6 @@ def plan_extraction(
         pass  # keep=False: the caller has said why
     elif old is not None:
         log(f"{_what_changed(old, inputs)} changed since the last run; rebuilding every shard")
-    # shards from an earlier, different run that the new layout does not have
-    valid_names = {store.shard_name(i) for i in range(count)}
-    for p in out_dir.glob("shard-*.tar"):
-        if p.name not in valid_names:
-            p.unlink()
-
     manifest = {
         "format": store.FORMAT,
         "format_version": store.FORMAT_VERSION,
@@ -331,6 +328,15 @@ def plan_extraction(
         "shards": [done[i] for i in sorted(done)],
         "missing": {},
     }
+    # shards from an earlier, different run that the new layout does not have
+    valid_names = {store.shard_name(i) for i in range(count)}
+    stale = [p for p in out_dir.glob("shard-*.tar") if p.name not in valid_names]
+    if stale and mpath.is_file():
+        # the manifest on disk may list them (and say complete): replace it first, so that an
+        # interruption from here on leaves a manifest that lists only shards that are there
+        store.write_json_atomic(mpath, manifest)
+    for p in stale:
+        p.unlink()
     todo = [i for i in range(count) if i not in done]
     return Plan(data_dir, out_dir, items, specs, shard_size, fingerprint, manifest, todo, sorted(done))
 

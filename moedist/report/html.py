@@ -193,6 +193,10 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
@@ -282,6 +286,10 @@ def _moe_section(b: _Builder, run: RunInfo, prefix: str) -> None:
 def _collapse_table(items: list[ExpertSeries]) -> str:
     rows = []
     for s in items:
+        if not all(math.isfinite(x) for x in s.values[-1]):  # a diverged run: no share or entropy to speak of
+            rows.append([html.escape(s.layer), html.escape(s.stat), str(len(s.values[-1])), "–", "–", "–",
+                         "not finite (NaN/inf values: diverged?)"])
+            continue
         last = [max(x, 0.0) for x in s.values[-1]]
         total = sum(last)
         E = len(last)
@@ -371,7 +379,9 @@ def _comparison_section(b: _Builder, runs: list[RunInfo], current: Path | None) 
     cur = current.resolve() if current is not None else None
     for (dataset, protocol), group in by_protocol.items():
         cols = sorted({c for r in group for c in r.results["test"]}, key=metric_sort_key)
-        best = {c: max((r.results["test"].get(c, float("-inf")) for r in group), default=None) for c in cols}
+        # the best finite number per column: a NaN (diverged run) or a null must neither win nor fail the page
+        best = {c: max((r.results["test"][c] for r in group if _finite(r.results["test"].get(c))), default=None)
+                for c in cols}
         rows = []
         for r in group:
             name = html.escape(r.name) + (" <em>(this run)</em>" if cur is not None and r.path.resolve() == cur else "")
@@ -381,7 +391,7 @@ def _comparison_section(b: _Builder, runs: list[RunInfo], current: Path | None) 
             for c in cols:
                 v = r.results["test"].get(c)
                 txt = _fmt(v) if isinstance(v, (int, float)) else "–"
-                cells.append(f"<b>{txt}</b>" if v is not None and v == best[c] and len(group) > 1 else txt)
+                cells.append(f"<b>{txt}</b>" if _finite(v) and v == best[c] and len(group) > 1 else txt)
             rows.append([name, html.escape(str(r.model)), _fmt(r.best_epoch)] + cells)
         label = {"loo": "leave-one-out (sequential)", "cold": "cold-start items"}.get(protocol, protocol)
         sec.text(f"Dataset <b>{html.escape(dataset)}</b>, protocol: {html.escape(label)}; best value per column in bold.")

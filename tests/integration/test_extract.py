@@ -250,6 +250,35 @@ def test_changed_encoder_rebuilds_everything(dataset, encoders, tmp_path):
     assert set(f.features) == {"text"}
 
 
+def test_an_interrupted_rerun_with_another_layout_leaves_no_manifest_of_deleted_shards(dataset, encoders, tmp_path, monkeypatch):
+    from moedist.features import pipeline
+
+    text, _ = encoders
+    out = tmp_path / "relayout"
+    run = dict(text_encoder=text, image_encoder=None, batch_size=8, progress=False)
+    extract_features_local(dataset, out, shard_size=4, **run)  # 6 shards
+    load_item_features(out)
+
+    real = pipeline.encode_rows
+
+    def dying(*a, **kw):
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(pipeline, "encode_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features_local(dataset, out, shard_size=12, **run)  # 2 shards: 2..5 are deleted before encoding
+    on_disk = {p.name for p in out.glob("shard-*.tar")}
+    m = json.loads((out / "manifest.json").read_text())
+    # the old manifest stayed, complete=true, listing shards the re-run had deleted
+    assert {s["file"] for s in m["shards"]} <= on_disk and m["complete"] is False
+    with pytest.raises(DataError, match="did not finish"):
+        load_item_features(out)
+    monkeypatch.setattr(pipeline, "encode_rows", real)
+    m = extract_features_local(dataset, out, shard_size=12, **run)
+    assert m["complete"] and m["run"]["shards_built"] == 2
+    assert load_item_features(out, n_items=N_ITEMS).n_items == N_ITEMS
+
+
 def test_damaged_shards_raise_data_error_naming_them(local_out, tmp_path):
     import shutil
 

@@ -104,3 +104,13 @@ def test_training_refuses_features_made_for_another_dataset(toy_data, toy_featur
     with pytest.raises(DataError, match="not from the dataset") as e:
         load_features_for(bad, data)
     assert str(other) in str(e.value) and str(toy_data) in str(e.value)
+
+
+@pytest.mark.parametrize("idx", [[1.0, np.nan], ["1", "x"]])
+def test_an_item_idx_that_is_not_an_integer_is_a_data_error_naming_the_table(tmp_path, idx):
+    from moedist.features.pipeline import read_items
+
+    pd.DataFrame({"item_idx": idx, "item_id": ["a", "b"], "text": ["x", "y"]}).to_parquet(tmp_path / "items.parquet")
+    # was pandas' IntCastingNaNError / ValueError, naming neither the file nor the column
+    with pytest.raises(DataError, match=r"items\.parquet: column item_idx must hold integers"):
+        read_items(tmp_path)
