@@ -762,6 +762,9 @@ def run_training(cfg: ExperimentConfig, *, echo: Callable[[str], None] | None = 
     results["valid"] = evaluate_split(model, task, "valid", ctx, bs, ranks_out=ranks)
     results["test"] = evaluate_split(model, task, "test", ctx, bs, ranks_out=ranks)
     if ctx.is_main:
+        # the ranks and results.json describe one model: an earlier results.json goes first, so
+        # a crash between the two writes leaves new ranks without results, never beside old ones
+        (run_dir / "results.json").unlink(missing_ok=True)
         write_eval_ranks(run_dir / EVAL_RANKS, task, ranks)
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
         if ctx.report is None:  # under Ray the driver prints the table

@@ -416,3 +416,26 @@ def test_more_epochs_for_an_early_stopped_run_say_that_nothing_is_trained(toy_da
     again = run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=6", *args), echo=said.append)
     assert again["epochs_run"] == 2 and again["test"] == first["test"]
     assert any("stopped early at epoch 1" in s and "train.epochs=6 trains nothing more" in s for s in said), said
+
+
+def test_a_crash_between_the_ranks_and_the_results_leaves_no_old_results_beside_new_ranks(toy_data, tmp_path,
+                                                                                         monkeypatch):
+    """A resumed run (more epochs) writes its eval ranks and then results.json: killed between
+    the two, the folder must not hold the earlier run's results.json beside the new ranks, which
+    `moedist compare` would pair as one model."""
+    import moedist.train.loop as loop
+
+    args = (*SMALL_SEQ,)
+    run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=1", *args), echo=lambda s: None)
+    assert (tmp_path / "r" / "results.json").is_file()
+    real = loop.atomic_write_text
+
+    def crash_at_results(path, text):
+        if Path(path).name == "results.json":
+            raise KeyboardInterrupt("killed between the two writes")
+        return real(path, text)
+
+    monkeypatch.setattr(loop, "atomic_write_text", crash_at_results)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg_for("sasrec", toy_data, tmp_path / "r", "train.epochs=2", *args), echo=lambda s: None)
+    assert (tmp_path / "r" / "eval_ranks.npz").is_file() and not (tmp_path / "r" / "results.json").exists()
