@@ -421,7 +421,9 @@ def interval_bucket(time_seq: Tensor, item_seq_len_or_mask: Tensor, mu: float, *
     real = mask[:, 1:] & mask[:, :-1] & (delta >= 0)
     bucket = torch.floor(mu * log_gap).to(torch.int64)
     bucket = torch.where(real, bucket, torch.zeros_like(bucket))
-    return torch.cat([torch.zeros_like(bucket[:, :1]), bucket], dim=1)  # (B, L)
+    # position 0 from time_seq's shape, not bucket[:, :1]: with L = 1 bucket is [B, 0]
+    first = torch.zeros(time_seq.shape[0], 1, dtype=torch.int64, device=time_seq.device)
+    return torch.cat([first, bucket], dim=1)  # (B, L)
 
 
 def interval_table_size(max_interval_seconds: int, mu: float) -> int:

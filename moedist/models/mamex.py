@@ -59,7 +59,9 @@ class _ItemFeatures(Protocol):
 
 @dataclass
 class MAMEXConfig:
-    """MAMEX hyperparameters. Defaults = the authors' code (spec 3.0)."""
+    """MAMEX hyperparameters. Defaults = the authors' code (spec 3.0), except
+    ``kl_direction``: the balance losses follow the paper's KL(p̄ ‖ U) by default, and
+    ``kl_direction="code"`` gives the code's KL(U ‖ p̄) for comparing numbers with it."""
 
     embed_dim: int = 128  # d (free_emb_dimension)
     num_experts: int = 4  # K experts per adapter (hard-coded 4 in the authors' code)

@@ -280,6 +280,26 @@ def test_interval_bucket_float32_times_reproduce_recbole_rounding():
                        interval_bucket(days, torch.tensor([3]), 100.0))
 
 
+@pytest.mark.parametrize("float32_times", [False, True])
+def test_interval_bucket_sequence_length_one(float32_times):
+    # L = 1 (hm4sr.max_seq_len=1): the only position is position 0, bucket 0; the result
+    # used to be [B, 0] (built from the empty gap tensor), which crashed the time features
+    t = torch.tensor([[T0], [T0 + DAY]])
+    got = interval_bucket(t, torch.tensor([1, 1]), 100.0, float32_times=float32_times)
+    assert got.tolist() == [[0], [0]] and got.dtype == torch.int64
+
+
+def test_max_seq_len_one_trains_and_predicts():
+    model = make_model(config=tiny_config(max_seq_len=1))
+    batch = dict(item_seq=torch.tensor([[3], [4]]), item_seq_len=torch.tensor([1, 1]),
+                 time_seq=torch.tensor([[T0], [T0 + DAY]]), target=torch.tensor([4, 5]), user=torch.arange(2))
+    loss, parts = model.calculate_loss(batch)
+    assert torch.isfinite(loss) and {"ce", "idcl", "cp", "pcl"} <= set(parts)
+    loss.backward()
+    model.eval()
+    assert model.full_sort_predict(batch).shape == (2, N)
+
+
 def test_absolute_time_embedding_code_and_paper_forms():
     model = make_model()
     tm = model.temporal_moe
