@@ -190,9 +190,9 @@ def load_config(
     values: dict[str, Any] | None = None,
 ) -> T:
     """Defaults of ``cls`` (or ``base``) <- YAML file ``path`` <- ``key=value`` overrides <-
-    ``values``: top-level keys with values already typed (e.g. command-line flags from
-    argparse), checked against the field types but not parsed as YAML, so ``"0123"`` or
-    ``"exp #2"`` stays that string."""
+    ``values``: keys (dotted for nested sections, e.g. ``train.epochs``) with values already
+    typed (e.g. command-line flags from argparse), checked against the field types but not
+    parsed as YAML, so ``"0123"`` or ``"exp #2"`` stays that string."""
     cfg = base if base is not None else cls()
     if path is not None:
         try:
@@ -206,7 +206,10 @@ def load_config(
             _set_path(tree, keys, value)
         cfg = _from_dict(cls, tree, base=cfg)
     if values:
-        cfg = _from_dict(cls, dict(values), base=cfg)
+        tree = {}
+        for key, value in values.items():
+            _set_path(tree, key.split("."), value)
+        cfg = _from_dict(cls, tree, base=cfg)
     return cfg
 
 

@@ -6,6 +6,7 @@ Everything moedist writes goes through a temporary file in the target directory 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -25,10 +26,9 @@ def sha256_strings(values, *, chunk: int = 65536) -> str:
     and text, so no separator inside a value can make two sequences hash alike, and no single
     string of the whole column is ever built (a million item texts stay a few MB at a time)."""
     h = hashlib.sha256()
-    values = list(values)
-    for i in range(0, len(values), chunk):
-        part = ["-1:" if v is None else f"{len(v)}:{v}" for v in values[i : i + chunk]]
-        h.update("".join(part).encode("utf-8", "surrogatepass"))
+    it = iter(values)
+    while part := list(itertools.islice(it, chunk)):
+        h.update("".join("-1:" if v is None else f"{len(v)}:{v}" for v in part).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 

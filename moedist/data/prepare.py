@@ -168,19 +168,13 @@ def _sha(path: str, hashes: dict[str, str]) -> str:
     return hashes[key]
 
 
-def _fsync(path: Path) -> None:
-    """Flush a written table or the output folder to disk before the rename that publishes it
-    (a crash after it cannot leave a complete-looking manifest over empty or partial tables)."""
-    fsync_path(path)
-
-
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(df, preserve_index=False)
     pq.write_table(table, path)
-    _fsync(path)
+    fsync_path(path)
 
 
 _STATS_KEYS = (
@@ -505,7 +499,7 @@ def _publish(tables: dict[str, pd.DataFrame], manifest: dict, out_dir: Path) -> 
             f.write(json.dumps(manifest, indent=2, sort_keys=False))
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         check_out_dir(out_dir)  # still empty or a prepared dataset
         if os.path.lexists(out_dir):
             holder = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
@@ -517,15 +511,15 @@ def _publish(tables: dict[str, pd.DataFrame], manifest: dict, out_dir: Path) -> 
                 os.replace(old, out_dir)  # put the previous output back
                 shutil.rmtree(holder, ignore_errors=True)
                 raise
-            _fsync(out_dir.parent)
+            fsync_path(out_dir.parent)
             kept = old / CARRIED_OVER
             if kept.is_dir() and not kept.is_symlink():
                 os.replace(kept, out_dir / CARRIED_OVER)
-                _fsync(out_dir)
+                fsync_path(out_dir)
             shutil.rmtree(holder, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-            _fsync(out_dir.parent)
+            fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

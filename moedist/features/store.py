@@ -291,7 +291,7 @@ def items_digest(item_ids, text=None, image=None) -> dict[str, str]:
         from moedist.features.images import portable_image_ref
 
         # where the raw images lie on this machine is not part of what was encoded
-        out["image"] = h([None if text_or_none(v) is None else portable_image_ref(text_or_none(v)) for v in image], None)
+        out["image"] = h([None if (ref := text_or_none(v)) is None else portable_image_ref(ref) for v in image], None)
     return out
 
 
@@ -401,7 +401,7 @@ def _check_items(manifest: dict, items, modalities: list[str], features_dir: Pat
         raise DataError(f"the manifest has no item_ids, so features in {features_dir} cannot be matched with {here}; {redo}", path=mpath)
     if len(ids) != len(stored):
         raise DataError(f"features in {features_dir} are for {len(stored)} items but {here} has {len(ids)}: they {made_from}; {redo}", path=mpath)
-    mine = [("" if text_or_none(x) is None else text_or_none(x)) for x in ids]
+    mine = [text_or_none(x) or "" for x in ids]
     if mine != [str(x) for x in stored]:
         i = next(k for k, (a, b) in enumerate(zip(mine, stored)) if a != str(b))
         raise DataError(

@@ -63,24 +63,18 @@ def _check_trained_on(ckpt: Path, cfg, data) -> None:
     dataset re-prepared in place, or features re-extracted with other weights, would otherwise
     be read through the trained weights as if they were the training data."""
     from moedist.train.checkpoint import read_state
-    from moedist.train.identity import dataset_differences, dataset_identity, features_identity
+    from moedist.train.identity import dataset_identity, features_identity, input_differences
     from moedist.train.loop import find_features, model_needs_features
 
     try:
         stored = read_state(ckpt)
     except MoedistError as e:
         raise ProbeSkipped(f"cannot read {ckpt}/state.json: {e}") from None
-    diffs = []
-    stored_data = stored.get("dataset")
-    if isinstance(stored_data, dict):
-        current = dataset_identity(data.manifest, data.items if stored_data.get("items") else None)
-        diffs += dataset_differences(stored_data, current)
-    if stored.get("features") and model_needs_features(cfg):
-        fdir = find_features(cfg)
-        now = features_identity(fdir)
-        if now and now != stored["features"]:
-            diffs.append(f"features: {fdir} holds other item features than the run was trained on "
-                         "(shard sha256 in its manifest.json differ)")
+    stored_data = stored.get("dataset") if isinstance(stored.get("dataset"), dict) else {}
+    # the items digest costs a pass over the items table: only when the checkpoint has one to compare
+    dataset = dataset_identity(data.manifest, data.items if stored_data.get("items") else None)
+    features = features_identity(find_features(cfg)) if model_needs_features(cfg) else None
+    diffs = input_differences(stored, dataset, features)
     if diffs:
         raise ProbeSkipped(f"the data at the run's paths has changed since {ckpt} was trained: " + "; ".join(diffs))
 

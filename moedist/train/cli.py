@@ -17,14 +17,7 @@ def load_experiment_config(model: str, config: str | None, overrides: list[str],
     cfg = load_config(ExperimentConfig, packaged_config(model))
     if config:
         cfg = load_config(ExperimentConfig, config, base=cfg)
-    tree: dict = {}
-    for key, value in (flags or {}).items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return load_config(ExperimentConfig, None, overrides, base=cfg, values=tree)
+    return load_config(ExperimentConfig, None, overrides, base=cfg, values=flags)
 
 
 def config_from_train_args(args):

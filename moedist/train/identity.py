@@ -197,6 +197,17 @@ def dataset_differences(stored: dict | None, current: dict) -> list[str]:
     return []
 
 
+def input_differences(stored_state: dict, dataset: dict, features: str | None) -> list[str]:
+    """Why the dataset and item features a checkpoint recorded (its ``state.json``) are not
+    ``dataset`` (:func:`dataset_identity`) and ``features`` (:func:`features_identity`);
+    empty when they are the same or the checkpoint recorded none."""
+    diffs = dataset_differences(stored_state.get("dataset"), dataset)
+    sf = stored_state.get("features")
+    if sf and features and sf != features:
+        diffs.append("features: other item features (shard sha256 in the features' manifest.json differ)")
+    return diffs
+
+
 def check_resume(stored_state: dict, identity: dict, source: Path | str) -> bool:
     """ConfigError listing the differences when the checkpoint at ``source`` (its
     ``state.json``: ``stored_state``) was written by another configuration, dataset or
@@ -204,10 +215,7 @@ def check_resume(stored_state: dict, identity: dict, source: Path | str) -> bool
     records no identity (written by an older moedist), so nothing could be checked."""
     if "config" not in stored_state and "dataset" not in stored_state:
         return False
-    diffs = dataset_differences(stored_state.get("dataset"), identity["dataset"])
-    sf, cf = stored_state.get("features"), identity.get("features")
-    if sf and cf and sf != cf:
-        diffs.append("features: other item features (shard sha256 in the features' manifest.json differ)")
+    diffs = input_differences(stored_state, identity["dataset"], identity.get("features"))
     if isinstance(stored_state.get("config"), dict):
         diffs += config_differences(stored_state["config"], identity["config"])
     if diffs:

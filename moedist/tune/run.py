@@ -418,7 +418,7 @@ def run_tune(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from moedist.train.launch import init_ray, launch, resolve_run_paths, resolve_use_gpu
+    from moedist.train.launch import init_ray, launch, ray_storage_of, resolve_run_paths, resolve_use_gpu
     from moedist.train.loop import format_results
 
     echo = echo or (lambda s: print(s, flush=True))
@@ -607,7 +607,8 @@ def run_tune(
                     # an earlier best of this experiment: never resume one config's checkpoint into another
                     shutil.rmtree(best_dir)
                     if not remote:
-                        shutil.rmtree(Path(best_cfg.dist.storage_path or local_exp / "ray") / "best", ignore_errors=True)
+                        storage, name = ray_storage_of(best_cfg)
+                        shutil.rmtree(Path(storage) / name, ignore_errors=True)
                 echo(f"retraining the best config into {best_dir}")
                 results = launch(best_cfg, echo=echo)
             summary["best_results"] = results

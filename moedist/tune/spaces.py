@@ -85,16 +85,9 @@ def _plain(value: Any) -> Any:
 
 def apply_overrides(cfg, overrides: Mapping[str, Any]):
     """A copy of ``cfg`` with each dotted key set (typed and validated like ``key=value``)."""
-    from moedist.config import _from_dict
+    from moedist.config import load_config
 
-    tree: dict = {}
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _plain(value)
-    return _from_dict(type(cfg), tree, base=copy.deepcopy(cfg))
+    return load_config(type(cfg), base=copy.deepcopy(cfg), values={k: _plain(v) for k, v in overrides.items()})
 
 
 def get_key(cfg, key: str) -> Any:
